@@ -1,0 +1,258 @@
+"""Hugging Face checkpoint I/O without torch: config.json + safetensors <-> nnx models.
+
+Reading is lazy and placed: every parameter is built with `jax.make_array_from_callback`,
+so each device reads only its own shard, layer by layer, from the mmap'ed safetensors files.
+Writing produces the Hugging Face layout (config.json, model.safetensors or shards with
+model.safetensors.index.json) atomically: a partial write never replaces a good directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from uecjax.models.config import ConfigError, TextConfig, read_hf_config
+from uecjax.models.qwen2 import LAYER_PARAM_AXES, MODEL_PARAM_AXES, Qwen2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files or tensors do not match the model; the message names them."""
+
+
+# uecjax layer parameter -> (HF suffix after "layers.{i}.", transposed?)
+LAYER_KEYS = {
+    "input_norm": ("input_layernorm.weight", False),
+    "q_w": ("self_attn.q_proj.weight", True),
+    "q_b": ("self_attn.q_proj.bias", False),
+    "k_w": ("self_attn.k_proj.weight", True),
+    "k_b": ("self_attn.k_proj.bias", False),
+    "v_w": ("self_attn.v_proj.weight", True),
+    "v_b": ("self_attn.v_proj.bias", False),
+    "o_w": ("self_attn.o_proj.weight", True),
+    "post_norm": ("post_attention_layernorm.weight", False),
+    "gate_w": ("mlp.gate_proj.weight", True),
+    "up_w": ("mlp.up_proj.weight", True),
+    "down_w": ("mlp.down_proj.weight", True),
+}
+# Where the decoder's weights live in the known layouts (text model, VL model in
+# transformers 4 and 5); the first prefix whose embed_tokens exists is used.
+TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+ShardingFn = Callable[[str, tuple], jax.sharding.Sharding]
+
+
+def _np_dtype(name: str):
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+class SafetensorsReader:
+    """Name -> lazily sliced tensor over one or several (mmap'ed) safetensors files."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self.source = index
+        elif os.path.exists(single):
+            weight_map = None
+            self.source = single
+        else:
+            raise CheckpointError(
+                f"{path}: no model.safetensors or model.safetensors.index.json; a Hugging Face "
+                "checkpoint in safetensors format is needed (PyTorch .bin files are not read)")
+        self._files = {}
+        if weight_map is None:
+            handle = self._open(single)
+            self.location = {name: single for name in handle.keys()}
+        else:
+            self.location = {name: os.path.join(path, file) for name, file in weight_map.items()}
+
+    def _open(self, file):
+        if file not in self._files:
+            if not os.path.exists(file):
+                raise CheckpointError(f"{file}: listed in {self.source} but missing")
+            self._files[file] = safe_open(file, framework="numpy")
+        return self._files[file]
+
+    def __contains__(self, name):
+        return name in self.location
+
+    def shape(self, name) -> tuple[int, ...]:
+        return tuple(self._open(self.location[name]).get_slice(name).get_shape())
+
+    def read(self, name, index=()):
+        return self._open(self.location[name]).get_slice(name)[index]
+
+
+def _check_shape(reader, name, expected, param):
+    if name not in reader:
+        raise CheckpointError(f"{reader.source}: tensor {name!r} (for {param}) is missing")
+    found = reader.shape(name)
+    if found != tuple(expected):
+        raise CheckpointError(
+            f"{reader.source}: tensor {name!r} has shape {found}, the config asks {tuple(expected)} "
+            f"(for {param}); does config.json belong to these weights?")
+
+
+def _layer_param_callback(reader, prefix, param, shape, dtype):
+    suffix, transposed = LAYER_KEYS[param]
+    names = [f"{prefix}layers.{i}.{suffix}" for i in range(shape[0])]
+    for name in names:
+        _check_shape(reader, name, shape[1:][::-1] if transposed else shape[1:], param)
+
+    def callback(index):
+        layers = range(shape[0])[index[0]]
+        rest = tuple(index[1:])
+        rows = []
+        for i in layers:
+            hf_index = rest[::-1] if transposed else rest
+            t = reader.read(names[i], hf_index)
+            rows.append(t.T if transposed else t)
+        return np.stack(rows).astype(dtype)
+
+    return callback
+
+
+def _model_param_callback(reader, prefix, param, shape, dtype, cfg):
+    name, transposed = {
+        "embed": (f"{prefix}embed_tokens.weight", False),
+        "final_norm": (f"{prefix}norm.weight", False),
+        "lm_head": ("lm_head.weight", True),
+    }[param]
+    _check_shape(reader, name, shape[::-1] if transposed else shape, param)
+
+    def callback(index):
+        index = tuple(index)
+        t = reader.read(name, index[::-1] if transposed else index)
+        return (t.T if transposed else t).astype(dtype)
+
+    return callback
+
+
+def _text_prefix(reader):
+    for prefix in TEXT_PREFIXES:
+        if f"{prefix}embed_tokens.weight" in reader:
+            return prefix
+    raise CheckpointError(
+        f"{reader.source}: no embedding tensor found (looked for "
+        f"{[p + 'embed_tokens.weight' for p in TEXT_PREFIXES]}); is this a Qwen2 checkpoint?")
+
+
+def default_sharding(name: str, axes: tuple) -> jax.sharding.Sharding:
+    """Everything on the first local device (single-device runs)."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def load_params(model_abstract, path: str, *, sharding_fn: ShardingFn = default_sharding):
+    """Fills an abstract (nnx.eval_shape) Qwen2's parameters from the safetensors in `path`."""
+    reader = SafetensorsReader(path)
+    prefix = _text_prefix(reader)
+    graphdef, state = nnx.split(model_abstract)
+    cfg = model_abstract.config
+    filled = []
+    for keys, var in nnx.to_flat_state(state):
+        param = keys[-1]
+        shape, dtype = var.shape, _np_dtype(str(var.dtype))
+        if keys[0] == "layers":
+            axes = LAYER_PARAM_AXES[param]
+            callback = _layer_param_callback(reader, prefix, param, shape, dtype)
+        else:
+            axes = MODEL_PARAM_AXES[param]
+            callback = _model_param_callback(reader, prefix, param, shape, dtype, cfg)
+        sharding = sharding_fn("/".join(keys), axes)
+        filled.append((keys, var.replace(jax.make_array_from_callback(shape, sharding, callback))))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                    remat: bool = False, sharding_fn: ShardingFn = default_sharding) -> Qwen2:
+    """Loads a Qwen2/Qwen2.5 (or the language model of a Qwen2.5-VL) HF checkpoint directory.
+
+    dtype: compute dtype of the matmuls; param_dtype: storage dtype (default: same as dtype).
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{path}: checkpoint directory not found. Download one elsewhere, e.g. "
+            f"`huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir {path}`")
+    cfg = TextConfig.from_hf(read_hf_config(path), source=os.path.join(path, "config.json"),
+                             dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    return load_params(abstract, path, sharding_fn=sharding_fn)
+
+
+def hf_tensors(model: Qwen2) -> dict[str, np.ndarray]:
+    """The model's parameters as HF-named host numpy arrays (torch layout)."""
+    cfg = model.config
+    out = {"model.embed_tokens.weight": model.embed[...], "model.norm.weight": model.final_norm[...]}
+    if model.lm_head is not None:
+        out["lm_head.weight"] = model.lm_head[...].T
+    for param, (suffix, transposed) in LAYER_KEYS.items():
+        stacked = getattr(model.layers, param)[...]
+        for i in range(cfg.num_hidden_layers):
+            out[f"model.layers.{i}.{suffix}"] = stacked[i].T if transposed else stacked[i]
+    host = jax.device_get(out)
+    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in host.items()}
+
+
+def save_pretrained(model: Qwen2, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes config.json and safetensors (sharded above max_shard_bytes) in HF layout.
+
+    The files are written to a temporary sibling directory that replaces `path` only when
+    complete, so an interrupted save never leaves a half-written checkpoint behind.
+    """
+    tensors = hf_tensors(model)
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.config.to_hf(), f, indent=2)
+        shards, current, size = [], {}, 0
+        for name in sorted(tensors):
+            nbytes = tensors[name].nbytes
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = tensors[name]
+            size += nbytes
+        shards.append(current)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, file), metadata=metadata)
+                weight_map.update({name: file for name in shard})
+            total = sum(t.nbytes for t in tensors.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if os.path.exists(path):
+            old = path.rstrip("/") + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["CheckpointError", "ConfigError", "from_pretrained", "save_pretrained", "load_params"]

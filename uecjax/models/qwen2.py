@@ -1,0 +1,212 @@
+"""The Qwen2 / Qwen2.5 decoder in flax.nnx.
+
+One forward serves training (whole padded sequences) and decoding (a KV cache written at a
+slot index). Layer weights are stacked on a leading `layers` axis and the layers run under
+`lax.scan`, so compile time does not grow with depth; `config.remat` rematerialises each
+layer in the backward pass.
+
+Weights are stored input-major (`x @ w`), the transpose of torch's `nn.Linear`; `hf.py` maps
+them to and from the Hugging Face names.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from uecjax.models.config import TextConfig
+from uecjax.models.rope import apply_rope, inverse_frequencies, rope_tables
+
+# Logical axes of every parameter; uecjax.sharding maps them to mesh axes. One source of
+# truth for parameter, optimizer-state and checkpoint placement.
+LAYER_PARAM_AXES = {
+    "input_norm": ("layers", "norm"),
+    "q_w": ("layers", "embed", "q_heads"),
+    "q_b": ("layers", "q_heads"),
+    "k_w": ("layers", "embed", "kv_heads"),
+    "k_b": ("layers", "kv_heads"),
+    "v_w": ("layers", "embed", "kv_heads"),
+    "v_b": ("layers", "kv_heads"),
+    "o_w": ("layers", "q_heads", "embed"),
+    "post_norm": ("layers", "norm"),
+    "gate_w": ("layers", "embed", "mlp"),
+    "up_w": ("layers", "embed", "mlp"),
+    "down_w": ("layers", "mlp", "embed"),
+}
+MODEL_PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("norm",),
+    "lm_head": ("embed", "vocab"),
+}
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: [layers, batch, slots, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm in float32, cast back before the weight, as transformers' Qwen2RMSNorm."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading axis of size num_hidden_layers."""
+
+    def __init__(self, cfg: TextConfig, rngs: nnx.Rngs):
+        L, H, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        shapes = {
+            "input_norm": (L, H), "q_w": (L, H, q), "q_b": (L, q), "k_w": (L, H, kv),
+            "k_b": (L, kv), "v_w": (L, H, kv), "v_b": (L, kv), "o_w": (L, q, H),
+            "post_norm": (L, H), "gate_w": (L, H, I), "up_w": (L, H, I), "down_w": (L, I, H),
+        }
+        for name, shape in shapes.items():
+            setattr(self, name, nnx.Param(_init(name, shape, cfg.weight_dtype, rngs)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in LAYER_PARAM_AXES}
+
+
+def _init(name, shape, dtype, rngs):
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if name.endswith("_b"):
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask, cache, layer, cache_index):
+    """One pre-norm decoder layer. cache: (k, v) of all layers or None; returns (x, cache)."""
+    B, T, _ = x.shape
+    dt = cfg.compute_dtype
+    nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+    q = (h @ p["q_w"].astype(dt) + p["q_b"].astype(dt)).reshape(B, T, nh, hd)
+    k = (h @ p["k_w"].astype(dt) + p["k_b"].astype(dt)).reshape(B, T, kvh, hd)
+    v = (h @ p["v_w"].astype(dt) + p["v_b"].astype(dt)).reshape(B, T, kvh, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    if cache is not None:
+        cache_k, cache_v = cache
+        start = (layer, 0, cache_index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+        k, v = cache_k[layer].astype(dt), cache_v[layer].astype(dt)
+        cache = (cache_k, cache_v)
+
+    # Grouped-query attention without repeating K/V: queries grouped per KV head.
+    qg = q.reshape(B, T, kvh, nh // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * hd**-0.5, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, nh * hd)
+    x = x + attn @ p["o_w"].astype(dt)
+
+    h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
+    gate = jax.nn.silu(h @ p["gate_w"].astype(dt))
+    x = x + (gate * (h @ p["up_w"].astype(dt))) @ p["down_w"].astype(dt)
+    return x, cache
+
+
+class Qwen2(nnx.Module):
+    """Qwen2 causal LM. `model(input_ids)` gives float32 logits [B, T, V]."""
+
+    def __init__(self, config: TextConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        V, H = config.vocab_size, config.hidden_size
+        self.embed = nnx.Param(_init("embed", (V, H), config.weight_dtype, rngs))
+        self.layers = DecoderLayers(config, rngs)
+        self.final_norm = nnx.Param(jnp.ones((H,), config.weight_dtype))
+        self.lm_head = None if config.tie_word_embeddings else nnx.Param(
+            _init("lm_head", (H, V), config.weight_dtype, rngs))
+        inv_freq, self.rope_attention_factor = inverse_frequencies(
+            config.head_dim, config.rope_theta, config.rope_dict(), config.max_position_embeddings)
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq)  # static, not a parameter
+
+    # -- pieces ---------------------------------------------------------------------------
+    def embed_tokens(self, input_ids):
+        return self.embed[...][input_ids].astype(self.config.compute_dtype)
+
+    def output_weight(self):
+        """The [hidden, vocab] matrix that maps final hidden states to logits."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def rope(self, positions):
+        """cos, sin [B, T, head_dim] for integer positions [B, T]."""
+        return rope_tables(positions, jnp.asarray(self.rope_inv_freq, jnp.float32),
+                           self.rope_attention_factor)
+
+    def init_cache(self, batch: int, num_slots: int, dtype=None) -> KVCache:
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch, num_slots, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = dtype or cfg.compute_dtype
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def logits(self, hidden):
+        """float32 logits from final hidden states (the full [.., V]: use for short T only)."""
+        w = self.output_weight().astype(self.config.compute_dtype)
+        return jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
+
+    # -- forward --------------------------------------------------------------------------
+    def hidden_states(self, x, positions, key_mask, *, cache: KVCache | None = None,
+                      cache_index=0, rope=None):
+        """Runs the decoder stack on embeddings x [B, T, H]; returns (final-normed hidden, cache).
+
+        key_mask [B, S] is True on keys that may be attended (S = T without a cache, else the
+        cache's slot count). Without a cache, query t sees keys s <= t; with one, the T new
+        keys are written at slots [cache_index, cache_index + T) and query t sees slots
+        s <= cache_index + t. rope: precomputed (cos, sin), e.g. M-RoPE for vision inputs.
+        """
+        cfg = self.config
+        B, T, _ = x.shape
+        cos, sin = rope if rope is not None else self.rope(positions)
+        S = key_mask.shape[1]
+        q_slots = cache_index + jnp.arange(T)
+        mask = (jnp.arange(S)[None, :] <= q_slots[:, None])[None] & key_mask[:, None, :].astype(bool)
+
+        def body(carry, layer_in):
+            x, kv = carry
+            p, layer = layer_in
+            x, kv = _decoder_layer(cfg, p, x, cos, sin, mask, kv, layer, cache_index)
+            return (x, kv), None
+
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        kv = None if cache is None else (cache.k, cache.v)
+        xs = (self.layers.arrays(), jnp.arange(cfg.num_hidden_layers))
+        (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return x, (None if kv is None else KVCache(*kv))
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Logits [B, T, V] float32 for int32 tokens [B, T] (training / scoring, no cache).
+
+        attention_mask [B, T]: 1 on real tokens, 0 on padding (default: all real).
+        positions [B, T]: default counts real tokens from 0, which left padding needs.
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        hidden, _ = self.hidden_states(self.embed_tokens(input_ids), positions, attention_mask)
+        return self.logits(hidden)
+
+
+def default_positions(attention_mask):
+    """Position ids that count real tokens: 0, 1, ... from the first real token (left padding)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
