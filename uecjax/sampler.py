@@ -1,0 +1,243 @@
+"""Batched sampling with a KV cache: a jitted prefill and a jitted `lax.while_loop` decode.
+
+    sampler = Sampler(model)
+    out = sampler([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=64, n=4, stop_token_ids=(2,)))
+
+Rows are prompt-major: row `i * n + j` is sample j of prompt i. Prompts are left-padded to a
+length bucket, the response budget and the number of prompts are bucketed too, so a new
+length inside a bucket reuses the compiled functions (`compile_count` says how many traces
+happened). The model's parameters are read at every call (no copy): changing them in place,
+as the trainer does, needs no recompile.
+
+Log-probs: `logprobs[r, t]` is log p(token) under the temperature-scaled distribution
+softmax(logits / T) over the full vocabulary, before top-k / top-p truncation (greedy: T = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uecjax.models.qwen2 import KVCache, default_positions
+
+DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+DEFAULT_RESPONSE_BUCKETS = DEFAULT_PROMPT_BUCKETS
+STOP_IDS_WIDTH = 8  # stop-token ids are padded to a multiple of this (static shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens with mass >= top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1  # samples per prompt
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0 or self.n < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 and n={self.n} >= 1")
+
+
+@dataclasses.dataclass
+class SamplerOutput:
+    """Host numpy arrays, one row per sample (prompt-major)."""
+
+    prompt_tokens: np.ndarray  # [N, P] int32, left-padded with pad_id
+    prompt_mask: np.ndarray  # [N, P] int32, 1 on real prompt tokens
+    response_tokens: np.ndarray  # [N, max_new_tokens] int32, pad_id after the end
+    response_mask: np.ndarray  # [N, max_new_tokens] int32, 1 on generated tokens (stop token included)
+    logprobs: np.ndarray  # [N, max_new_tokens] float32, 0 where response_mask is 0
+    truncated: np.ndarray  # [N] bool: reached max_new_tokens without a stop token
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        return self.response_mask.sum(axis=1)
+
+
+def bucket(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def _truncate_logits(logits, top_k: int, use_top_p: bool, top_p):
+    """Masks tokens outside the top-k and the top-p nucleus (logits already temperature-scaled)."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        probs = jax.nn.softmax(logits, axis=-1)
+        sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        # The smallest kept probability: the nucleus is every token at least this likely.
+        kept = jnp.where(mass_before < top_p, sorted_probs, jnp.inf)
+        logits = jnp.where(probs < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return logits
+
+
+def _inverse_cdf_sample(key, logits):
+    """Draws one token per row from softmax(logits) by inverting the CDF.
+
+    One uniform per row instead of one Gumbel per vocabulary entry (`jax.random.categorical`):
+    the random-bit generation dominated a CPU decode step. Masked (-inf) tokens have zero
+    mass, so the CDF is flat there and they are never drawn.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # in (0, total]
+    return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
+
+
+def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    """Next token [B] and its log-prob under softmax(logits / T) before truncation."""
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        token = _inverse_cdf_sample(key, _truncate_logits(scaled, top_k, use_top_p, top_p))
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+class Sampler:
+    """Generates from an nnx causal LM with `hidden_states`/`logits`/`init_cache` (Qwen2)."""
+
+    def __init__(self, model, *, pad_id: int = 0, prompt_buckets=DEFAULT_PROMPT_BUCKETS,
+                 response_buckets=DEFAULT_RESPONSE_BUCKETS, cache_dtype=None):
+        self.model = model
+        self.pad_id = pad_id
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.response_buckets = tuple(sorted(response_buckets))
+        self.cache_dtype = cache_dtype
+        self.compile_count = 0  # traces of prefill + decode; grows only on a new bucket
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("graphdef", "num_slots", "n", "mode"))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("graphdef", "mode"),
+                               donate_argnames=("cache",))
+
+    # -- jitted pieces ----------------------------------------------------------------------
+    def _prefill_fn(self, graphdef, state, tokens, mask, key, temperature, top_p, stop_ids, *,
+                    num_slots, n, mode):
+        self.compile_count += 1  # runs at trace time only
+        model = nnx.merge(graphdef, state)
+        B, P = tokens.shape
+        cache = model.init_cache(B, num_slots, self.cache_dtype)
+        key_mask = jnp.pad(mask, ((0, 0), (0, num_slots - P)), constant_values=1)
+        hidden, cache = model.hidden_states(model.embed_tokens(tokens), default_positions(mask),
+                                            key_mask, cache=cache, cache_index=0)
+        logits = model.logits(hidden[:, -1:])[:, 0]
+        # n samples per prompt share one prefill: repeat the cache, not the computation.
+        repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
+        cache = KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1))
+        logits, key_mask = repeat(logits), repeat(key_mask)
+        token, logp = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, **mode._asdict())
+        done = jnp.isin(token, stop_ids) | (repeat(mask).sum(axis=1) == 0)
+        return cache, key_mask, token, logp, done
+
+    def _decode_fn(self, graphdef, state, cache, key_mask, prompt_mask, first_token, first_logp,
+                   done, key, temperature, top_p, stop_ids, max_new_tokens, *, mode):
+        self.compile_count += 1
+        model = nnx.merge(graphdef, state)
+        B = first_token.shape[0]
+        P = prompt_mask.shape[1]
+        R = cache.num_slots - P
+        tokens = jnp.full((B, R), self.pad_id, jnp.int32).at[:, 0].set(first_token)
+        logps = jnp.zeros((B, R), jnp.float32).at[:, 0].set(first_logp)
+        valid = jnp.zeros((B, R), bool).at[:, 0].set(True)
+        positions = jnp.sum(prompt_mask, axis=1)
+
+        def cond(carry):
+            step, done = carry[0], carry[4]
+            return (step < max_new_tokens) & ~jnp.all(done)
+
+        def body(carry):
+            step, cache, tokens, logps, done, valid = carry
+            last = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
+            pos = (positions + step - 1)[:, None]
+            hidden, cache = model.hidden_states(model.embed_tokens(last), pos, key_mask,
+                                                cache=cache, cache_index=P + step - 1)
+            logits = model.logits(hidden)[:, 0]
+            token, logp = _sample(logits, jax.random.fold_in(key, step), temperature, top_p,
+                                  **mode._asdict())
+            token = jnp.where(done, self.pad_id, token)
+            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+            logps = jax.lax.dynamic_update_slice_in_dim(
+                logps, jnp.where(done, 0.0, logp)[:, None], step, axis=1)
+            valid = jax.lax.dynamic_update_slice_in_dim(valid, ~done[:, None], step, axis=1)
+            done = done | jnp.isin(token, stop_ids)
+            return step + 1, cache, tokens, logps, done, valid
+
+        carry = (jnp.int32(1), cache, tokens, logps, done, valid)
+        _, cache, tokens, logps, done, valid = jax.lax.while_loop(cond, body, carry)
+        # The cache is returned (and dropped by the caller) so that its donated buffer aliases
+        # the loop's: decoding updates it in place with no copy.
+        return tokens, logps, valid, done, cache
+
+    # -- host API -------------------------------------------------------------------------
+    def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> SamplerOutput:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        num_prompts = len(prompts)
+        P = bucket(max(len(p) for p in prompts), self.prompt_buckets)
+        R = bucket(params.max_new_tokens, self.response_buckets)
+        B = bucket(num_prompts, [2**i for i in range(20)])
+        tokens = np.full((B, P), self.pad_id, np.int32)
+        mask = np.zeros((B, P), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):] = p
+            mask[i, P - len(p):] = 1
+        width = -(-max(len(params.stop_token_ids), 1) // STOP_IDS_WIDTH) * STOP_IDS_WIDTH
+        stop_ids = np.full((width,), -1, np.int32)
+        stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
+        mode = _Mode(greedy=params.temperature == 0, top_k=params.top_k, use_top_p=params.top_p < 1.0)
+        temperature = np.float32(params.temperature or 1.0)
+        top_p = np.float32(params.top_p)
+        key = jax.random.key(params.seed)
+
+        graphdef, state = nnx.split(self.model)
+        cache, key_mask, token, logp, done = self._prefill(
+            graphdef, state, tokens, mask, key, temperature, top_p, stop_ids,
+            num_slots=P + R, n=params.n, mode=mode)
+        prompt_mask = np.repeat(mask, params.n, axis=0)
+        out_tokens, out_logps, valid, done, _ = self._decode(
+            graphdef, state, cache, key_mask, prompt_mask, token, logp, done, key, temperature,
+            top_p, stop_ids, np.int32(params.max_new_tokens), mode=mode)
+
+        rows = num_prompts * params.n
+        T = params.max_new_tokens
+        out_tokens, out_logps, valid, done = jax.device_get((out_tokens, out_logps, valid, done))
+        valid = valid[:rows, :T]
+        return SamplerOutput(
+            prompt_tokens=np.repeat(tokens, params.n, axis=0)[:rows],
+            prompt_mask=prompt_mask[:rows],
+            response_tokens=np.where(valid, out_tokens[:rows, :T], self.pad_id).astype(np.int32),
+            response_mask=valid.astype(np.int32),
+            logprobs=np.where(valid, out_logps[:rows, :T], 0.0).astype(np.float32),
+            truncated=~done[:rows],
+        )
+
+
+class _Mode(NamedTuple):
+    """Static sampling switches (hashable, so jit specialises on them)."""
+
+    greedy: bool
+    top_k: int
+    use_top_p: bool
