@@ -275,6 +275,6 @@ def test_kv_cache_decoding_matches_full_forward(checkpoints, name):
         logits, cache = step(model, model.embed_tokens(jnp.asarray(ids[:, t:t + 1])),
                              jnp.asarray(positions[:, t:t + 1]), key_mask, cache, jnp.int32(t))
         assert_logits_close(np.asarray(logits)[:, 0], full[:, t])
-    # The cache holds every layer's keys and values at the written slots only.
+    # The cache ([layers, batch, kv_heads, slots, head_dim]) holds keys at written slots only.
     k = np.asarray(cache.k)
-    assert np.abs(k[:, :, :total]).max() > 0 and not k[:, :, total:].any()
+    assert np.abs(k[:, :, :, :total]).max() > 0 and not k[:, :, :, total:].any()

@@ -46,14 +46,14 @@ NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: [layers, batch, slots, kv_heads, head_dim]."""
+    """Keys and values of every layer: [layers, batch, kv_heads, slots, head_dim]."""
 
     k: jax.Array
     v: jax.Array
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def rms_norm(x, weight, eps):
@@ -101,20 +101,27 @@ def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask, cache, layer, cache_in
     v = (h @ p["v_w"].astype(dt) + p["v_b"].astype(dt)).reshape(B, T, kvh, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+    # Attention runs KV-head-major ([B, kv_heads, ...]) so both matmuls batch over leading
+    # axes with no transposes in between; the cache is stored that way too.
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kvh, T, hd]
     if cache is not None:
         cache_k, cache_v = cache
-        start = (layer, 0, cache_index, 0, 0)
+        start = (layer, 0, 0, cache_index, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
         k, v = cache_k[layer].astype(dt), cache_v[layer].astype(dt)
         cache = (cache_k, cache_v)
 
-    # Grouped-query attention without repeating K/V: queries grouped per KV head.
-    qg = q.reshape(B, T, kvh, nh // kvh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    # Grouped-query attention without repeating K/V: the query heads of one KV head and the
+    # T query positions form one [groups * T] axis.
+    g = nh // kvh
+    qg = q.reshape(B, T, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(B, kvh, g * T, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(B, kvh, g, T, -1)
     scores = jnp.where(mask[:, None, None], scores * hd**-0.5, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, nh * hd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, kvh, g * T, -1)
+    attn = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(B, kvh, g, T, hd)
+    attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, nh * hd)
     x = x + attn @ p["o_w"].astype(dt)
 
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
@@ -153,7 +160,7 @@ class Qwen2(nnx.Module):
 
     def init_cache(self, batch: int, num_slots: int, dtype=None) -> KVCache:
         cfg = self.config
-        shape = (cfg.num_hidden_layers, batch, num_slots, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, num_slots, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
