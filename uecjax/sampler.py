@@ -178,7 +178,9 @@ class Sampler:
         logits = model.logits(hidden[:, -1:])[:, 0]
         # n samples per prompt share one prefill: repeat the cache, not the computation.
         repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
-        cache = KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1))
+        # The decode loop takes the cache as per-layer arrays (see Qwen2.hidden_states(layers=)).
+        cache = KVCache(tuple(jnp.repeat(k, n, axis=0) for k in cache.k),
+                        tuple(jnp.repeat(v, n, axis=0) for v in cache.v))
         logits, key_mask = repeat(logits), repeat(key_mask)
         token, logp = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, **mode._asdict())
         done = jnp.isin(token, stop_ids) | (repeat(mask).sum(axis=1) == 0)
@@ -188,9 +190,11 @@ class Sampler:
                    done, key, temperature, top_p, stop_ids, max_new_tokens, *, mode):
         self.compile_count += 1
         model = nnx.merge(graphdef, state)
+        # Per-layer weights, sliced once per call: see Qwen2.hidden_states(layers=).
+        layers = model.layer_list()
         B = first_token.shape[0]
         P = prompt_mask.shape[1]
-        R = cache.num_slots - P
+        R = key_mask.shape[1] - P
         tokens = jnp.full((B, R), self.pad_id, jnp.int32).at[:, 0].set(first_token)
         logps = jnp.zeros((B, R), jnp.float32).at[:, 0].set(first_logp)
         valid = jnp.zeros((B, R), bool).at[:, 0].set(True)
@@ -205,7 +209,8 @@ class Sampler:
             last = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
             pos = (positions + step - 1)[:, None]
             hidden, cache = model.hidden_states(model.embed_tokens(last), pos, key_mask,
-                                                cache=cache, cache_index=P + step - 1)
+                                                cache=cache, cache_index=P + step - 1,
+                                                layers=layers)
             logits = model.logits(hidden)[:, 0]
             token, logp = _sample(logits, jax.random.fold_in(key, step), temperature, top_p,
                                   **mode._asdict())
