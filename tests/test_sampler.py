@@ -137,11 +137,14 @@ def test_no_recompile_inside_a_bucket_and_params_read_live(models):
     sampler = Sampler(model)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_new_tokens=10, n=2)
-    sampler([[1] * 20], params)
+    sampler([[1] * 40] * 3, params)
     compiles = sampler.compile_count
-    for length in range(17, 32):  # one prompt bucket (17..32), varying batch within a bucket
-        batch = [rng.integers(1, 100, length).tolist() for _ in range(int(rng.integers(1, 2)))]
-        sampler(batch, SamplingParams(max_new_tokens=int(rng.integers(9, 16)), n=2, seed=length))
+    # 20 calls inside one bucket: prompt lengths 33..64, 3-4 prompts, 9-16 new tokens.
+    for length in rng.choice(np.arange(33, 65), 20, replace=False):
+        batch = [rng.integers(1, 100, int(rng.integers(1, length + 1))).tolist()
+                 for _ in range(int(rng.integers(3, 5)))]
+        batch[0] = rng.integers(1, 100, length).tolist()
+        sampler(batch, SamplingParams(max_new_tokens=int(rng.integers(9, 17)), n=2, seed=int(length)))
     assert sampler.compile_count == compiles
     before = sampler([[3, 4, 5]], SamplingParams(max_new_tokens=6, temperature=0.0))
     compiles = sampler.compile_count

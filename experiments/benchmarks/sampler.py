@@ -66,14 +66,25 @@ def main():
     emit(bench="sampler", device=str(jax.devices()[0].platform), jax=jax.__version__,
          torch=torch.__version__, batch=args.batch, prompt=args.prompt, **CONFIG)
 
+    # Recompiles across 20 calls with different prompt lengths inside one bucket (33..64).
+    params = SamplingParams(max_new_tokens=16)
+    sampler([prompts[0][:40]] * args.batch, params)
+    compiles = sampler.compile_count
+    for length in rng.choice(np.arange(33, 65), 20, replace=False):
+        sampler([p[:int(length)] for p in prompts], params)
+    emit(figure="recompiles_20_prompt_lengths_one_bucket", value=sampler.compile_count - compiles)
+
+    news = [int(n) for n in args.new_tokens.split(",")]
+    times = {}
     for mode, temperature in (("sample_t1", 1.0), ("greedy", 0.0)):
-        for new in (int(n) for n in args.new_tokens.split(",")):
+        for new in news:
             params = SamplingParams(max_new_tokens=new, temperature=temperature, seed=1)
             start = time.perf_counter()
             compiles = sampler.compile_count
             sampler(prompts, params)
             first = time.perf_counter() - start
             run = best_time(lambda: sampler(prompts, params), args.repeats)
+            times[mode, new] = run
             ours = args.batch * new / run
             row = dict(mode=mode, new_tokens=new, uecjax_tokens_per_s=round(ours, 1),
                        uecjax_s=round(run, 4), uecjax_first_call_s=round(first, 3),
@@ -94,6 +105,9 @@ def main():
                 row.update(transformers_tokens_per_s=round(theirs, 1), transformers_s=round(ref, 4),
                            speedup=round(ours / theirs, 2))
             emit(**row)
+        # The cache keeps decode cost per token flat: time(longest) / time(shortest).
+        emit(figure=f"time_ratio_{news[-1]}_vs_{news[0]}_new_tokens", mode=mode,
+             value=round(times[mode, news[-1]] / times[mode, news[0]], 2))
 
 
 if __name__ == "__main__":
