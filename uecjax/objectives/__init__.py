@@ -20,9 +20,15 @@ from uecjax.objectives.entropy_control import (
     success_rate,
 )
 from uecjax.objectives.logprobs import naive_token_logprobs_and_entropy, token_logprobs_and_entropy
+from uecjax.objectives.loss_config import LossConfig, LossConfigError
+from uecjax.objectives.methods import METHODS, Method, get_method, loss_config
 from uecjax.objectives.policy_loss import kl_penalty, ppo_clip_loss
 
 __all__ = [
+    "LossConfig",
+    "LossConfigError",
+    "METHODS",
+    "Method",
     "aer_allocation",
     "aer_target",
     "aer_update",
@@ -33,11 +39,13 @@ __all__ = [
     "entropy_advantage",
     "exploration_loss",
     "gate_weight",
+    "get_method",
     "group_advantages",
     "is_hard",
     "kl_cov",
     "kl_cov_mask",
     "kl_penalty",
+    "loss_config",
     "naive_token_logprobs_and_entropy",
     "overlong_penalty",
     "per_sequence",

@@ -1,0 +1,55 @@
+"""Controller state of the train step: H_0, AER's coefficient, step counter, rng (sections 6, 9).
+
+A pytree of plain arrays, so it is checkpointed with the parameters. H_0 starts as NaN
+("unset"); the first train step sets it to the token-mean entropy of its batch under the
+old policy (section 6: "the token-mean entropy of the first batch") and keeps it from then on.
+AER's coefficient moves on the host after each step (`update_control`, section 9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uecjax.objectives.entropy_control import aer_target, aer_update
+from uecjax.objectives.loss_config import LossConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ControlState:
+    h0: jax.Array  # float32 [], NaN until the first step sets it
+    aer_alpha: jax.Array  # float32 [], AER's global entropy coefficient alpha_k
+    step: jax.Array  # int32 [], optimizer updates done
+    rng: jax.Array  # uint32 [2], raw key data (clip_cov's random token choice)
+
+    def replace(self, **changes) -> "ControlState":
+        return dataclasses.replace(self, **changes)
+
+
+def init_control_state(hp: LossConfig, seed: int = 0, h0: float | None = None) -> ControlState:
+    """Fresh controller state; h0=None lets the first step set H_0."""
+    return ControlState(
+        h0=jnp.float32(np.nan if h0 is None else h0),
+        aer_alpha=jnp.float32(hp.aer_alpha0),
+        step=jnp.int32(0),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def update_control(control: ControlState, metrics, hp: LossConfig) -> ControlState:
+    """Host-side controller update after a step (section 9):
+
+        alpha_{k+1} = clip(alpha_k + eta * (H* - Hbar_k), 0, alpha_max),   H* = rho * H_0
+
+    with Hbar_k the step's token-mean entropy (metrics["entropy"]). Only `aer` moves alpha.
+    """
+    if hp.method != "aer":
+        return control
+    h0 = float(jax.device_get(control.h0))
+    alpha = aer_update(float(jax.device_get(control.aer_alpha)), float(jax.device_get(metrics["entropy"])),
+                       aer_target(h0, hp.aer_rho), hp.aer_eta, hp.aer_alpha_max)
+    return control.replace(aer_alpha=jnp.float32(alpha))

@@ -1,0 +1,230 @@
+"""RL methods as presets over one loss (ALGORITHMS.md sections 4, 6, 7, 9).
+
+A method is a function `(LossInputs, LossConfig) -> (loss parts, stats)` plus a registry entry
+(`METHODS`) holding its preset hyperparameters and, when it needs one, a token selection made
+over the whole global batch before the micro-batch loop (clip_cov / kl_cov). Adding a method
+is one function and one entry. The UEC components of section 6 (gated exploration, stabilizer)
+are switches of `LossConfig` (`explore`, `stabilizer`) that `loss_terms` adds to any method;
+`uec` is GRPO with both on, and every ablation is one override away:
+
+    hp = loss_config("uec", gate="hard", stabilizer=False)
+
+Conventions, so that micro-batches sum to the global batch exactly (section 4):
+  * every loss part is already normalised by the *global* counts in `LossInputs`, so the sum
+    of a part over micro-batches is its value on the global batch;
+  * every stat is a masked sum over tokens; the train step divides it by the global token
+    count (a fraction of tokens, e.g. the clip fraction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from uecjax.objectives.advantages import entropy_advantage
+from uecjax.objectives.aggregation import aggregate
+from uecjax.objectives.cov import clip_cov as clip_cov_mask
+from uecjax.objectives.cov import kl_cov_mask
+from uecjax.objectives.entropy_control import aer_allocation, exploration_loss, gate_weight
+from uecjax.objectives.loss_config import LossConfig, LossConfigError
+from uecjax.objectives.policy_loss import kl_penalty, ppo_clip_loss
+
+Terms = tuple[dict[str, jax.Array], dict[str, jax.Array]]
+
+
+class LossInputs(NamedTuple):
+    """One micro-batch as a method sees it: per-token [b, R], per-sequence [b], scalars."""
+
+    logp: jax.Array  # log pi_theta of the response tokens (differentiable)
+    entropy: jax.Array  # H under pi_theta (differentiable)
+    old_logp: jax.Array  # log pi_old
+    ref_logp: jax.Array | None  # log pi_ref; None when beta == 0
+    adv: jax.Array  # token advantages A_{i,t}, 0 off the mask
+    mask: jax.Array  # response mask, float32
+    difficulty: jax.Array  # success rate p_q of each sequence's prompt
+    hard: jax.Array  # 1.0 where the prompt is hard (section 5)
+    select: jax.Array | None  # the method's token selection over the global batch, or None
+    num_tokens: jax.Array  # valid tokens of the global batch
+    num_seqs: jax.Array  # non-empty sequences of the global batch
+    max_len: int  # static divisor of seq-mean-token-sum-norm
+    h0: jax.Array  # initial entropy H_0 (section 6)
+    h_anchor: jax.Array  # global token-mean entropy at which the stabilizer is linearised
+    aer_alpha: jax.Array  # AER's current global coefficient (section 9)
+
+
+def agg(x: LossInputs, hp: LossConfig, values) -> jax.Array:
+    """`aggregate` with the global batch's counts: micro-batch aggregates sum to the global one."""
+    return aggregate(values, x.mask, hp.agg, global_token_count=x.num_tokens,
+                     global_seq_count=x.num_seqs, max_len=x.max_len)
+
+
+def token_sum(x: LossInputs, values) -> jax.Array:
+    return jnp.sum(jnp.where(x.mask > 0, values, 0.0))
+
+
+# ---- building blocks ----
+
+def policy_terms(x: LossInputs, hp: LossConfig, *, adv=None, grad_mask=None, extra=None) -> Terms:
+    """Clipped policy loss and KL to the reference (section 4).
+
+    adv overrides the token advantages (entropy_adv); grad_mask [b, R] in {0, 1} stops the
+    gradient of the per-token policy loss where it is 0, keeping its value (clip_cov); extra
+    [b, R] is added to the per-token loss (kl_cov).
+    """
+    adv = x.adv if adv is None else adv
+    loss, ind = ppo_clip_loss(x.logp, x.old_logp, adv, eps_low=hp.eps_low, eps_high=hp.eps_high,
+                              dual_clip=hp.dual_clip)
+    if grad_mask is not None:
+        loss = jnp.where(grad_mask > 0, loss, jax.lax.stop_gradient(loss))
+    if extra is not None:
+        loss = loss + extra
+    parts = {"pg": agg(x, hp, loss)}
+    if hp.beta > 0:
+        if x.ref_logp is None:
+            raise LossConfigError(f"beta={hp.beta} needs reference log-probs in the batch (ref_logp)")
+        parts["kl"] = hp.beta * agg(x, hp, kl_penalty(x.logp, x.ref_logp, hp.kl_kind, hp.kl_clamp))
+    names = {"clip_low": "clip_frac_low", "clip_high": "clip_frac_high", "dual_clip": "clip_frac_dual"}
+    stats = {names[k]: token_sum(x, v) for k, v in ind.items()}
+    return parts, stats
+
+
+def entropy_bonus(x: LossInputs, hp: LossConfig, seq_weight, coef) -> jax.Array:
+    """-coef * agg(w_q H): the entropy term of sections 6, 7 and 9, with the global counts."""
+    return exploration_loss(x.entropy, x.mask, seq_weight, coef, hp.agg, global_token_count=x.num_tokens,
+                            global_seq_count=x.num_seqs, max_len=x.max_len)
+
+
+def uec_gate(difficulty, hp: LossConfig):
+    """Exploration weight w_q of section 6 from the success rate."""
+    return gate_weight(difficulty, hp.gate, hp.gate_tau, hp.gate_s)
+
+
+def stabilizer_surrogate(x: LossInputs, hp: LossConfig) -> jax.Array:
+    """Micro-batch share of the stabilizer lambda relu(Hbar - kappa H_0)^2 (section 6).
+
+    The penalty is nonlinear in the global token-mean entropy Hbar, so a micro-batch cannot
+    compute it; its gradient, 2 lambda relu(Hbar - H_max) dHbar, is linear in dHbar, and
+    dHbar is the sum over micro-batches of d(sum_mb m H / N_global). With Hbar fixed at the
+    anchor (x.h_anchor, no gradient) the surrogate below therefore sums to the exact gradient
+    of the global penalty. Its value is not the penalty: the step reports the penalty itself.
+    """
+    h_max = hp.kappa * x.h0
+    coef = 2.0 * hp.lam * jax.nn.relu(jax.lax.stop_gradient(x.h_anchor) - h_max)
+    return coef * token_sum(x, x.entropy) / jnp.maximum(x.num_tokens, 1.0)
+
+
+# ---- methods ----
+
+def grpo(x: LossInputs, hp: LossConfig) -> Terms:
+    """Sections 2-4 only (also `dapo` and `uec`, whose differences are presets and switches)."""
+    return policy_terms(x, hp)
+
+
+def entropy_reg(x: LossInputs, hp: LossConfig) -> Terms:
+    """L_pg - c * agg(H) (section 7)."""
+    parts, stats = policy_terms(x, hp)
+    parts["entropy"] = entropy_bonus(x, hp, jnp.ones_like(x.difficulty), hp.entropy_coef)
+    return parts, stats
+
+
+def clip_cov(x: LossInputs, hp: LossConfig) -> Terms:
+    """Policy loss with the gradient of the selected high-covariance tokens dropped (section 7)."""
+    parts, stats = policy_terms(x, hp, grad_mask=x.select)
+    stats["cov_selected"] = token_sum(x, 1.0 - x.select)
+    return parts, stats
+
+
+def kl_cov(x: LossInputs, hp: LossConfig) -> Terms:
+    """Policy loss plus k |log pi - log pi_old| on the top-Cov tokens (section 7)."""
+    extra = hp.kl_cov_coef * jnp.abs(x.logp - x.old_logp) * x.select
+    parts, stats = policy_terms(x, hp, extra=extra)
+    stats["cov_selected"] = token_sum(x, x.select)
+    return parts, stats
+
+
+def entropy_adv(x: LossInputs, hp: LossConfig) -> Terms:
+    """A_{i,t} += min(a stopgrad(H_{i,t}), |A_{i,t}| / k), arXiv 2506.14758 (section 7)."""
+    adv = entropy_advantage(x.adv, x.entropy, hp.entropy_adv_a, hp.entropy_adv_k) * x.mask
+    return policy_terms(x, hp, adv=adv)
+
+
+def aer(x: LossInputs, hp: LossConfig) -> Terms:
+    """L_pg - alpha_k * agg(lambda_q H), alpha_k from the controller state (section 9)."""
+    parts, stats = policy_terms(x, hp)
+    weight = aer_allocation(x.difficulty, hp.aer_alloc, hp.aer_tau)
+    parts["aer"] = entropy_bonus(x, hp, weight, x.aer_alpha)
+    stats["aer_alloc_frac"] = token_sum(x, jnp.broadcast_to(weight[:, None], x.mask.shape))
+    return parts, stats
+
+
+# ---- token selections over the global batch (static shapes) ----
+
+def select_clip_cov(old_logp, adv, mask, key, hp: LossConfig):
+    """1 everywhere except the randomly dropped tokens with Cov in (lo, hi)."""
+    return clip_cov_mask(old_logp, adv, mask, key, frac=hp.cov_frac, clip_lo=hp.clip_cov_lo,
+                         clip_hi=hp.clip_cov_hi)
+
+
+def select_kl_cov(old_logp, adv, mask, key, hp: LossConfig):
+    """1 on the top cov_frac of valid tokens by Cov."""
+    del key
+    return kl_cov_mask(old_logp, adv, mask, frac=hp.cov_frac)
+
+
+# ---- registry ----
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    loss: Callable[[LossInputs, LossConfig], Terms]
+    preset: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    # (old_logp, adv, mask, key, hp) -> [B, R] float32 over the global batch, or None. The
+    # selection uses log pi_old, which equals log pi at the first update on a batch; that is
+    # what lets it be made once over the global batch without an extra forward pass.
+    select: Callable | None = None
+
+
+def _preset(**values):
+    return types.MappingProxyType(values)
+
+
+METHODS: Mapping[str, Method] = types.MappingProxyType({
+    "grpo": Method(grpo),
+    "dapo": Method(grpo, _preset(eps_high=0.28, beta=0.0, agg="token-mean", overlong_buffer=0.2,
+                                 dynamic_sampling=True)),
+    "entropy_reg": Method(entropy_reg),
+    "clip_cov": Method(clip_cov, select=select_clip_cov),
+    "kl_cov": Method(kl_cov, select=select_kl_cov),
+    "entropy_adv": Method(entropy_adv),
+    "aer": Method(aer),
+    "uec": Method(grpo, _preset(explore=True, stabilizer=True)),
+})
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise LossConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def loss_config(method: str = "grpo", **overrides) -> LossConfig:
+    """The method's preset, then `overrides`, on top of the LossConfig defaults."""
+    preset = get_method(method).preset
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise LossConfigError(f"unknown LossConfig field(s) {unknown}; fields: {sorted(fields)}")
+    return LossConfig(method=method, **{**preset, **overrides})
+
+
+def loss_terms(x: LossInputs, hp: LossConfig) -> Terms:
+    """The method's terms plus the section-6 components switched on in `hp`."""
+    parts, stats = get_method(hp.method).loss(x, hp)
+    if hp.explore:
+        parts["explore"] = entropy_bonus(x, hp, uec_gate(x.difficulty, hp), hp.alpha)
+    if hp.stabilizer:
+        parts["stab"] = stabilizer_surrogate(x, hp)
+    return parts, stats

@@ -1,0 +1,86 @@
+"""The optimizer of the train step: global-norm clipping, then AdamW on a schedule.
+
+Weight decay applies to matrices only; norms and biases (names ending in "norm" or "_b" in
+uecjax.models.qwen2) are not decayed, as is usual for transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "warmup_cosine", "linear")
+
+
+class OptimConfigError(ValueError):
+    """An optimizer setting out of range; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-6  # peak learning rate
+    schedule: str = "constant"  # constant | warmup_cosine | linear (all with linear warmup)
+    warmup_steps: int = 0
+    total_steps: int = 1000  # decay horizon of warmup_cosine / linear, warmup included
+    end_lr_ratio: float = 0.0  # final lr / peak lr of warmup_cosine / linear
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise OptimConfigError(f"OptimConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"expected one of {SCHEDULES}")
+        if self.learning_rate <= 0:
+            bad("learning_rate", "must be > 0")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", "must be >= 0")
+        if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
+            bad("total_steps", f"must exceed warmup_steps={self.warmup_steps} for a decaying schedule")
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            bad("end_lr_ratio", "must be in [0, 1]")
+        for field in ("b1", "b2"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                bad(field, "must be in [0, 1)")
+        if self.eps <= 0:
+            bad("eps", "must be > 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            bad("weight_decay" if self.weight_decay < 0 else "max_grad_norm", "must be >= 0")
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Learning rate per optimizer step."""
+    lr, warm = cfg.learning_rate, cfg.warmup_steps
+    end = lr * cfg.end_lr_ratio
+    if cfg.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, cfg.total_steps, end)
+    if cfg.schedule == "constant":
+        return optax.warmup_constant_schedule(0.0, lr, warm) if warm else optax.constant_schedule(lr)
+    decay = optax.linear_schedule(lr, end, cfg.total_steps - warm)
+    if not warm:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+
+
+def decay_mask(params):
+    """True on parameters that take weight decay (matrices, not norms or biases)."""
+    def one(path, _):
+        # The last dict key names the parameter (nnx.Variable adds a trailing `.value`).
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        return not (str(name).endswith("norm") or str(name).endswith("_b"))
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm(max_grad_norm) -> AdamW(schedule, weight_decay on matrices)."""
+    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    return adamw

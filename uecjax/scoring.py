@@ -1,0 +1,68 @@
+"""Scoring responses: per-token log-probs and entropies on the response window, micro-batched
+(ALGORITHMS.md sections 1 and 3). Shared by the train step and the old/reference log-prob pass.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from uecjax.batch import Batch
+from uecjax.objectives.logprobs import token_logprobs_and_entropy
+
+
+def response_logprobs(graphdef, params, tokens, attention_mask, positions, response_len: int,
+                      chunk_size: int = 1024):
+    """(log pi(response token), entropy), each [B, R] float32, temperature 1 (section 3).
+
+    tokens [B, P + R]. The last token is never an input (nothing follows it), and only the
+    hidden states at positions P - 1 .. P + R - 2, which predict the response, reach the
+    chunked, rematerialised lm-head: neither the prompt's logits nor the [B, T, V] logits of
+    the batch ever exist.
+    """
+    model = nnx.merge(graphdef, params)
+    prompt_len = tokens.shape[1] - response_len
+    if prompt_len < 1:
+        raise ValueError(f"tokens {tokens.shape} leave no prompt before the {response_len} response tokens")
+    hidden, _ = model.hidden_states(model.embed_tokens(tokens[:, :-1]), positions[:, :-1],
+                                    attention_mask[:, :-1])
+    hidden = hidden[:, prompt_len - 1:]
+    w = model.output_weight().astype(model.config.compute_dtype)
+    return token_logprobs_and_entropy(hidden, w, tokens[:, prompt_len:], chunk_size=chunk_size)
+
+
+def split_micro(tree, micro_batches: int):
+    """[B, ...] -> [M, B / M, ...] with micro-batch k = rows k, k + M, k + 2M, ...
+
+    Strided rather than contiguous: a device holding a contiguous block of rows then holds an
+    equal share of every micro-batch, so the split needs no communication.
+    """
+    def one(x):
+        return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(one, tree)
+
+
+def merge_micro(tree):
+    """Inverse of `split_micro`."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
+def constrain(tree, sharding):
+    """with_sharding_constraint when a sharding is given (None: leave it to the compiler)."""
+    return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
+
+
+def compute_logprobs(params, batch: Batch, *, graphdef, micro_batches: int = 1,
+                     chunk_size: int = 1024, micro_sharding=None):
+    """(log pi, entropy) [B, R] of the batch's responses under `params`, forward only: the old
+    or the reference log-probs (section 1). Micro-batched with lax.map to bound activations."""
+    R = batch.response_len
+    rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions)
+
+    def forward(mb):
+        return response_logprobs(graphdef, params, mb["tokens"], mb["attention_mask"], mb["positions"],
+                                 R, chunk_size)
+
+    if micro_batches == 1:
+        return forward(rows)
+    return merge_micro(jax.lax.map(forward, constrain(split_micro(rows, micro_batches), micro_sharding)))

@@ -1,0 +1,266 @@
+"""The train step: GRPO, DAPO, UEC-RL, AER and the entropy baselines in one pure, sharded,
+jitted update (ALGORITHMS.md sections 2-7, 9).
+
+    trainer = TrainStep(model, loss_config("uec"), OptimConfig(learning_rate=1e-6), mesh,
+                        micro_batches=4)
+    params, opt_state, control = trainer.init(nnx.state(model))
+    old_logp, old_entropy = trainer.compute_logprobs(params, batch)
+    batch = batch.replace(old_logp=old_logp, old_entropy=old_entropy)
+    params, opt_state, control, metrics = trainer.step(params, opt_state, control, batch)
+    control = trainer.update_control(control, metrics)      # AER's host-side update
+    nnx.update(model, params)                               # the sampler reads the model
+
+`train_step` is the pure function `(params, opt_state, control, batch) -> (params, opt_state,
+control, metrics)`; params is the model's nnx.State (the graphdef is static). `TrainStep`
+jits it on a Mesh with explicit in/out shardings from `uecjax.sharding`, donating params and
+optimizer state.
+
+Exactness of gradient accumulation. The batch is split into `micro_batches` and scanned; every
+loss part is normalised by the global batch's counts (tokens, sequences), so the accumulated
+gradient is the gradient of the whole batch (section 4). Two terms depend on the global batch
+nonlinearly and are handled so that the split changes nothing:
+  * clip_cov / kl_cov select tokens by a covariance centred over the global batch: the
+    selection is made once, before the scan, from log pi_old (== log pi at the first update).
+  * the stabilizer lambda relu(Hbar - H_max)^2 is nonlinear in the global mean entropy Hbar:
+    each micro-batch contributes the surrogate 2 lambda relu(Hbar_a - H_max) * (its share of
+    Hbar), whose gradients sum to the exact gradient when Hbar_a = Hbar. The anchor Hbar_a is
+    `LossConfig.stabilizer_anchor`: "old" (default) takes the global token-mean entropy from
+    the old-log-prob pass (free, and exact at the first update on a batch: same parameters),
+    "current" computes it with the current parameters in a forward-only first pass (exact
+    always; costs one forward when micro_batches > 1, nothing when micro_batches == 1). The
+    same surrogate is used with one micro-batch, so a split never changes the update.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from uecjax import sharding as shd
+from uecjax.batch import Batch
+from uecjax.control import ControlState, init_control_state, update_control
+from uecjax.objectives.advantages import broadcast_to_tokens
+from uecjax.objectives.aggregation import batch_counts
+from uecjax.objectives.loss_config import LossConfig
+from uecjax.objectives.methods import LossInputs, get_method, loss_terms, uec_gate
+from uecjax.objectives.policy_loss import kl_penalty
+from uecjax.optim import OptimConfig, make_optimizer, make_schedule
+from uecjax.scoring import compute_logprobs, constrain, response_logprobs, split_micro
+
+
+def _check_batch(batch: Batch, hp: LossConfig):
+    missing = [f for f in ("old_logp", "old_entropy") if getattr(batch, f) is None]
+    if missing:
+        raise ValueError(f"batch.{missing[0]} is unset: fill old_logp and old_entropy with "
+                         "TrainStep.compute_logprobs (or store them with replayed samples)")
+    if hp.beta > 0 and batch.ref_logp is None:
+        raise ValueError(f"beta={hp.beta} needs batch.ref_logp (compute_logprobs with the reference "
+                         "params); set beta=0 to train without a reference model")
+    B, R = batch.response_mask.shape
+    if batch.tokens.shape[0] != B or batch.tokens.shape[1] <= R:
+        raise ValueError(f"tokens {batch.tokens.shape} do not hold a prompt plus the {R} response "
+                         f"tokens of response_mask {batch.response_mask.shape}")
+
+
+def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp: LossConfig,
+                    micro_batches: int = 1, chunk_size: int = 1024, param_sharding=None,
+                    micro_sharding=None):
+    """Gradient of the loss of the whole batch, accumulated over micro-batches.
+
+    Returns (grads float32 with the structure of params, metrics, control with H_0 set and the
+    rng advanced). Pure; the step adds the optimizer update.
+    """
+    _check_batch(batch, hp)
+    method = get_method(hp.method)
+    M = micro_batches
+    mask = batch.response_mask.astype(jnp.float32)
+    R = mask.shape[1]
+    num_tokens, num_seqs = batch_counts(mask)
+    n = jnp.maximum(num_tokens, 1.0)
+    adv = batch.advantages.astype(jnp.float32)
+    adv = adv * mask if adv.ndim == 2 else broadcast_to_tokens(adv, mask)
+    old_entropy_mean = jnp.sum(mask * batch.old_entropy) / n
+    # H_0: the first batch's token-mean entropy, kept from then on (section 6).
+    h0 = jnp.where(jnp.isnan(control.h0), old_entropy_mean, control.h0)
+    key, select_key = jax.random.split(jax.random.wrap_key_data(control.rng))
+    select = None if method.select is None else method.select(batch.old_logp, adv, mask, select_key, hp)
+
+    rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
+                mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
+                ref_logp=batch.ref_logp, difficulty=batch.difficulty.astype(jnp.float32),
+                hard=batch.is_hard.astype(jnp.float32), select=select)
+    micro = constrain(split_micro(rows, M), micro_sharding) if M > 1 else rows
+
+    def forward(p, mb):
+        return response_logprobs(graphdef, p, mb["tokens"], mb["attention_mask"], mb["positions"],
+                                 R, chunk_size)
+
+    # Where the stabilizer is linearised (module docstring); None: this pass's own mean entropy.
+    anchor = old_entropy_mean
+    if hp.stabilizer_anchor == "current":
+        anchor = None
+        if hp.stabilizer and M > 1:
+            anchor = jax.lax.map(lambda mb: jnp.sum(mb["mask"] * forward(params, mb)[1]), micro).sum() / n
+
+    def micro_loss(p, mb):
+        logp, entropy = forward(p, mb)
+        m = mb["mask"]
+        ent_sum = jnp.sum(m * entropy)
+        x = LossInputs(
+            logp=logp, entropy=entropy, old_logp=mb["old_logp"], ref_logp=mb["ref_logp"],
+            adv=mb["adv"], mask=m, difficulty=mb["difficulty"], hard=mb["hard"], select=mb["select"],
+            num_tokens=num_tokens, num_seqs=num_seqs, max_len=hp.agg_max_len or R, h0=h0,
+            h_anchor=jax.lax.stop_gradient(ent_sum / n) if anchor is None else anchor,
+            aer_alpha=control.aer_alpha)
+        parts, stats = loss_terms(x, hp)
+        hard_tok = m * mb["hard"][:, None]
+        stats.update(entropy=ent_sum, entropy_hard=jnp.sum(hard_tok * entropy),
+                     tokens_hard=jnp.sum(hard_tok), kl_old=jnp.sum(m * kl_penalty(logp, x.old_logp)))
+        if x.ref_logp is not None:
+            stats["kl_ref"] = jnp.sum(m * kl_penalty(logp, x.ref_logp))
+        return sum(parts.values()), jax.lax.stop_gradient((parts, stats))
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    to_f32 = functools.partial(jax.tree.map, lambda g: g.astype(jnp.float32))
+    if M == 1:
+        (_, (parts, stats)), grads = grad_fn(params, micro)
+        grads = to_f32(grads)
+    else:
+        def body(acc, mb):
+            (_, aux), g = grad_fn(params, mb)
+            return constrain(jax.tree.map(jnp.add, acc, to_f32(g)), param_sharding), aux
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, (parts, stats) = jax.lax.scan(body, constrain(zeros, param_sharding), micro)
+        parts, stats = jax.tree.map(lambda v: v.sum(axis=0), (parts, stats))
+
+    metrics = _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp)
+    return grads, metrics, control.replace(h0=h0, rng=jax.random.key_data(key))
+
+
+def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp):
+    """Step metrics from the accumulated loss parts and token sums (no extra forward)."""
+    n = jnp.maximum(num_tokens, 1.0)
+    stats = dict(stats)
+    entropy = stats.pop("entropy") / n
+    ent_hard, tok_hard = stats.pop("entropy_hard"), stats.pop("tokens_hard")
+    h_max = hp.kappa * h0
+    penalty = hp.lam * jnp.square(jax.nn.relu(entropy - h_max))
+    losses = {f"loss/{k}": v for k, v in parts.items()}
+    if "stab" in parts:  # the parts hold the gradient surrogate; report the penalty itself
+        losses["loss/stab"] = penalty
+    metrics = {
+        "loss": sum(losses.values()), **losses,
+        "entropy": entropy,
+        "entropy_hard": ent_hard / jnp.maximum(tok_hard, 1.0),
+        "entropy_easy": (entropy * n - ent_hard) / jnp.maximum(num_tokens - tok_hard, 1.0),
+        "gate_mean": jnp.mean(uec_gate(batch.difficulty, hp)) if hp.explore else 0.0,
+        "hard_frac": jnp.mean(batch.is_hard.astype(jnp.float32)),
+        "h0": h0, "h_max": h_max, "stabilizer_penalty": penalty,
+        "aer_alpha": control.aer_alpha, "aer_target": hp.aer_rho * h0,
+        "tokens": num_tokens, "seqs": num_seqs,
+    }
+    metrics.update({k: v / n for k, v in stats.items()})  # token fractions and token means
+    if batch.sampler_logp is not None:
+        gap = jnp.abs(batch.sampler_logp.astype(jnp.float32) - batch.old_logp.astype(jnp.float32))
+        metrics["logp_gap"] = jnp.sum(mask * gap) / n
+    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def train_step(params, opt_state, control: ControlState, batch: Batch, *,
+               optimizer: optax.GradientTransformation, schedule: Callable, **grad_kwargs):
+    """One optimizer update on `batch` (module docstring); grad_kwargs go to `batch_gradients`.
+
+    Returns (params, opt_state, control, metrics); metrics are float32 scalars: loss and
+    loss/<part>, entropy (all, hard, easy prompts), gate_mean, hard_frac, h0, h_max,
+    stabilizer_penalty, aer_alpha, aer_target, clip_frac_low/high/dual, kl_old, kl_ref (with a
+    reference), logp_gap (sampler vs trainer, with sampler log-probs), grad_norm (before
+    clipping), lr, tokens, seqs, and cov_selected for clip_cov / kl_cov.
+    """
+    grads, metrics, control = batch_gradients(params, control, batch, **grad_kwargs)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics.update(grad_norm=optax.global_norm(grads),
+                   lr=jnp.asarray(schedule(control.step), jnp.float32))
+    return params, opt_state, control.replace(step=control.step + 1), metrics
+
+
+class TrainStep:
+    """The jitted, sharded `train_step` and `compute_logprobs` for one model and mesh."""
+
+    def __init__(self, model, loss: LossConfig, optim: OptimConfig, mesh: jax.sharding.Mesh, *,
+                 micro_batches: int = 1, chunk_size: int = 1024):
+        get_method(loss.method)  # an unknown method fails here, not at the first step
+        if micro_batches < 1 or chunk_size < 1:
+            raise ValueError(f"micro_batches={micro_batches} and chunk_size={chunk_size} must be >= 1")
+        self.graphdef, params = nnx.split(model)
+        self.loss, self.optim, self.mesh = loss, optim, mesh
+        self.micro_batches, self.chunk_size = micro_batches, chunk_size
+        self.optimizer = make_optimizer(optim)
+        self.schedule = make_schedule(optim)
+        abstract = jax.eval_shape(lambda p: p, params)
+        self.param_shardings = shd.param_shardings(mesh, abstract)
+        self.opt_shardings = shd.opt_state_shardings(mesh, self.optimizer, abstract, self.param_shardings)
+        self.batch_sharding = shd.batch_sharding(mesh)
+        self.replicated = shd.replicated(mesh)
+        micro_sharding = NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES))
+        self.grad_kwargs = dict(graphdef=self.graphdef, hp=loss, micro_batches=micro_batches,
+                                chunk_size=chunk_size, param_sharding=self.param_shardings,
+                                micro_sharding=micro_sharding)
+        self.pure_step = functools.partial(train_step, optimizer=self.optimizer, schedule=self.schedule,
+                                           **self.grad_kwargs)
+        self._step = jax.jit(
+            self.pure_step,
+            in_shardings=(self.param_shardings, self.opt_shardings, self.replicated, self.batch_sharding),
+            out_shardings=(self.param_shardings, self.opt_shardings, self.replicated, self.replicated),
+            donate_argnums=(0, 1))
+        self._grads = jax.jit(
+            functools.partial(batch_gradients, **self.grad_kwargs),
+            in_shardings=(self.param_shardings, self.replicated, self.batch_sharding),
+            out_shardings=(self.param_shardings, self.replicated, self.replicated))
+        self._logprobs = jax.jit(
+            functools.partial(compute_logprobs, graphdef=self.graphdef, micro_batches=micro_batches,
+                              chunk_size=chunk_size, micro_sharding=micro_sharding),
+            in_shardings=(self.param_shardings, self.batch_sharding),
+            out_shardings=self.batch_sharding)
+
+    def init(self, params, seed: int = 0, h0: float | None = None, *, copy: bool = True):
+        """(params placed on the mesh, optimizer state, controller state).
+
+        copy=True gives the step its own buffers: it donates them, and the caller's arrays
+        (e.g. the model the sampler reads) must survive that. (`jax.device_put` may alias a
+        replicated shard to its input, so the copy is a jitted one.) copy=False moves them.
+        """
+        place = (lambda p: jax.tree.map(jnp.copy, p)) if copy else (lambda p: p)
+        params = jax.jit(place, out_shardings=self.param_shardings)(params)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
+        control = jax.device_put(init_control_state(self.loss, seed, h0), self.replicated)
+        return params, opt_state, control
+
+    def _check_shape(self, batch: Batch):
+        shd.check_batch_size(batch.tokens.shape[0], self.mesh, self.micro_batches)
+
+    def step(self, params, opt_state, control: ControlState, batch: Batch):
+        """One update; params and opt_state are donated (do not reuse the arguments)."""
+        self._check_shape(batch)
+        return self._step(params, opt_state, control, batch)
+
+    def gradients(self, params, control: ControlState, batch: Batch):
+        """(grads, metrics, control) of `batch_gradients`, jitted; nothing is donated."""
+        self._check_shape(batch)
+        return self._grads(params, control, batch)
+
+    def compute_logprobs(self, params, batch: Batch):
+        """(log pi, entropy) [B, R] of the responses under params (old or reference model)."""
+        self._check_shape(batch)
+        return self._logprobs(params, batch)
+
+    def update_control(self, control: ControlState, metrics) -> ControlState:
+        """Host-side controller update after a step (AER's coefficient, section 9)."""
+        return jax.device_put(update_control(control, metrics, self.loss), self.replicated)
