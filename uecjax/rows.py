@@ -1,0 +1,128 @@
+"""Response rows on the host: one row per sampled response, fixed widths, and FIFO buffers.
+
+Rollouts produce rows round by round (a group of G per prompt, exploration groups, refills);
+the train step needs a fixed number of them. `Rows` holds them as numpy arrays of fixed
+prompt width P and response width R so that any selection of rows stacks into a batch of
+the same shapes (ALGORITHMS.md section 8: "static shapes: the jitted step always sees the
+same batch size").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from uecjax.batch import Batch, positions_from_mask
+
+
+@dataclasses.dataclass
+class Rows:
+    prompt_tokens: np.ndarray  # [n, P] int32, left-padded
+    prompt_mask: np.ndarray  # [n, P] int32
+    response_tokens: np.ndarray  # [n, R] int32
+    response_mask: np.ndarray  # [n, R] float32
+    sampler_logp: np.ndarray  # [n, R] float32, the sampler's log-probs
+    old_logp: np.ndarray  # [n, R] float32, log pi_old at temperature 1 (trainer)
+    old_entropy: np.ndarray  # [n, R] float32
+    ref_logp: np.ndarray | None  # [n, R] float32, or None when beta == 0
+    advantage: np.ndarray  # [n] float32
+    difficulty: np.ndarray  # [n] float32, success rate p_q of the row's prompt
+    reward: np.ndarray  # [n] float32
+    accuracy: np.ndarray  # [n] float32
+    truncated: np.ndarray  # [n] bool, hit the length limit
+    explore: np.ndarray  # [n] bool, from UEC's exploration sampling (section 8)
+
+    def __len__(self) -> int:
+        return self.prompt_tokens.shape[0]
+
+    def select(self, index) -> "Rows":
+        return Rows(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                       for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def concat(parts: list["Rows"]) -> "Rows":
+        parts = [p for p in parts if p is not None]
+        return Rows(**{f.name: None if getattr(parts[0], f.name) is None else
+                       np.concatenate([getattr(p, f.name) for p in parts])
+                       for f in dataclasses.fields(Rows)})
+
+    @staticmethod
+    def empty(n: int, prompt_width: int, response_width: int, with_ref: bool) -> "Rows":
+        """n padding rows: no prompt, no response, zero weight in every aggregate."""
+        z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+        return Rows(
+            prompt_tokens=np.zeros((n, prompt_width), np.int32),
+            prompt_mask=np.zeros((n, prompt_width), np.int32),
+            response_tokens=np.zeros((n, response_width), np.int32),
+            response_mask=z(n, response_width), sampler_logp=z(n, response_width),
+            old_logp=z(n, response_width), old_entropy=z(n, response_width),
+            ref_logp=z(n, response_width) if with_ref else None,
+            advantage=z(n), difficulty=np.ones(n, np.float32), reward=z(n), accuracy=z(n),
+            truncated=np.zeros(n, bool), explore=np.zeros(n, bool))
+
+    def to_batch(self, tau_hard: float) -> Batch:
+        mask = np.concatenate([self.prompt_mask, self.response_mask.astype(np.int32)], axis=1)
+        return Batch(
+            tokens=np.concatenate([self.prompt_tokens, self.response_tokens], axis=1),
+            attention_mask=mask,
+            positions=positions_from_mask(mask),
+            response_mask=self.response_mask.astype(np.float32),
+            advantages=self.advantage.astype(np.float32),
+            difficulty=self.difficulty.astype(np.float32),
+            is_hard=(self.difficulty <= tau_hard).astype(np.float32),
+            old_logp=self.old_logp, old_entropy=self.old_entropy, ref_logp=self.ref_logp,
+            sampler_logp=self.sampler_logp)
+
+
+def left_pad(tokens: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-pads left-padded [n, P'] prompts to width P >= every row's length."""
+    n, current = tokens.shape
+    if current > width:
+        if mask[:, : current - width].any():
+            raise ValueError(f"a prompt is longer than the batch's prompt width {width}")
+        return tokens[:, current - width:], mask[:, current - width:]
+    pad = width - current
+    return (np.pad(tokens, ((0, 0), (pad, 0))), np.pad(mask, ((0, 0), (pad, 0))))
+
+
+class RowBuffer:
+    """FIFO of rows with an optional capacity (oldest rows fall out first)."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self.rows: Rows | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.rows is None else len(self.rows)
+
+    def push(self, rows: Rows) -> None:
+        if len(rows) == 0:
+            return
+        self.rows = rows if self.rows is None else Rows.concat([self.rows, rows])
+        if self.capacity is not None and len(self.rows) > self.capacity:
+            self.rows = self.rows.select(slice(len(self.rows) - self.capacity, None))
+
+    def pop(self, n: int) -> Rows:
+        """The n oldest rows (fewer if fewer are held), removed from the buffer."""
+        taken = self.rows.select(slice(0, n))
+        self.rows = self.rows.select(slice(n, None))
+        return taken
+
+    def sample(self, n: int, rng: np.random.Generator) -> Rows:
+        """n rows drawn uniformly without replacement (kept in the buffer)."""
+        return self.rows.select(np.sort(rng.choice(len(self), size=n, replace=False)))
+
+    def state(self) -> dict | None:
+        """Arrays for the checkpoint (None when empty)."""
+        if self.rows is None or len(self.rows) == 0:
+            return None
+        return {f.name: getattr(self.rows, f.name) for f in dataclasses.fields(Rows)
+                if getattr(self.rows, f.name) is not None}
+
+    def load(self, state: dict | None) -> None:
+        if not state:
+            self.rows = None
+            return
+        fields = {f.name: state.get(f.name) for f in dataclasses.fields(Rows)}
+        self.rows = Rows(**fields)

@@ -1,0 +1,84 @@
+"""Tokenizers and prompts: the checkpoint's own tokenizer and chat template, or, for the
+embedded demo, a character-level tokenizer the run builds itself (a real transformers
+`PreTrainedTokenizerFast`, so both paths share one API).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The common Geometry3K / math RL recipe (EasyR1's math prompt): think, then box the answer.
+THINK_BOXED_INSTRUCTION = (
+    " You FIRST think about the reasoning process as an internal monologue and then provide "
+    "the final answer. The reasoning process MUST BE enclosed within <think> </think> tags. "
+    "The final answer MUST BE put in \\boxed{}.")
+
+PROMPT_TEMPLATES = {
+    "think_boxed": "{problem}" + THINK_BOXED_INSTRUCTION,
+    "plain": "{problem}",
+}
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAR_SPECIALS = ("<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be used; the message says what is missing."""
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved beside a Hugging Face checkpoint (tokenizer.json / tokenizer_config)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise TokenizerError(f"{path}: tokenizer directory not found")
+    if not any(os.path.exists(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise TokenizerError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json); download the "
+            "whole checkpoint repository, not only the weights")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII with ChatML specials (for the demo)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(CHAR_SPECIALS + tuple(chars))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
+                                  eos_token="<|endoftext|>",
+                                  additional_special_tokens=list(CHAR_SPECIALS[2:]))
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def render_prompt(tokenizer, problem: str, *, template: str = "think_boxed",
+                  use_chat_template: bool = True) -> list[int]:
+    """Token ids of the prompt for one problem: the template's text in the chat template."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template {template!r}: choose from {sorted(PROMPT_TEMPLATES)}")
+    text = PROMPT_TEMPLATES[template].format(problem=problem.strip())
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(rendered, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """End-of-turn and end-of-text ids: generation stops on any of them."""
+    ids = []
+    for token in ("<|im_end|>", "<|endoftext|>", tokenizer.eos_token):
+        if token is None:
+            continue
+        i = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id and i not in ids:
+            ids.append(i)
+    return tuple(ids)
