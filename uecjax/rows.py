@@ -103,8 +103,10 @@ class RowBuffer:
         if self.capacity is not None and len(self.rows) > self.capacity:
             self.rows = self.rows.select(slice(len(self.rows) - self.capacity, None))
 
-    def pop(self, n: int) -> Rows:
-        """The n oldest rows (fewer if fewer are held), removed from the buffer."""
+    def pop(self, n: int) -> Rows | None:
+        """The n oldest rows (fewer if fewer are held; None if none), removed from the buffer."""
+        if len(self) == 0:
+            return None
         taken = self.rows.select(slice(0, n))
         self.rows = self.rows.select(slice(n, None))
         return taken

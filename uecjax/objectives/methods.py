@@ -201,6 +201,9 @@ METHODS: Mapping[str, Method] = types.MappingProxyType({
     "entropy_adv": Method(entropy_adv),
     "aer": Method(aer),
     "uec": Method(grpo, _preset(explore=True, stabilizer=True)),
+    # The authors' released code: section 8's rollout-level exploration and replay over the
+    # plain GRPO loss (the rollout switches are uecjax.rollout.ROLLOUT_PRESETS["uec_code"]).
+    "uec_code": Method(grpo),
 })
 
 

@@ -1,0 +1,264 @@
+"""Rollouts: groups of G responses per prompt, rewards, advantages and difficulty, UEC's
+rollout-level exploration with selective retention, DAPO dynamic sampling, and the replay
+stabilizer (ALGORITHMS.md sections 2, 5, 7, 8).
+
+One call of `Rollout.collect` returns exactly `batch_rows = B * G` rows for one update:
+
+    round:  B prompts -> sampler (n = G, T) -> grade (worker processes) while the trainer
+            scores the responses (old / reference log-probs at temperature 1) -> rewards ->
+            group advantages and success rates -> keep the informative rows
+            [UEC] hard prompts (every reward < hard_reward) -> G' more responses at T' ->
+            advantages standardised within the G' group -> keep |A'| > 1
+    repeat rounds until the buffer holds a full batch (rows left over wait for the next one).
+
+Without retention or dynamic sampling a round yields exactly one batch. The log-probs of the
+kept responses are the trainer's, at temperature 1 (no importance correction for T').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from uecjax.batch import informative_groups, shaped_rewards
+from uecjax.objectives.advantages import group_advantages
+from uecjax.objectives.entropy_control import per_sequence, success_rate
+from uecjax.objectives.loss_config import LossConfig
+from uecjax.rows import RowBuffer, Rows, left_pad
+from uecjax.sampler import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How responses are sampled and which of them train (sections 2, 7, 8)."""
+
+    prompts_per_batch: int = 8  # B
+    group_size: int = 5  # G
+    max_prompt_len: int = 512  # P: longer prompts are skipped and counted
+    max_new_tokens: int = 512  # R
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # -- section 8: UEC at the rollout level --
+    explore: bool = False  # G' extra responses at T' for hard prompts
+    explore_samples: int = 20  # G'
+    explore_temperature: float = 1.2  # T'
+    hard_reward: float = 0.01  # hard for exploration: every reward of the group below this
+    # What "reward" means for that test: the full reward (the spec; with a format reward a
+    # well-formatted wrong response is then not "failed") or the accuracy component alone.
+    hard_on: str = "reward"
+    retention: bool = False  # keep regular rows with |A| > retain_min, exploration with |A'| > ...
+    retain_min: float = 0.05
+    explore_retain_min: float = 1.0
+    drop_overlong_positive: bool = False  # drop responses that hit the limit with A > 0
+    replay: bool = False  # replay stabilizer
+    replay_min_advantage: float = 1.0  # A_0
+    replay_every: int = 5  # f
+    replay_capacity: int = 0  # 0: 2 * B * G
+    max_rounds: int = 8  # sampling rounds per batch before padding it with empty rows
+
+    @property
+    def batch_rows(self) -> int:
+        return self.prompts_per_batch * self.group_size
+
+    def __post_init__(self):
+        for name in ("prompts_per_batch", "group_size", "max_prompt_len", "max_new_tokens",
+                     "explore_samples", "replay_every", "max_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name}={getattr(self, name)}: must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size={self.group_size}: group advantages need >= 2")
+        if self.hard_on not in ("reward", "accuracy"):
+            raise ValueError(f"rollout.hard_on={self.hard_on!r}: 'reward' or 'accuracy'")
+        if self.explore and self.explore_samples < 2:
+            raise ValueError("rollout.explore_samples must be >= 2 (advantages within the group)")
+
+
+# Rollout-level switches of the methods that have them (section 8 for UEC; DAPO's dynamic
+# sampling and overlong shaping are LossConfig fields, read from there).
+ROLLOUT_PRESETS = {
+    "uec": dict(explore=True, retention=True, drop_overlong_positive=True),
+    "uec_code": dict(explore=True, retention=True, drop_overlong_positive=True, replay=True),
+}
+
+
+def rollout_config(method: str, **overrides) -> RolloutConfig:
+    """The method's rollout preset, then `overrides` (e.g. from a config file)."""
+    return RolloutConfig(**{**ROLLOUT_PRESETS.get(method, {}), **overrides})
+
+
+@dataclasses.dataclass
+class Prompt:
+    ids: list[int]
+    answer: str
+    choices: tuple[str, ...] = ()
+
+
+class Rollout:
+    """Turns prompts into fixed-size sets of training rows with the current policy.
+
+    sampler: `uecjax.sampler.Sampler` over the policy being trained (reads its parameters).
+    grade: (texts, answers, choices) -> Future of a list with .reward and .accuracy per text.
+    score: Rows-like (prompt/response arrays) -> (old_logp, old_entropy, ref_logp or None),
+        the trainer's log-probs at temperature 1, dispatched asynchronously so that grading
+        in the worker processes overlaps it.
+    decode: response token ids (stop token stripped) -> text.
+    """
+
+    def __init__(self, cfg: RolloutConfig, hp: LossConfig, *, sampler, prompts: Iterator[Prompt],
+                 grade: Callable, score: Callable, decode: Callable[[Sequence[int]], str],
+                 stop_token_ids: tuple[int, ...], seed: int = 0):
+        self.cfg = cfg
+        self.hp = hp
+        self.sampler = sampler
+        self.prompts = prompts
+        self.grade = grade
+        self.score = score
+        self.decode = decode
+        self.stop_ids = tuple(stop_token_ids)
+        self.seed = seed
+        self.buffer = RowBuffer()
+        self.replay = RowBuffer(cfg.replay_capacity or 2 * cfg.batch_rows)
+        self.calls = 0  # sampler calls, for distinct seeds
+        self.stats: dict[str, float] = {}
+
+    # -- one sampling round ----------------------------------------------------------------
+    def _sample(self, prompts: list[Prompt], n: int, temperature: float):
+        cfg = self.cfg
+        self.calls += 1
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=self.stop_ids,
+                                n=n, seed=self.seed * 1_000_003 + self.calls)
+        t = time.perf_counter()
+        out = self.sampler([p.ids for p in prompts], params)
+        self._add("time/sampling", time.perf_counter() - t)
+        self._add("sampled_tokens", float(out.response_mask.sum()))
+        tokens, mask = left_pad(out.prompt_tokens, out.prompt_mask, cfg.max_prompt_len)
+        texts = [self.decode([t for t, m in zip(row, mrow) if m and t not in self.stop_ids])
+                 for row, mrow in zip(out.response_tokens, out.response_mask)]
+        answers = [p.answer for p in prompts for _ in range(n)]
+        choices = [p.choices for p in prompts for _ in range(n)]
+        future = self.grade(texts, answers, choices)
+        scored = self.score(tokens, mask, out.response_tokens, out.response_mask)
+        t = time.perf_counter()
+        rewards = future.result()
+        self._add("time/grading_wait", time.perf_counter() - t)
+        reward = np.array([r.reward for r in rewards], np.float32)
+        accuracy = np.array([r.accuracy for r in rewards], np.float32)
+        old_logp, old_entropy, ref_logp = (None if x is None else np.asarray(x, np.float32)
+                                           for x in scored)
+        rows = Rows(prompt_tokens=tokens, prompt_mask=mask,
+                    response_tokens=out.response_tokens,
+                    response_mask=out.response_mask.astype(np.float32),
+                    sampler_logp=out.logprobs, old_logp=old_logp, old_entropy=old_entropy,
+                    ref_logp=ref_logp, advantage=np.zeros(len(reward), np.float32),
+                    difficulty=np.zeros(len(reward), np.float32), reward=reward,
+                    accuracy=accuracy, truncated=out.truncated.astype(bool),
+                    explore=np.zeros(len(reward), bool))
+        return rows
+
+    def _next_prompts(self) -> list[Prompt]:
+        return [next(self.prompts) for _ in range(self.cfg.prompts_per_batch)]
+
+    def _round(self) -> None:
+        cfg = self.cfg
+        G = cfg.group_size
+        prompts = self._next_prompts()
+        rows = self._sample(prompts, G, cfg.temperature)
+        lengths = rows.response_mask.sum(axis=1)
+        shaped = shaped_rewards(rows.reward, lengths, cfg.max_new_tokens, self.hp)
+        rows.advantage = np.asarray(group_advantages(shaped, G, self.hp.advantage), np.float32)
+        p_q = success_rate(rows.accuracy.reshape(-1, G))
+        rows.difficulty = per_sequence(p_q, G).astype(np.float32)
+        keep = np.ones(len(rows), bool)
+        if self.hp.dynamic_sampling:
+            keep &= np.repeat(informative_groups(shaped, G), G)
+        if cfg.retention:
+            keep &= np.abs(rows.advantage) > cfg.retain_min
+        if cfg.drop_overlong_positive:
+            keep &= ~(rows.truncated & (rows.advantage > 0))
+        self._log_round(rows, p_q, keep)
+        self.buffer.push(rows.select(keep))
+        if cfg.explore:
+            score = rows.reward if cfg.hard_on == "reward" else rows.accuracy
+            hard = np.flatnonzero((score.reshape(-1, G) < cfg.hard_reward).all(axis=1))
+            self._add("explore/hard_prompts", len(hard))
+            if len(hard):
+                self._explore([prompts[i] for i in hard], p_q[hard])
+
+    def _explore(self, prompts: list[Prompt], p_q: np.ndarray) -> None:
+        cfg = self.cfg
+        G2 = cfg.explore_samples
+        rows = self._sample(prompts, G2, cfg.explore_temperature)
+        rows.advantage = np.asarray(group_advantages(rows.reward, G2, "grpo"), np.float32)
+        rows.difficulty = per_sequence(p_q, G2).astype(np.float32)
+        rows.explore[:] = True
+        keep = np.abs(rows.advantage) > cfg.explore_retain_min
+        if cfg.drop_overlong_positive:
+            keep &= ~(rows.truncated & (rows.advantage > 0))
+        self._add("explore/responses", len(rows))
+        self._add("explore/kept", int(keep.sum()))
+        self._add("explore/successes", float(rows.accuracy.sum()))
+        self.buffer.push(rows.select(keep))
+
+    # -- a batch ---------------------------------------------------------------------------
+    def collect(self) -> tuple[Rows, dict]:
+        """Exactly `batch_rows` rows for one update, and the rollout's metrics."""
+        cfg = self.cfg
+        self.stats = {}
+        rounds = 0
+        while len(self.buffer) < cfg.batch_rows and rounds < cfg.max_rounds:
+            self._round()
+            rounds += 1
+        rows = self.buffer.pop(cfg.batch_rows)
+        missing = cfg.batch_rows - (0 if rows is None else len(rows))
+        if missing:  # still short after max_rounds: pad with rows that weigh nothing
+            rows = Rows.concat([rows, Rows.empty(missing, cfg.max_prompt_len, cfg.max_new_tokens,
+                                                 self.hp.beta > 0)])
+        self.stats.update({"rollout/rounds": rounds, "rollout/padded_rows": missing,
+                           "rollout/buffered_rows": len(self.buffer)})
+        return rows, self._summary()
+
+    def after_update(self, rows: Rows) -> None:
+        """Replay stabilizer: rows with A > A_0 go to the FIFO (with their stored log-probs)."""
+        if self.cfg.replay:
+            self.replay.push(rows.select(rows.advantage > self.cfg.replay_min_advantage))
+
+    def replay_batch(self, step: int, rng: np.random.Generator) -> Rows | None:
+        """Every f steps, a batch drawn from the replay FIFO (None when not due or not full)."""
+        cfg = self.cfg
+        if not cfg.replay or step % cfg.replay_every or len(self.replay) < cfg.batch_rows:
+            return None
+        return self.replay.sample(cfg.batch_rows, rng)
+
+    # -- metrics ---------------------------------------------------------------------------
+    def _add(self, key: str, value: float) -> None:
+        self.stats[key] = self.stats.get(key, 0.0) + float(value)
+
+    def _log_round(self, rows: Rows, p_q: np.ndarray, keep: np.ndarray) -> None:
+        self._add("reward_sum", float(rows.reward.sum()))
+        self._add("accuracy_sum", float(rows.accuracy.sum()))
+        self._add("length_sum", float(rows.response_mask.sum()))
+        self._add("truncated_sum", float(rows.truncated.sum()))
+        self._add("responses", len(rows))
+        self._add("kept", int(keep.sum()))
+        self._add("prompts", len(p_q))
+        self._add("hard_prompts", float((p_q <= 0).sum()))
+
+    def _summary(self) -> dict:
+        s = dict(self.stats)
+        n = max(s.pop("responses", 0.0), 1.0)
+        prompts = max(s.pop("prompts", 0.0), 1.0)
+        out = {
+            "reward": s.pop("reward_sum", 0.0) / n,
+            "accuracy": s.pop("accuracy_sum", 0.0) / n,
+            "response_length": s.pop("length_sum", 0.0) / n,
+            "truncated_fraction": s.pop("truncated_sum", 0.0) / n,
+            "rollout/kept_fraction": s.pop("kept", 0.0) / n,
+            "rollout/hard_prompt_fraction": s.pop("hard_prompts", 0.0) / prompts,
+        }
+        out.update(s)
+        return out
