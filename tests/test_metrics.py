@@ -33,7 +33,8 @@ def test_pass_at_1_is_the_success_rate_and_table_averages_prompts():
 def test_run_logger_writes_jsonl_tensorboard_and_console(tmp_path):
     out = io.StringIO()
     logger = RunLogger(str(tmp_path), console=out)
-    logger.scalars(3, {"reward": np.float32(0.5), "entropy": 1.25, "nan": float("nan"), "text": "x"})
+    logger.scalars(3, {"reward": np.float32(0.5), "entropy": 1.25, "nan": float("nan"), "text": "x",
+                       "eval/pass@4": 0.75})
     logger.progress(3, 10, {"reward": 0.5, "entropy": 1.25, "pass@1": 0.4, "tokens_per_s": 1234.5})
     logger.close()
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -45,7 +46,7 @@ def test_run_logger_writes_jsonl_tensorboard_and_console(tmp_path):
         for event in read_events(path):
             for value in event.summary.value:
                 scalars[value.tag] = (event.step, value.simple_value)
-    assert scalars == {"reward": (3, 0.5), "entropy": (3, 1.25)}
+    assert scalars == {"reward": (3, 0.5), "entropy": (3, 1.25), "eval/pass_at_4": (3, 0.75)}
 
 
 def read_events(path):

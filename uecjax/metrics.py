@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Iterable, Mapping
@@ -45,6 +46,11 @@ def _scalar(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _tb_tag(key: str) -> str:
+    """TensorBoard tags allow [A-Za-z0-9_./-]: pass@4 -> pass_at_4."""
+    return re.sub(r"[^\w./-]", "_", key.replace("@", "_at_"))
+
+
 # The console line shows these, in this order, when present.
 CONSOLE_KEYS = (("reward", "reward"), ("entropy", "entropy"), ("pass@1", "pass@1"),
                 ("tokens_per_s", "tok/s"), ("loss", "loss"), ("response_length", "len"))
@@ -77,7 +83,7 @@ class RunLogger:
                 row[prefix + key] = v
         if self.enabled:
             for key, v in row.items():
-                self._writer.add_scalar(key, v, step)
+                self._writer.add_scalar(_tb_tag(key), v, step)
             self._jsonl.write(json.dumps({"step": step, "time": round(time.time() - self._start, 3),
                                           **row}) + "\n")
             self._jsonl.flush()

@@ -5,6 +5,7 @@ embedded demo, a character-level tokenizer the run builds itself (a real transfo
 
 from __future__ import annotations
 
+import json
 import os
 
 # The common Geometry3K / math RL recipe (EasyR1's math prompt): think, then box the answer.
@@ -39,6 +40,19 @@ def load_tokenizer(path: str):
         raise TokenizerError(
             f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json); download the "
             "whole checkpoint repository, not only the weights")
+    # A tokenizer saved from a bare PreTrainedTokenizerFast (the demo's char tokenizer) must be
+    # read back as one: beside a Qwen2 config.json, AutoTokenizer would rebuild it as Qwen2's
+    # byte-level BPE, which silently drops spaces and newlines.
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            tokenizer_class = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        tokenizer_class = None
+    if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast") and \
+            os.path.exists(os.path.join(path, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -64,7 +78,8 @@ def render_prompt(tokenizer, problem: str, *, template: str = "think_boxed",
     """Token ids of the prompt for one problem: the template's text in the chat template."""
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"prompt template {template!r}: choose from {sorted(PROMPT_TEMPLATES)}")
-    text = PROMPT_TEMPLATES[template].format(problem=problem.strip())
+    # str.replace, not str.format: the templates hold literal braces (\\boxed{}).
+    text = PROMPT_TEMPLATES[template].replace("{problem}", problem.strip())
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                  tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,132 @@
+"""The run configuration: one ml_collections ConfigDict, every field documented here.
+
+Config files (`configs/*.py`) start from `base_config()` and change what their recipe needs;
+the command line overrides any field: `--config.rl.alpha=0.02` style, e.g.
+`--config.method=grpo --config.train.steps=200`. `validate` turns a bad value into a message
+that names the field and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from uecjax.objectives.methods import METHODS
+from uecjax.tokenizer import PROMPT_TEMPLATES
+
+DATA_KINDS = ("demo", "geometry3k", "math", "jsonl")
+
+
+class ConfigValueError(ValueError):
+    """A config value out of range; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # RL method: a key of uecjax.objectives.methods.METHODS (grpo, dapo, entropy_reg, clip_cov,
+    # kl_cov, entropy_adv, aer, uec, uec_code). Its loss and rollout presets apply first.
+    c.method = "uec"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
+    c.model.dtype = "bfloat16"  # compute dtype; softmax, norms, log-probs stay float32
+    c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer moments
+    c.model.remat = True  # rematerialise each decoder layer in the backward pass
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "math"  # demo | geometry3k | math | jsonl
+    c.data.path = ""  # file, glob or directory (hub layout data/<split>-*.parquet)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.prompt_field = "problem"  # jsonl field names
+    c.data.answer_field = "answer"
+    c.data.shuffle = True
+
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.template = "think_boxed"  # a key of uecjax.tokenizer.PROMPT_TEMPLATES
+    c.prompt.use_chat_template = True  # wrap in the tokenizer's chat template
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.format_weight = 0.1  # r = w_f * format + (1 - w_f) * accuracy (section 1)
+    c.reward.timeout_s = 5.0  # per answer; a pathological output scores 0 after this
+    c.reward.num_workers = 2  # grading processes
+    c.reward.think_prefilled = False  # the chat template already opens <think>
+
+    # Loss hyperparameters: overrides of the method's preset (uecjax.objectives.LossConfig
+    # fields, e.g. beta, eps_high, alpha, gate, gate_tau, kappa, lam, aer_rho ...).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.beta = 0.01
+
+    # Rollout (uecjax.rollout.RolloutConfig fields) on top of the method's rollout preset.
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.prompts_per_batch = 8  # B
+    c.rollout.group_size = 5  # G
+    c.rollout.max_prompt_len = 1024  # P: longer prompts are skipped and counted
+    c.rollout.max_new_tokens = 1024  # R
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.schedule = "constant"  # constant | warmup_cosine | linear
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.01
+    c.optim.max_grad_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100  # optimizer updates on fresh rollouts (replay updates come on top)
+    c.train.micro_batches = 1  # gradient accumulation; B * G must divide by it (and the mesh)
+    c.train.chunk_size = 1024  # tokens per lm-head chunk in log-prob / entropy passes
+    c.train.log_every = 1
+    c.train.eval_every = 20  # 0: only at the start and the end
+    c.train.checkpoint_every = 20
+    c.train.keep_checkpoints = 3
+    c.train.export_hf = True  # write the final policy as a Hugging Face checkpoint
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_prompts = 256  # held-out prompts per evaluation (0: all)
+    c.eval.n = 8  # samples per prompt for Pass@k
+    c.eval.temperature = 1.0
+    c.eval.max_new_tokens = 1024
+    c.eval.batch_prompts = 32
+
+    # Mesh (data, fsdp, tensor); -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.num_devices = 0  # use the first N devices (0: all of them)
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigValueError naming the first bad field."""
+    def bad(field, value, why):
+        raise ConfigValueError(f"config.{field}={value!r}: {why}")
+
+    if c.method not in METHODS:
+        bad("method", c.method, f"choose from {sorted(METHODS)}")
+    if c.data.kind not in DATA_KINDS:
+        bad("data.kind", c.data.kind, f"choose from {DATA_KINDS}")
+    if c.data.kind != "demo" and not c.data.path:
+        bad("data.path", c.data.path, "set it to the dataset directory or file")
+    if c.data.kind != "demo" and not c.model.path:
+        bad("model.path", c.model.path, "set it to a Hugging Face checkpoint directory")
+    if c.prompt.template not in PROMPT_TEMPLATES:
+        bad("prompt.template", c.prompt.template, f"choose from {sorted(PROMPT_TEMPLATES)}")
+    if not 0.0 <= c.reward.format_weight <= 1.0:
+        bad("reward.format_weight", c.reward.format_weight, "must be in [0, 1]")
+    for field in ("train.steps", "train.micro_batches", "train.chunk_size", "eval.n",
+                  "eval.max_new_tokens", "eval.batch_prompts", "reward.num_workers"):
+        section, name = field.split(".")
+        value = c[section][name]
+        if not isinstance(value, int) or value < 1:
+            bad(field, value, "must be an integer >= 1")
+    for field in ("train.eval_every", "train.checkpoint_every", "eval.num_prompts"):
+        section, name = field.split(".")
+        if c[section][name] < 0:
+            bad(field, c[section][name], "must be >= 0")
+    if c.optim.learning_rate <= 0:
+        bad("optim.learning_rate", c.optim.learning_rate, "must be > 0")
+    if c.reward.timeout_s <= 0:
+        bad("reward.timeout_s", c.reward.timeout_s, "must be > 0")

@@ -1,0 +1,249 @@
+r"""The embedded demo's initial policy: a tiny Qwen2 from scratch, warmed up on worked solutions.
+
+    model, tokenizer, path = prepare_demo_policy(workdir, seed=0)
+
+builds the character-level tokenizer, a tiny tied-embedding Qwen2 (hidden 128, 4 layers,
+4 heads / 2 KV heads, MLP 256, vocab = len(tokenizer), 0.61M parameters), and trains it with
+the supervised warm-up (`uecjax.sft`) on demo train problems with short worked solutions
+(`demo_solution`), e.g. for `3 * 4 - 5 = ?` (or the word problem `Kim has 3 bags of 4 pens.
+Kim gives away 5. How many pens now?`):
+
+    <think>3*4=12 12-5=7</think>\boxed{7}<|im_end|>
+
+The warm-up is deliberately short: the policy leaves it knowing the answer format and part of
+the arithmetic, so RL starts from a partial success rate with room to improve. By default it
+trains on levels 1, 2 and 4 only (`WARMUP_LEVELS`): level 3 (two-digit +-) is never shown, so
+held-out level-3 accuracy starts near 0 and only what the policy generalises or RL finds can
+raise it. The held-out split never shares an arithmetic expression with the train split, so
+held-out accuracy needs arithmetic facts the policy learned, not memorised problems.
+
+Defaults, measured on a 2-core CPU (500 steps of 32, AdamW 3e-3 warmup-cosine, 2000 problems
+in the `expression` style, prompt template "plain" in the chat template): about 95 s, held-out
+greedy accuracy about 15-25% over levels 1-4 (level 2 ~45%, level 4 ~15-25%, level 1 noisy,
+level 3 ~0%). The `word` style works the same way but its prompts are about 3x longer (about
+95 tokens against 30), so each step costs about twice as much; for it, raise `sft_steps` and
+expect roughly double the time.
+
+The result is saved (weights with `save_pretrained`, tokenizer with
+`tokenizer.save_pretrained`) to WORKDIR/demo_init with a `demo_settings.json` of the settings
+that made it, written last: a later call with the same settings loads it instead of training
+again; different settings (or a missing / partial directory) rebuild it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+from uecjax.data.demo import demo_records
+from uecjax.tokenizer import char_tokenizer, render_prompt, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "demo_settings.json"
+SETTINGS_VERSION = 1  # bump when the preparation itself changes
+# The tiny model (TextConfig fields); vocab_size comes from the tokenizer.
+DEMO_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rope_theta=10000.0, tie_word_embeddings=True)
+# Levels of the warm-up problems. Level 3 (two-digit +-) is left out so that it starts hard.
+WARMUP_LEVELS = (1, 2, 4)
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"operator {op!r}")
+
+
+def demo_solution(record) -> str:
+    r"""A short worked solution of a demo record: `<think>STEPS</think>\boxed{ANSWER}`.
+
+    STEPS evaluates `record.meta["expression"]` (`a op b op c`, ops + - *, left to right,
+    which is also the precedence order the demo generates) one operation at a time:
+    `3 * 4 - 5` -> `3*4=12 12-5=7`. Raises ValueError when the expression does not evaluate
+    to `record.answer`.
+    """
+    parts = str(record.meta["expression"]).split()
+    if len(parts) % 2 == 0 or not all(p.isdigit() for p in parts[::2]):
+        raise ValueError(f"demo expression {record.meta['expression']!r}: expected `a op b ...`")
+    value = int(parts[0])
+    steps = []
+    for op, operand in zip(parts[1::2], parts[2::2]):
+        new = _apply(value, op, int(operand))
+        steps.append(f"{value}{op}{operand}={new}")
+        value = new
+    if str(value) != str(record.answer).strip():
+        raise ValueError(f"demo expression {record.meta['expression']!r} = {value}, "
+                         f"but the record's answer is {record.answer!r}")
+    return "<think>" + " ".join(steps) + "</think>\\boxed{" + str(value) + "}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPolicySettings:
+    """Everything the prepared policy depends on (saved as demo_settings.json)."""
+
+    seed: int = 0
+    model: tuple = tuple(sorted(DEMO_MODEL.items()))
+    levels: tuple[int, ...] = WARMUP_LEVELS
+    num_train: int = 2000
+    style: str = "expression"
+    template: str = "plain"
+    use_chat_template: bool = True
+    sft_steps: int = 500
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    target_accuracy: float | None = None
+    num_val: int = 64
+    version: int = SETTINGS_VERSION
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = dict(self.model)
+        d["levels"] = list(self.levels)
+        return d
+
+
+def _build_examples(tokenizer, records, template: str, use_chat_template: bool):
+    end = stop_token_ids(tokenizer)[0]  # <|im_end|>: the end of the assistant turn
+    examples = []
+    for r in records:
+        prompt = render_prompt(tokenizer, r.prompt, template=template,
+                               use_chat_template=use_chat_template)
+        target = tokenizer.encode(demo_solution(r), add_special_tokens=False) + [end]
+        examples.append((prompt, target))
+    return examples
+
+
+def greedy_accuracy(model, tokenizer, records, *, template: str = "plain",
+                    use_chat_template: bool = True, max_new_tokens: int = 48,
+                    sampler=None) -> float:
+    """Fraction of `records` whose greedy response's last \\boxed{} equals the answer exactly.
+
+    A cheap in-process check for the demo's integer answers (no grader processes); the
+    reported evaluation uses `uecjax.evaluate`.
+    """
+    from uecjax.evaluate import decode_responses
+    from uecjax.rewards import extract_boxed
+    from uecjax.sampler import Sampler, SamplingParams
+
+    sampler = sampler or Sampler(model, pad_id=tokenizer.pad_token_id)
+    stops = stop_token_ids(tokenizer)
+    prompts = [render_prompt(tokenizer, r.prompt, template=template,
+                             use_chat_template=use_chat_template) for r in records]
+    out = sampler(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                          stop_token_ids=stops))
+    texts = decode_responses(tokenizer, out.response_tokens, out.response_mask, stops)
+    return float(sum(extract_boxed(t) == str(r.answer) for t, r in zip(texts, records))
+                 / len(records))
+
+
+def _load(path: str):
+    from uecjax.tokenizer import load_tokenizer
+    from uecjax.models import from_pretrained
+
+    return from_pretrained(path), load_tokenizer(path)
+
+
+def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | None = None,
+                        levels: Sequence[int] = WARMUP_LEVELS, num_train: int = 2000,
+                        style: str = "expression", template: str = "plain",
+                        use_chat_template: bool = True, sft_steps: int = 500,
+                        batch_size: int = 32, learning_rate: float = 3e-3,
+                        target_accuracy: float | None = None, num_val: int = 64,
+                        force: bool = False, log: Callable[[str], None] | None = None):
+    """(model, tokenizer, path) of the demo's initial policy, trained or reused.
+
+    workdir: the run directory; the policy lives in workdir/demo_init (HF layout + tokenizer).
+    model_overrides: TextConfig fields replacing `DEMO_MODEL`'s.
+    levels / num_train / style: the warm-up problems, `demo_records("train", ...,
+      seed=seed, levels=levels, style=style)` (num_train of them). style and the prompt
+      settings (template, use_chat_template) must match the RL run's: the policy learns that
+      prompt format.
+    sft_steps / batch_size / learning_rate: the warm-up (`uecjax.sft.supervised_warmup`).
+    num_val: train-split problems of all levels kept out of the warm-up set; the greedy
+      accuracy on them is logged and saved (0: no check, a few seconds faster).
+    target_accuracy: stop the warm-up early once that accuracy reaches it (checked every 50
+      steps; None: run all steps). The test split is never looked at.
+    force: retrain even if a matching policy exists.
+    """
+    import jax
+    from flax import nnx
+
+    from uecjax.models import Qwen2, TextConfig, save_pretrained
+    from uecjax.sft import supervised_warmup
+
+    log = log or logger.info
+    cfg_fields = {**DEMO_MODEL, **(model_overrides or {})}
+    settings = DemoPolicySettings(
+        seed=seed, model=tuple(sorted(cfg_fields.items())), levels=tuple(levels),
+        num_train=num_train, style=style, template=template, use_chat_template=use_chat_template,
+        sft_steps=sft_steps, batch_size=batch_size, learning_rate=learning_rate,
+        target_accuracy=target_accuracy, num_val=num_val)
+    path = os.path.join(workdir, "demo_init")
+    settings_file = os.path.join(path, SETTINGS_FILE)
+    if not force and os.path.exists(settings_file):
+        try:
+            with open(settings_file) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved is not None and saved.get("settings") == settings.to_json():
+            model, tokenizer = _load(path)
+            log(f"demo policy: reusing {path} (greedy val accuracy "
+                f"{saved.get('val_accuracy')})")
+            return model, tokenizer, path
+        log(f"demo policy: {path} was made with other settings; rebuilding it")
+
+    start = time.perf_counter()
+    tokenizer = char_tokenizer()
+    config = TextConfig(vocab_size=len(tokenizer), **cfg_fields)
+    model = Qwen2(config, rngs=nnx.Rngs(seed))
+    # Validation: train-split problems of every level (never the test split, so the held-out
+    # numbers stay clean), kept out of the warm-up set.
+    val = demo_records("train", num_val, seed=seed + 7919, style=style) if num_val else []
+    held = {r.prompt for r in val}
+    train = [r for r in demo_records("train", num_train + len(val), seed=seed,
+                                     levels=tuple(levels), style=style)
+             if r.prompt not in held][:num_train]
+    examples = _build_examples(tokenizer, train, template, use_chat_template)
+    from uecjax.sampler import Sampler
+
+    sampler = Sampler(model, pad_id=tokenizer.pad_token_id)
+    max_new = max(len(t) for _, t in examples) + 8
+
+    def eval_fn():
+        return greedy_accuracy(model, tokenizer, val, template=template,
+                               use_chat_template=use_chat_template, max_new_tokens=max_new,
+                               sampler=sampler)
+
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    log(f"demo policy: warming up a {num_params / 1e6:.2f}M-parameter Qwen2 on "
+        f"{len(examples)} problems of levels {tuple(levels)} ({sft_steps} steps of {batch_size})")
+    stats = supervised_warmup(
+        model, tokenizer, examples, steps=sft_steps, batch_size=batch_size,
+        learning_rate=learning_rate, seed=seed, log_every=50,
+        target_accuracy=target_accuracy, eval_fn=eval_fn if target_accuracy is not None else None,
+        eval_every=50, log=log)
+    val_acc = stats["final_eval"] if stats["final_eval"] is not None else (
+        eval_fn() if val else None)
+    save_pretrained(model, path)
+    tokenizer.save_pretrained(path)
+    record = {"settings": settings.to_json(), "val_accuracy": val_acc,
+              "sft_loss": stats["loss"], "sft_steps_taken": stats["steps"],
+              "seconds": time.perf_counter() - start}
+    tmp = settings_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, settings_file)
+    log(f"demo policy: saved to {path} in {record['seconds']:.0f}s "
+        f"(loss {stats['loss']:.3f}, greedy val accuracy {val_acc})")
+    return model, tokenizer, path

@@ -1,0 +1,377 @@
+r"""Evaluation: greedy Pass@1 and sampled Pass@k on held-out problems (ALGORITHMS.md section 10).
+
+From Python (the training loop's periodic validation uses the same function):
+
+    metrics = evaluate(Sampler(model, pad_id=tok.pad_token_id), tok, records, grader,
+                       n=8, max_new_tokens=64)
+    # {"greedy_pass@1": .., "pass@1": .., "pass@2": .., "pass@4": .., "pass@8": .., "reward": ..,
+    #  "accuracy": .., "format": .., "response_length": .., "truncated": .., "num_prompts": .., ...}
+
+From the shell, on an exported checkpoint (Hugging Face layout: config.json, *.safetensors and
+the tokenizer files, as `save_pretrained` + `tokenizer.save_pretrained` write them):
+
+    python -m uecjax.evaluate --config=configs/demo.py --checkpoint=DIR [--split=test] [--n=8]
+        [--num_prompts=N] [--output=metrics.json] [--config.eval.temperature=0.6 ...]
+
+It prints one JSON line with the metrics on stdout (the progress bar goes to stderr).
+
+Metrics. Every prompt gets one greedy response (temperature 0) and `n` sampled responses
+(`temperature`, `top_p`), graded by the reward function (`uecjax.rewards`):
+
+    greedy_pass@1           mean greedy accuracy
+    pass@k                  mean over prompts of the unbiased 1 - C(n - c, k) / C(n, k), c the
+                            number of correct samples, for k = 1, 2, 4, ... up to n (or `ks`);
+                            pass@1 equals the mean sampled accuracy
+    accuracy, reward, format, response_length (tokens, stop token included), truncated
+                            means over the sampled responses (rate of responses that hit
+                            max_new_tokens without a stop token)
+    greedy_reward, greedy_format, greedy_response_length, greedy_truncated   the same, greedy
+    num_prompts, n, seconds
+
+Prompts are rendered with `uecjax.tokenizer.render_prompt` (prompt template, chat template);
+responses are decoded with special tokens kept (`<think>` of the char tokenizer is one) and the
+final stop token removed.
+
+Config fields read by the CLI (the training configs define them; optional ones have defaults):
+
+    config.model.path           HF checkpoint directory of the initial policy; for the demo
+                                the directory the demo preparation writes (WORKDIR/demo_init).
+                                Default of --checkpoint, and the tokenizer's fallback when
+                                --checkpoint holds no tokenizer files.
+    config.model.dtype          optional, compute dtype ("float32")
+    config.data.kind            "demo" | "geometry3k" | "math" | "jsonl"
+    config.data.path            data file / glob / directory (not used by "demo")
+    config.data.eval_split      optional, default of --split ("test")
+    config.data.prompt_field, config.data.answer_field
+                                optional, jsonl field names ("problem", "answer")
+    config.demo_data.levels, .style, .num_eval, .heldout_percent (seed: config.seed)
+                                demo only: arguments of `demo_records` for the evaluated split,
+                                as configs/demo.py sets them (defaults (1, 2, 3, 4), "word",
+                                256, 20), so the CLI sees the training loop's held-out records.
+                                Without config.demo_data: config.data.levels, .style, .seed,
+                                .heldout_percent. (The warm-up's own levels are a setting of
+                                `uecjax.demo_model.prepare_demo_policy`, config.demo.)
+    config.eval.n               samples per prompt for Pass@k (--n overrides)
+    config.eval.max_new_tokens  response budget
+    config.eval.temperature     sampling temperature of the n samples
+    config.eval.top_p           optional (1.0)
+    config.eval.batch_prompts   prompts per sampler call
+    config.eval.num_prompts     first N records of the split (0: all; for the generated demo
+                                demo_data.num_eval; --num_prompts overrides)
+    config.prompt.template      "think_boxed" | "plain" (uecjax.tokenizer.PROMPT_TEMPLATES)
+    config.prompt.use_chat_template
+    config.reward.format_weight, .timeout_s, .think_prefilled, .num_workers
+                                optional, `RewardGrader` settings (0.1, 5.0, False, half the
+                                cores)
+    config.seed                 optional, seed of the sampled responses (0)
+
+Geometry3K rows are evaluated on their text only (the Qwen2 text model sees no images; the
+`<image>` placeholders stay in the prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from uecjax.metrics import pass_at_k_table
+from uecjax.sampler import SamplingParams
+from uecjax.tokenizer import load_tokenizer, render_prompt, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+DATA_KINDS = ("demo", "geometry3k", "math", "jsonl")
+
+
+def default_ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to n (n itself last when it is not a power of two)."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    if ks[-1] != n:
+        ks.append(n)
+    return ks
+
+
+def decode_responses(tokenizer, response_tokens: np.ndarray, response_mask: np.ndarray,
+                     stop_ids: Sequence[int]) -> list[str]:
+    """Text of each response: its generated tokens without the final stop token.
+
+    Special tokens are kept (the demo's `<think>` / `</think>` are special tokens of its char
+    tokenizer and the format reward needs them).
+    """
+    stop = set(int(i) for i in stop_ids)
+    texts = []
+    for tokens, mask in zip(np.asarray(response_tokens), np.asarray(response_mask)):
+        ids = [int(t) for t, m in zip(tokens, mask) if m]
+        if ids and ids[-1] in stop:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return texts
+
+
+def _seed(seed: int, index: int) -> int:
+    """Independent sampler seed for batch `index` of a run with `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
+
+
+def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 32,
+             prompt_template: str = "think_boxed", use_chat_template: bool = True,
+             seed: int = 0, ks: Sequence[int] | None = None, progress: bool = True,
+             greedy: bool = True) -> dict:
+    """Greedy Pass@1 and sampled Pass@k of `sampler`'s model on `records` (module docstring).
+
+    sampler: a `uecjax.sampler.Sampler` (reads the model's current parameters at each call).
+    records: objects with `.prompt`, `.answer` and optional `.choices` (`uecjax.data.Record`).
+    grader: a `uecjax.rewards.RewardGrader` (anything with `grade_batch(responses, answers,
+      choices) -> Future[list[Reward]]`); None makes a default one for this call.
+    Grading of a batch runs in the grader's workers while the next batch is sampled.
+    ks: the k of Pass@k (default 1, 2, 4, ... up to n); every k must be <= n.
+    greedy: also the greedy response per prompt (greedy_* metrics).
+    """
+    records = list(records)
+    if not records:
+        raise ValueError("evaluate: no records")
+    if n < 1 or batch_prompts < 1:
+        raise ValueError(f"evaluate: n={n} and batch_prompts={batch_prompts} must be >= 1")
+    ks = list(ks) if ks is not None else default_ks(n)
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"evaluate: ks={ks} must lie in 1..n={n}")
+    own_grader = grader is None
+    if own_grader:
+        from uecjax.rewards import RewardGrader
+        grader = RewardGrader()
+    start = time.perf_counter()
+    stops = stop_token_ids(tokenizer)
+    prompts = [render_prompt(tokenizer, r.prompt, template=prompt_template,
+                             use_chat_template=use_chat_template) for r in records]
+    num_batches = -(-len(records) // batch_prompts)
+    futures = []
+    greedy_len, greedy_trunc, sample_len, sample_trunc = [], [], [], []
+    try:
+        from tqdm import tqdm
+
+        with tqdm(total=len(records), desc="eval", unit="prompt", file=sys.stderr,
+                  disable=not progress, leave=False) as bar:
+            for b in range(num_batches):
+                lo, hi = b * batch_prompts, min(len(records), (b + 1) * batch_prompts)
+                batch = prompts[lo:hi]
+                responses = []
+                if greedy:
+                    out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
+                                                        temperature=0.0, stop_token_ids=stops))
+                    responses += decode_responses(tokenizer, out.response_tokens,
+                                                  out.response_mask, stops)
+                    greedy_len.append(out.response_lengths)
+                    greedy_trunc.append(out.truncated)
+                out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
+                                                    temperature=temperature, top_p=top_p, n=n,
+                                                    stop_token_ids=stops, seed=_seed(seed, b)))
+                responses += decode_responses(tokenizer, out.response_tokens, out.response_mask,
+                                              stops)
+                sample_len.append(out.response_lengths)
+                sample_trunc.append(out.truncated)
+                recs = records[lo:hi]
+                copies = ([1] if greedy else []) + [n]  # greedy rows first, then samples
+                answers = [r.answer for c in copies for r in recs for _ in range(c)]
+                choices = [tuple(getattr(r, "choices", ()) or ()) for c in copies for r in recs
+                           for _ in range(c)]
+                futures.append(grader.grade_batch(responses, answers, choices))
+                bar.update(hi - lo)
+        greedy_rewards, sample_rewards = [], []
+        for b, future in enumerate(futures):
+            rewards = future.result()
+            g = min(len(records), (b + 1) * batch_prompts) - b * batch_prompts if greedy else 0
+            greedy_rewards += rewards[:g]
+            sample_rewards += rewards[g:]
+    finally:
+        if own_grader:
+            grader.close()
+
+    num = len(records)
+    acc = np.array([r.accuracy for r in sample_rewards], np.float64).reshape(num, n)
+    metrics = {}
+    if greedy:
+        metrics["greedy_pass@1"] = float(np.mean([r.accuracy for r in greedy_rewards]))
+    metrics.update(pass_at_k_table(acc > 0.5, ks))
+    metrics.update(
+        accuracy=float(acc.mean()),
+        reward=float(np.mean([r.reward for r in sample_rewards])),
+        format=float(np.mean([r.format for r in sample_rewards])),
+        response_length=float(np.concatenate(sample_len).mean()),
+        truncated=float(np.concatenate(sample_trunc).mean()),
+    )
+    if greedy:
+        metrics.update(
+            greedy_reward=float(np.mean([r.reward for r in greedy_rewards])),
+            greedy_format=float(np.mean([r.format for r in greedy_rewards])),
+            greedy_response_length=float(np.concatenate(greedy_len).mean()),
+            greedy_truncated=float(np.concatenate(greedy_trunc).mean()),
+        )
+    metrics.update(num_prompts=num, n=n, seconds=time.perf_counter() - start)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+
+
+def _get(cfg, dotted: str, default=None):
+    """config value at `a.b.c`, or `default` when a part is missing."""
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part] if hasattr(node, "__getitem__") else getattr(node, part)
+        except (KeyError, AttributeError, TypeError):
+            return default
+    return node
+
+
+def _require(cfg, dotted: str):
+    value = _get(cfg, dotted)
+    if value is None:
+        raise ValueError(f"config.{dotted} is not set; the evaluation needs it "
+                         "(see `python -m uecjax.evaluate --helpfull` and the module docstring)")
+    return value
+
+
+def eval_records(config, split: str = "test", num_prompts: int | None = None) -> list:
+    """The records of `split` that `config.data` names, the first `num_prompts` of them
+    (default config.eval.num_prompts; 0 or None: all). Shared with the training loop so that
+    its periodic validation and this CLI see the same problems."""
+    kind = _require(config, "data.kind")
+    if num_prompts is None:
+        num_prompts = _get(config, "eval.num_prompts", 0) or 0
+    if kind == "demo":
+        from uecjax.data.demo import demo_records
+
+        # configs/demo.py keeps the demo task's settings in config.demo_data (seed: config.seed);
+        # config.data.{levels,style,seed,heldout_percent} are read when it has none.
+        demo = _get(config, "demo_data")
+        if demo is not None:
+            opts = dict(seed=_get(config, "seed", 0), levels=_get(demo, "levels", (1, 2, 3, 4)),
+                        style=_get(demo, "style", "word"),
+                        heldout_percent=_get(demo, "heldout_percent", 20))
+            num = num_prompts or _get(demo, "num_eval", 256)
+        else:
+            opts = dict(seed=_get(config, "data.seed", 0),
+                        levels=_get(config, "data.levels", (1, 2, 3, 4)),
+                        style=_get(config, "data.style", "word"),
+                        heldout_percent=_get(config, "data.heldout_percent", 20))
+            num = num_prompts or 256
+        # demo_records is a seeded sequence: the first N of a longer list are the same records.
+        return demo_records(split, num, **{**opts, "levels": tuple(opts["levels"])})
+    if kind not in DATA_KINDS:
+        raise ValueError(f"config.data.kind={kind!r}: choose from {DATA_KINDS}")
+    from uecjax.data import sources
+
+    path = _require(config, "data.path")
+    max_rows = num_prompts or None
+    if kind == "geometry3k":
+        logger.warning("Geometry3K is evaluated on its text only: the Qwen2 text model sees "
+                       "no images")
+        source = sources.geometry3k_source(path, split, check_images=False, max_rows=max_rows)
+    elif kind == "math":
+        source = sources.math_source(path, split, max_rows=max_rows)
+    else:
+        fields = sources.Fields(prompt=_get(config, "data.prompt_field", "problem"),
+                                answer=_get(config, "data.answer_field", "answer"))
+        source = sources.load_source(path, split, fields=fields, name="jsonl", max_rows=max_rows)
+    return list(source)
+
+
+def _load_checkpoint(checkpoint: str, config):
+    from uecjax.models import from_pretrained
+
+    if not checkpoint:
+        raise FileNotFoundError("no checkpoint: pass --checkpoint=DIR (an HF-layout directory, "
+                                "as the training loop exports) or set config.model.path")
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint}: directory not found. Pass an HF-layout directory "
+            "(config.json, *.safetensors and tokenizer files), such as the final policy the "
+            "training loop exports or, for the demo, WORKDIR/demo_init.")
+    if not os.path.exists(os.path.join(checkpoint, "config.json")):
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint}: no config.json there. It must be a Hugging Face layout "
+            "directory (config.json + *.safetensors), not an orbax training checkpoint.")
+    model = from_pretrained(checkpoint, dtype=_get(config, "model.dtype", "float32"))
+    tok_dirs = [checkpoint] + [p for p in [_get(config, "model.path")] if p and p != checkpoint]
+    for d in tok_dirs:
+        if any(os.path.exists(os.path.join(d, f))
+               for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            return model, load_tokenizer(d)
+    raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in "
+                            f"{' or '.join(tok_dirs)}; save the tokenizer next to the weights "
+                            "(tokenizer.save_pretrained(DIR))")
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from uecjax.rewards import RewardGrader
+    from uecjax.sampler import Sampler
+
+    del argv
+    FLAGS = flags.FLAGS
+    config = FLAGS.config
+    if config is None:
+        raise SystemExit("--config=configs/<name>.py is required")
+    checkpoint = FLAGS.checkpoint or _get(config, "model.path")
+    split = FLAGS.split or _get(config, "data.eval_split") or "test"
+    try:
+        model, tokenizer = _load_checkpoint(checkpoint, config)
+        records = eval_records(config, split, FLAGS.num_prompts)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    n = FLAGS.n or _get(config, "eval.n", 8)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    grader = RewardGrader(num_workers=_get(config, "reward.num_workers"),
+                          format_weight=_get(config, "reward.format_weight", 0.1),
+                          timeout_s=_get(config, "reward.timeout_s", 5.0),
+                          think_prefilled=_get(config, "reward.think_prefilled", False))
+    with grader:
+        metrics = evaluate(
+            Sampler(model, pad_id=pad_id), tokenizer, records, grader, n=n,
+            max_new_tokens=_require(config, "eval.max_new_tokens"),
+            temperature=_get(config, "eval.temperature", 1.0),
+            top_p=_get(config, "eval.top_p", 1.0),
+            batch_prompts=_get(config, "eval.batch_prompts", 32),
+            prompt_template=_get(config, "prompt.template", "think_boxed"),
+            use_chat_template=_get(config, "prompt.use_chat_template", True),
+            seed=_get(config, "seed", 0), progress=True)
+    metrics = {"checkpoint": os.path.abspath(checkpoint), "split": split, **metrics}
+    line = json.dumps(metrics)
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/<name>.py).")
+    flags.DEFINE_string("checkpoint", None, "HF-layout checkpoint directory (default: "
+                        "config.model.path).")
+    flags.DEFINE_string("split", None, "Data split to evaluate (default: config.data.eval_split, "
+                        "else test).")
+    flags.DEFINE_integer("n", None, "Samples per prompt for Pass@k (default: config.eval.n).")
+    flags.DEFINE_integer("num_prompts", None, "Evaluate the first N records (default: "
+                         "config.eval.num_prompts; 0: all).")
+    flags.DEFINE_string("output", None, "Also write the JSON metrics to this file.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,84 @@
+"""What a run needs before its first step: the policy and tokenizer, the records, the prompts."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from uecjax.data import (Fields, demo_source, geometry3k_source, load_source, make_dataset,
+                         make_iterator, math_source)
+from uecjax.data.records import SkipCounter
+from uecjax.models import CheckpointError, from_pretrained
+from uecjax.rollout import Prompt
+from uecjax.sharding import model_sharding_fn
+from uecjax.tokenizer import load_tokenizer, render_prompt
+
+HF_DOWNLOAD = ("huggingface-cli download {repo} --local-dir {path}   (on a machine with "
+               "internet access; copy the directory here)")
+
+
+def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
+    """(model, tokenizer): the demo's self-prepared policy, or a Hugging Face checkpoint."""
+    if cfg.data.kind == "demo" and not cfg.model.path:
+        from uecjax.demo_model import prepare_demo_policy
+
+        # The warm-up must see the prompts the RL run will render.
+        model, tokenizer, path = prepare_demo_policy(
+            workdir, seed=cfg.seed, style=cfg.demo_data.style, template=cfg.prompt.template,
+            use_chat_template=cfg.prompt.use_chat_template, log=logger.text, **cfg.demo.to_dict())
+        logger.text(f"demo policy: {path}")
+        return model, tokenizer
+    path = cfg.model.path
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"config.model.path={path!r}: checkpoint directory not found. Download it with\n  "
+            + HF_DOWNLOAD.format(repo="Qwen/Qwen2.5-1.5B-Instruct", path=path or "<dir>"))
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    from uecjax.models.config import TextConfig
+
+    text = TextConfig.from_hf(hf_config, source=os.path.join(path, "config.json"))
+    model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                            remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, text))
+    return model, load_tokenizer(path)
+
+
+def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
+    kind = cfg.data.kind
+    if kind == "demo":
+        num = cfg.demo_data.num_train if train else cfg.demo_data.num_eval
+        return demo_source("train" if train else "test", num, seed=cfg.seed,
+                           levels=tuple(cfg.demo_data.levels), style=cfg.demo_data.style)
+    if kind == "geometry3k":
+        return geometry3k_source(cfg.data.path, split)
+    if kind == "math":
+        return math_source(cfg.data.path, split)
+    fields = Fields(prompt=cfg.data.prompt_field, answer=cfg.data.answer_field)
+    return load_source(cfg.data.path, split, fields=fields, name="jsonl")
+
+
+def make_records(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
+    """Training: (source, checkpointable endless shuffled iterator); eval: a list of records."""
+    source = _source(cfg, split, train=train)
+    if train:
+        dataset = make_dataset(source, seed=cfg.seed, shuffle=cfg.data.shuffle, num_epochs=None)
+        return source, make_iterator(dataset)
+    records = list(make_dataset(source, shuffle=False, num_epochs=1))
+    return records[: cfg.eval.num_prompts] if cfg.eval.num_prompts else records
+
+
+def prompt_stream(records, tokenizer, cfg: ml_collections.ConfigDict, max_prompt_len: int,
+                  skipped: SkipCounter | None = None):
+    """Rendered prompts from records; prompts longer than max_prompt_len are skipped, counted."""
+    for record in records:
+        ids = render_prompt(tokenizer, record.prompt, template=cfg.prompt.template,
+                            use_chat_template=cfg.prompt.use_chat_template)
+        if len(ids) > max_prompt_len:
+            if skipped is not None:
+                skipped.skip("prompts", record.id, "prompt_too_long",
+                             f"{len(ids)} tokens > rollout.max_prompt_len={max_prompt_len}")
+            continue
+        yield Prompt(ids=ids, answer=record.answer, choices=tuple(record.choices))

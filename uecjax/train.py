@@ -1,0 +1,256 @@
+"""RL training: `python -m uecjax.train --config=configs/demo.py [--config.a.b=v] [--workdir=DIR]`.
+
+One step: rollout (sampler with the current parameters, rewards graded in worker processes
+while the trainer scores the responses) -> a fixed-size batch -> the jitted, sharded train
+step -> the sampler reads the new parameters. Around it: periodic held-out evaluation
+(Pass@k), TensorBoard + JSONL + a console line per step, orbax checkpoints (resume continues
+exactly; SIGTERM saves and exits), and the final policy exported in Hugging Face layout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from uecjax import checkpoint as ckpt
+from uecjax.batch import Batch, positions_from_mask
+from uecjax.config import ConfigValueError, validate
+from uecjax.evaluate import evaluate
+from uecjax.metrics import RunLogger
+from uecjax.data import DataNotFoundError
+from uecjax.models import CheckpointError, ConfigError, save_pretrained
+from uecjax.objectives.loss_config import LossConfigError
+from uecjax.objectives.methods import loss_config
+from uecjax.optim import OptimConfig, OptimConfigError
+from uecjax.rewards import RewardGrader
+from uecjax.rollout import Rollout, rollout_config
+from uecjax.run_setup import load_policy, make_records, prompt_stream
+from uecjax.sampler import Sampler
+from uecjax.sharding import ShardingError, check_batch_size, make_mesh
+from uecjax.tokenizer import TokenizerError, stop_token_ids
+from uecjax.train_step import TrainStep
+
+
+class Scorer:
+    """Old (and reference) log-probs of sampled rows with the trainer's current parameters.
+
+    Row counts vary (regular rounds, exploration rounds); they are padded to a multiple of
+    `row_bucket` so the jitted pass compiles for a few shapes only.
+    """
+
+    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params=None):
+        self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
+        self.params = None  # set by the loop before every rollout
+
+    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask):
+        n = prompt_tokens.shape[0]
+        rows = -(-n // self.row_bucket) * self.row_bucket
+        pad = lambda x: np.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
+        mask = np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1)
+        batch = Batch(tokens=pad(np.concatenate([prompt_tokens, response_tokens], axis=1)),
+                      attention_mask=pad(mask), positions=pad(positions_from_mask(mask)),
+                      response_mask=pad(response_mask.astype(np.float32)),
+                      advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
+                      is_hard=np.zeros(rows, np.float32))
+        logp, entropy = self.trainer.compute_logprobs(self.params, batch)
+        ref = None
+        if self.ref_params is not None:
+            ref, _ = self.trainer.compute_logprobs(self.ref_params, batch)
+            ref = ref[:n]
+        return logp[:n], entropy[:n], ref
+
+
+def _host(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdout) -> dict:
+    """Runs (or resumes) a training run; returns the closing summary."""
+    validate(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    logger = RunLogger(workdir, enabled=jax.process_index() == 0, console=log_console)
+    devices = jax.devices()[: cfg.mesh.num_devices] if cfg.mesh.num_devices else None
+    mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
+    model, tokenizer = load_policy(cfg, workdir, mesh, logger)
+    stops = stop_token_ids(tokenizer)
+
+    hp = loss_config(cfg.method, **cfg.loss.to_dict())
+    rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
+    optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
+                           **cfg.optim.to_dict()})
+    check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)  # clear error up front
+    trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
+                        chunk_size=cfg.train.chunk_size)
+    params, opt_state, control = trainer.init(nnx.state(model), seed=cfg.seed)
+    ref_params = jax.tree.map(jnp.copy, params) if hp.beta > 0 else None
+    scorer = Scorer(trainer, rcfg.batch_rows, ref_params)
+
+    train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True)
+    eval_records = make_records(cfg, cfg.data.eval_split, train=False)
+    skipped = train_records.skipped  # malformed rows, and prompts too long for the batch
+    prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped)
+    grader = RewardGrader(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
+                          format_weight=cfg.reward.format_weight,
+                          think_prefilled=cfg.reward.think_prefilled)
+    sampler = Sampler(model, pad_id=tokenizer.pad_token_id or 0)
+    rollout = Rollout(rcfg, hp, sampler=sampler, prompts=prompts, grade=grader.grade_batch,
+                      score=scorer, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                      stop_token_ids=stops, seed=cfg.seed)
+
+    def run_eval(step: int) -> dict:
+        t = time.perf_counter()
+        result = evaluate(sampler, tokenizer, eval_records, grader, n=cfg.eval.n,
+                          max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                          batch_prompts=cfg.eval.batch_prompts, prompt_template=cfg.prompt.template,
+                          use_chat_template=cfg.prompt.use_chat_template, seed=cfg.seed,
+                          progress=log_console is not None)
+        result["time_s"] = time.perf_counter() - t
+        logger.scalars(step, result, prefix="eval/")
+        logger.text(f"eval @ step {step}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in result.items() if k.startswith(("pass@", "greedy"))))
+        return result
+
+    checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=cfg.train.keep_checkpoints)
+    start, history = 0, {}
+    if checkpointer.latest_step() is not None:
+        restored = checkpointer.restore(
+            params_target=ckpt.abstract_like(params), opt_state_target=ckpt.abstract_like(opt_state),
+            control_target=ckpt.abstract_like(control))
+        params, opt_state, control = restored["params"], restored["opt_state"], restored["control"]
+        meta = restored["meta"]
+        start, history = meta["step"], meta["history"]
+        train_iter.set_state(meta["data_iterator"])
+        rollout.calls = meta["rollout_calls"]
+        buffers = restored["buffers"] or {}
+        rollout.buffer.load(buffers.get("buffer"))
+        rollout.replay.load(buffers.get("replay"))
+        logger.text(f"resumed from {checkpointer.directory} at step {start}")
+    nnx.update(model, params)
+
+    def save(step: int, force: bool = False) -> None:
+        buffers = {k: v for k, v in (("buffer", rollout.buffer.state()),
+                                     ("replay", rollout.replay.state())) if v is not None}
+        meta = dict(step=step, history=history, data_iterator=train_iter.get_state(),
+                    rollout_calls=rollout.calls, method=cfg.method, config=cfg.to_json())
+        checkpointer.save(step, params=params, opt_state=opt_state, control=control, meta=meta,
+                          buffers=buffers or None, force=force)
+
+    restore_handler = ckpt.install_sigterm_handler()
+    if "initial" not in history:
+        history["initial"] = run_eval(0)
+    preempted = False
+    try:
+        for step in range(start + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            scorer.params = params
+            rows, roll_stats = rollout.collect()
+            t1 = time.perf_counter()
+            params, opt_state, control, metrics = trainer.step(params, opt_state, control,
+                                                               rows.to_batch(hp.tau_hard))
+            control = trainer.update_control(control, metrics)
+            nnx.update(model, params)
+            rollout.after_update(rows)
+            values = _host(metrics)
+            replay = rollout.replay_batch(step, np.random.default_rng((cfg.seed, step)))
+            if replay is not None:  # the replay stabilizer's extra update (section 8)
+                params, opt_state, control, replay_metrics = trainer.step(
+                    params, opt_state, control, replay.to_batch(hp.tau_hard))
+                nnx.update(model, params)
+                values.update({f"replay/{k}": v for k, v in _host(replay_metrics).items()})
+            t2 = time.perf_counter()
+            values.update(roll_stats)
+            values.update({f"data/{k}": v for k, v in skipped.as_dict().items()})
+            values.update({"time/rollout": t1 - t0, "time/train": t2 - t1,
+                           "tokens_per_s": roll_stats.get("sampled_tokens", 0.0) / max(t2 - t0, 1e-9),
+                           "pass@1": roll_stats["accuracy"]})
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                values.update({f"eval/{k}": v for k, v in run_eval(step).items()})
+            logger.scalars(step, values)
+            if step % cfg.train.log_every == 0:
+                logger.progress(step, cfg.train.steps, values)
+            if ckpt.preemption_requested(step):
+                save(step, force=True)
+                preempted = True
+                logger.text(f"preemption: saved step {step} to {checkpointer.directory}; exiting")
+                break
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                save(step)
+        else:
+            step = cfg.train.steps
+        if not preempted:
+            history["final"] = run_eval(step)
+            save(step, force=True)
+    finally:
+        restore_handler()
+        checkpointer.wait()
+        checkpointer.close()
+        grader.close()
+        logger.close()
+
+    summary = {"workdir": workdir, "step": step, "preempted": preempted,
+               "tensorboard": logger.tb_dir, "metrics_jsonl": logger.jsonl_path,
+               "checkpoints": str(checkpointer.directory)}
+    if not preempted:
+        export = os.path.join(workdir, "export")
+        if cfg.train.export_hf and jax.process_index() == 0:
+            save_pretrained(model, export)
+            tokenizer.save_pretrained(export)
+            summary["export"] = export
+        summary.update({f"initial_{k}": v for k, v in history["initial"].items()})
+        summary.update({f"final_{k}": v for k, v in history["final"].items()})
+        _print_summary(summary, logger)
+    return summary
+
+
+def _print_summary(s: dict, logger: RunLogger) -> None:
+    logger.text("")
+    logger.text(f"done: {s['step']} steps")
+    for key in ("greedy_pass@1", "pass@1", f"pass@{max(int(k.split('@')[1]) for k in s if k.startswith('final_pass@'))}"):
+        if f"initial_{key}" in s:
+            logger.text(f"  held-out {key}: {s[f'initial_{key}']:.3f} -> {s[f'final_{key}']:.3f}")
+    for key in ("tensorboard", "metrics_jsonl", "checkpoints", "export"):
+        if key in s:
+            logger.text(f"  {key}: {s[key]}")
+
+
+# Errors that mean a user mistake (bad config value, missing data or checkpoint, a checkpoint
+# that does not match): printed as one message, no traceback.
+USER_ERRORS = (ConfigValueError, LossConfigError, OptimConfigError, ConfigError, CheckpointError,
+               DataNotFoundError, TokenizerError, ckpt.CheckpointNotFoundError,
+               ckpt.CheckpointMismatchError, ShardingError)
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (logs, checkpoints, export). "
+                    "Default: runs/<config name>-<method>.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # the libraries' INFO lines would bury the progress
+    cfg = FLAGS.config
+    if cfg is None:
+        raise app.UsageError("--config=configs/<name>.py is required")
+    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = FLAGS.workdir or os.path.join("runs", f"{name}-{cfg.method}")
+    try:
+        train(cfg, workdir)
+    except USER_ERRORS as e:
+        # User mistakes (bad values, missing data or checkpoints): the message, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
