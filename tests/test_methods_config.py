@@ -13,7 +13,8 @@ from uecjax.optim import OptimConfig, OptimConfigError, decay_mask, make_optimiz
 
 
 def test_registry_has_every_method_of_the_spec():
-    assert set(METHODS) == {"grpo", "dapo", "entropy_reg", "clip_cov", "kl_cov", "entropy_adv", "aer", "uec"}
+    assert set(METHODS) == {"grpo", "dapo", "entropy_reg", "clip_cov", "kl_cov", "entropy_adv", "aer", "uec",
+                            "uec_code"}
     assert get_method("clip_cov").select is not None and get_method("grpo").select is None
     with pytest.raises(LossConfigError, match="unknown method 'ppo'.*known methods"):
         loss_config("ppo")
