@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from uecjax.config import base_config
 from uecjax.data.records import Record
 from uecjax.evaluate import _load_checkpoint, decode_responses, default_ks, evaluate
 from uecjax.models import Qwen2, TextConfig, save_pretrained
@@ -192,18 +193,15 @@ def test_eval_records_follow_the_training_configs():
     from uecjax.data.demo import demo_records
     from uecjax.evaluate import eval_records
 
-    c = ml_collections.ConfigDict(dict(
-        seed=3, data=dict(kind="demo", path=""), eval=dict(num_prompts=5),
-        demo_data=dict(num_train=10, num_eval=12, levels=(1, 2), style="expression")))
+    c = base_config()
+    c.seed, c.data.kind, c.eval.num_prompts = 3, "demo", 5
+    c.demo_data = dict(num_train=10, num_eval=12, levels=(1, 2), style="expression")
     expected = demo_records("test", 12, seed=3, levels=(1, 2), style="expression")
     assert eval_records(c, "test") == expected[:5]
-    c.eval.num_prompts = 0
-    assert eval_records(c, "test") == expected
-    legacy = ml_collections.ConfigDict(dict(
-        data=dict(kind="demo", seed=1, levels=(4,), style="word"), eval=dict(num_prompts=4)))
-    assert eval_records(legacy, "test") == demo_records("test", 4, seed=1, levels=(4,))
+    assert eval_records(c, "test", num_prompts=0) == expected
+    c.data.kind = "csv"
     with pytest.raises(ValueError, match="data.kind"):
-        eval_records(ml_collections.ConfigDict(dict(data=dict(kind="csv", path="x"))), "test")
+        eval_records(c, "test")
 
 
 def test_missing_checkpoint_errors(tmp_path):
@@ -220,17 +218,16 @@ def test_cli_prints_json_metrics(tmp_path, tok):
     _write_tiny_checkpoint(tmp_path / "ckpt", tok)
     config = tmp_path / "cfg.py"
     config.write_text(textwrap.dedent("""
-        import ml_collections
+        from uecjax.config import base_config
 
         def get_config():
-            c = ml_collections.ConfigDict()
-            c.seed = 0
-            c.model = dict(path="")
-            c.data = dict(kind="demo", path="", style="expression")
-            c.eval = dict(n=2, max_new_tokens=4, temperature=1.0, batch_prompts=4, num_prompts=3)
-            c.prompt = dict(template="plain", use_chat_template=True)
-            c.reward = dict(timeout_s=5.0)
-            return ml_collections.ConfigDict(c)
+            c = base_config()
+            c.data.kind = "demo"
+            c.demo_data = dict(num_train=8, num_eval=3, levels=(1, 2), style="expression")
+            c.eval.n, c.eval.max_new_tokens, c.eval.batch_prompts, c.eval.num_prompts = 2, 4, 4, 3
+            c.prompt.template = "plain"
+            c.reward.num_workers = 1
+            return c
     """))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run = lambda *args: subprocess.run(

@@ -80,13 +80,13 @@ from typing import Sequence
 
 import numpy as np
 
+from uecjax.config import DATA_KINDS
 from uecjax.metrics import pass_at_k_table
 from uecjax.sampler import SamplingParams
 from uecjax.tokenizer import load_tokenizer, render_prompt, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
-DATA_KINDS = ("demo", "geometry3k", "math", "jsonl")
 
 
 def default_ks(n: int) -> list[int]:
@@ -244,47 +244,17 @@ def _require(cfg, dotted: str):
 
 def eval_records(config, split: str = "test", num_prompts: int | None = None) -> list:
     """The records of `split` that `config.data` names, the first `num_prompts` of them
-    (default config.eval.num_prompts; 0 or None: all). Shared with the training loop so that
-    its periodic validation and this CLI see the same problems."""
-    kind = _require(config, "data.kind")
-    if num_prompts is None:
-        num_prompts = _get(config, "eval.num_prompts", 0) or 0
-    if kind == "demo":
-        from uecjax.data.demo import demo_records
+    (default config.eval.num_prompts; 0: all): the training loop's own loader
+    (`uecjax.run_setup.make_records`), so its periodic validation and this CLI see the same
+    problems."""
+    from uecjax.run_setup import make_records
 
-        # configs/demo.py keeps the demo task's settings in config.demo_data (seed: config.seed);
-        # config.data.{levels,style,seed,heldout_percent} are read when it has none.
-        demo = _get(config, "demo_data")
-        if demo is not None:
-            opts = dict(seed=_get(config, "seed", 0), levels=_get(demo, "levels", (1, 2, 3, 4)),
-                        style=_get(demo, "style", "word"),
-                        heldout_percent=_get(demo, "heldout_percent", 20))
-            num = num_prompts or _get(demo, "num_eval", 256)
-        else:
-            opts = dict(seed=_get(config, "data.seed", 0),
-                        levels=_get(config, "data.levels", (1, 2, 3, 4)),
-                        style=_get(config, "data.style", "word"),
-                        heldout_percent=_get(config, "data.heldout_percent", 20))
-            num = num_prompts or 256
-        # demo_records is a seeded sequence: the first N of a longer list are the same records.
-        return demo_records(split, num, **{**opts, "levels": tuple(opts["levels"])})
-    if kind not in DATA_KINDS:
-        raise ValueError(f"config.data.kind={kind!r}: choose from {DATA_KINDS}")
-    from uecjax.data import sources
-
-    path = _require(config, "data.path")
-    max_rows = num_prompts or None
-    if kind == "geometry3k":
-        logger.warning("Geometry3K is evaluated on its text only: the Qwen2 text model sees "
-                       "no images")
-        source = sources.geometry3k_source(path, split, check_images=False, max_rows=max_rows)
-    elif kind == "math":
-        source = sources.math_source(path, split, max_rows=max_rows)
-    else:
-        fields = sources.Fields(prompt=_get(config, "data.prompt_field", "problem"),
-                                answer=_get(config, "data.answer_field", "answer"))
-        source = sources.load_source(path, split, fields=fields, name="jsonl", max_rows=max_rows)
-    return list(source)
+    if config.data.kind not in DATA_KINDS:
+        raise ValueError(f"config.data.kind={config.data.kind!r}: choose from {DATA_KINDS}")
+    if num_prompts is not None:
+        config = config.copy_and_resolve_references()
+        config.eval.num_prompts = num_prompts
+    return make_records(config, split, train=False)
 
 
 def _load_checkpoint(checkpoint: str, config):
