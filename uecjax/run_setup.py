@@ -25,7 +25,7 @@ def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
 
         # The warm-up must see the prompts the RL run will render.
         model, tokenizer, path = prepare_demo_policy(
-            workdir, seed=cfg.seed, style=cfg.demo_data.style, template=cfg.prompt.template,
+            workdir, seed=cfg.demo_data.get("seed", 0), style=cfg.demo_data.style, template=cfg.prompt.template,
             use_chat_template=cfg.prompt.use_chat_template, log=logger.text, **cfg.demo.to_dict())
         logger.text(f"demo policy: {path}")
         return model, tokenizer
@@ -50,7 +50,7 @@ def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
     kind = cfg.data.kind
     if kind == "demo":
         num = cfg.demo_data.num_train if train else cfg.demo_data.num_eval
-        return demo_source("train" if train else "test", num, seed=cfg.seed,
+        return demo_source("train" if train else "test", num, seed=cfg.demo_data.get("seed", 0),
                            levels=tuple(cfg.demo_data.levels), style=cfg.demo_data.style)
     if kind == "geometry3k":
         return geometry3k_source(cfg.data.path, split)
