@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.01
     c.optim.max_grad_norm = 1.0
+    c.optim.b1 = 0.9  # AdamW moments
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100  # optimizer updates on fresh rollouts (replay updates come on top)
