@@ -30,7 +30,7 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 # The UEC ablations (ALGORITHMS.md sections 6 and 8): one component off at a time.
 VARIANTS = {
@@ -265,6 +265,7 @@ def compare(variants, seeds, *, steps: int, eval_every: int, eval_prompts: int, 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # one line per run, not the libraries' INFO lines
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
     compare(FLAGS.methods, [int(s) for s in FLAGS.seeds], steps=FLAGS.steps,
             eval_every=FLAGS.eval_every, eval_prompts=FLAGS.eval_prompts, out=FLAGS.out,
