@@ -179,10 +179,11 @@ def load_params(model_abstract, path: str, *, sharding_fn: ShardingFn = default_
 
 
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                    remat: bool = False, sharding_fn: ShardingFn = default_sharding) -> Qwen2:
+                    remat: str | bool = "none", sharding_fn: ShardingFn = default_sharding) -> Qwen2:
     """Loads a Qwen2/Qwen2.5 (or the language model of a Qwen2.5-VL) HF checkpoint directory.
 
-    dtype: compute dtype of the matmuls; param_dtype: storage dtype (default: same as dtype).
+    dtype: compute dtype of the matmuls; param_dtype: storage dtype (default: same as dtype);
+    remat: "none" | "per_layer" | "full" (`uecjax.models.qwen2.remat_policy`).
     """
     if not os.path.isdir(path):
         raise CheckpointError(
