@@ -20,7 +20,7 @@ def get_config():
     # Settings of uecjax.demo_model.prepare_demo_policy (tiny model + supervised warm-up).
     c.demo = dict()
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.prompt.template = "plain"  # the warm-up teaches the <think>...</think> \boxed{} format
     c.prompt.use_chat_template = True
     c.reward.num_workers = 1

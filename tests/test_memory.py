@@ -26,3 +26,28 @@ def test_optimizer_moments_keep_their_dtype(state_dtype, want):
     assert np.all(np.asarray(updates["w"], np.float32) < 0)  # the update itself still happens
     with pytest.raises(OptimConfigError, match="state_dtype='float16'"):
         OptimConfig(state_dtype="float16")
+
+
+# ---- the reference model in host memory ----
+
+def test_reference_offload_round_trip():
+    """On CPU offload does nothing unless forced; forced, the parameters sit in pinned host
+    memory and come back to the device equal, giving the same log-probs."""
+    from flax import nnx
+
+    from train_helpers import SGD_LIKE, random_batch, single_mesh, tiny_model
+    from uecjax.objectives.methods import loss_config
+    from uecjax.offload import HostParams
+    from uecjax.train_step import TrainStep
+
+    trainer = TrainStep(tiny_model(), loss_config("grpo"), SGD_LIKE, single_mesh())
+    params, _, _ = trainer.init(nnx.state(tiny_model()))
+    assert not HostParams(params, trainer.param_shardings, offload=True).offloaded  # CPU: no-op
+    ref = HostParams(params, trainer.param_shardings, offload=True, allow_cpu=True)
+    assert ref.offloaded
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(ref.params)} == {"pinned_host"}
+    back = ref.on_device()
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(back)} == {"device"}
+    batch = random_batch()
+    want, got = trainer.compute_logprobs(params, batch), trainer.compute_logprobs(back, batch)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
