@@ -16,6 +16,10 @@ rows would need every host to agree on the number of sampling rounds and on the 
 batch shapes (both depend on the rewards), so they are left for later. Process 0 writes the
 logs and the export; every process takes part in checkpoint saves (orbax writes each array
 shard once, from the process that holds it) and in gathers of sharded arrays.
+
+`--dry_run` builds the model abstractly (no weights), compiles the train step for the
+configured batch on the configured mesh and prints what it needs per device
+(`uecjax.dry_run`).
 """
 
 from __future__ import annotations
@@ -249,6 +253,11 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (logs, checkpoints, export). "
                     "Default: runs/<config name>-<method>.")
+flags.DEFINE_bool("dry_run", False, "Build the model abstractly, compile the train step for the "
+                  "configured batch and mesh, print the memory it needs per device; no weights, "
+                  "no data. The shape comes from config.model.preset or config.model.path.")
+flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: compile for this many simulated CPU "
+                     "devices (e.g. a pod's device count) instead of the machine's devices.")
 distributed.define_flags()
 
 
@@ -261,6 +270,15 @@ def main(argv):
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"{name}-{cfg.method}")
     try:
+        if FLAGS.dry_run:
+            from uecjax.dry_run import dry_run, simulate_cpu_devices
+
+            if FLAGS.dry_run_devices:
+                simulate_cpu_devices(FLAGS.dry_run_devices)
+            dry_run(cfg)
+            return
+        if FLAGS.dry_run_devices:
+            raise ConfigValueError("--dry_run_devices needs --dry_run")
         distributed.initialize_from_flags()  # before anything touches a device
         train(cfg, workdir)
     except USER_ERRORS as e:
