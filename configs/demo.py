@@ -26,7 +26,7 @@ def get_config():
     # half the time when sampling: room for RL with a verifiable reward to show in minutes.
     c.demo = dict(slip=0.5, sft_steps=1200, batch_size=32, learning_rate=3e-3)
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.prompt.template = "plain"  # the warm-up teaches the <think>...</think> \boxed{} format
     c.prompt.use_chat_template = True
     c.reward.num_workers = 1

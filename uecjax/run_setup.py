@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from uecjax.data import (Fields, demo_source, geometry3k_source, load_source, make_dataset,
@@ -11,17 +12,63 @@ from uecjax.data import (Fields, demo_source, geometry3k_source, load_source, ma
 from uecjax.data.records import SkipCounter
 from uecjax.models import CheckpointError, from_pretrained
 from uecjax.rollout import Prompt
-from uecjax.sharding import model_sharding_fn
+from uecjax.sharding import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
 from uecjax.tokenizer import load_tokenizer, render_prompt
 
 HF_DOWNLOAD = ("huggingface-cli download {repo} --local-dir {path}   (on a machine with "
                "internet access; copy the directory here)")
 
 
+def run_mesh(cfg: ml_collections.ConfigDict, devices=None):
+    """The (data, fsdp, tensor) mesh of config.mesh over all processes' devices (or `devices`)."""
+    if devices is None and cfg.mesh.num_devices:
+        if jax.process_count() > 1 and cfg.mesh.num_devices != jax.device_count():
+            raise ShardingError(
+                f"config.mesh.num_devices={cfg.mesh.num_devices}: a multi-process run uses all "
+                f"{jax.device_count()} devices of its {jax.process_count()} processes; set it to 0")
+        devices = jax.devices()[: cfg.mesh.num_devices]
+    return make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
+
+
+def model_config(cfg: ml_collections.ConfigDict):
+    """The decoder's TextConfig without loading weights: model.preset, else model.path (a
+    checkpoint directory or its config.json), else the demo's tiny model; with the run's
+    dtype, param_dtype and remat."""
+    from uecjax.models.config import TextConfig, read_hf_config
+    from uecjax.models.presets import preset
+
+    numerics = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    if cfg.model.preset:
+        return preset(cfg.model.preset, **numerics)
+    if cfg.model.path:
+        if not os.path.exists(cfg.model.path):
+            raise CheckpointError(f"config.model.path={cfg.model.path!r}: not found; give a "
+                                  "checkpoint directory or its config.json, or config.model.preset")
+        return TextConfig.from_hf(read_hf_config(cfg.model.path), source=cfg.model.path, **numerics)
+    from uecjax.demo_model import DEMO_MODEL
+    from uecjax.tokenizer import char_tokenizer
+
+    demo = cfg.get("demo") or {}
+    shape = {**DEMO_MODEL, **dict(demo.get("model_overrides") or {})}
+    return TextConfig(vocab_size=len(char_tokenizer()), **{**shape, **numerics})
+
+
 def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
-    """(model, tokenizer): the demo's self-prepared policy, or a Hugging Face checkpoint."""
+    """(model, tokenizer): the demo's self-prepared policy, or a Hugging Face checkpoint.
+
+    The mesh is checked against the model's shape first (`check_model_mesh`): a split that
+    cannot be even is an error naming config.mesh.*, a vocabulary fallback a logged warning.
+    """
     if cfg.data.kind == "demo" and not cfg.model.path:
         from uecjax.demo_model import prepare_demo_policy
+
+        if jax.process_count() > 1:  # every process would train and write workdir/demo_init
+            raise CheckpointError(
+                "config.model.path='': the demo policy is prepared by a single process; run "
+                "the demo once on one process (it writes WORKDIR/demo_init) and pass "
+                "--config.model.path=WORKDIR/demo_init to the multi-process run")
+        for warning in check_model_mesh(model_config(cfg), mesh):
+            logger.text(f"warning: {warning}")
 
         # The warm-up must see the prompts the RL run will render.
         model, tokenizer, path = prepare_demo_policy(
@@ -41,6 +88,8 @@ def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
     from uecjax.models.config import TextConfig
 
     text = TextConfig.from_hf(hf_config, source=os.path.join(path, "config.json"))
+    for warning in check_model_mesh(text, mesh):
+        logger.text(f"warning: {warning}")
     model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, text))
     return model, load_tokenizer(path)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uecjax.distributed import to_host
 from uecjax.models.qwen2 import KVCache, default_positions
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -260,7 +261,8 @@ class Sampler:
 
         rows = num_prompts * params.n
         T = params.max_new_tokens
-        out_tokens, out_logps, valid, done = jax.device_get((out_tokens, out_logps, valid, done))
+        # Whole arrays on every host (a gather if the compiler left them sharded across hosts).
+        out_tokens, out_logps, valid, done = to_host((out_tokens, out_logps, valid, done))
         valid = valid[:rows, :T]
         return SamplerOutput(
             prompt_tokens=np.repeat(tokens, params.n, axis=0)[:rows],

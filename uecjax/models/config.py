@@ -19,6 +19,17 @@ import jax.numpy as jnp
 TEXT_MODEL_TYPES = ("qwen2",)
 VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "mrope")
+REMAT_MODES = ("none", "per_layer", "full")
+
+
+def remat_mode(value) -> str:
+    """A remat setting as one of REMAT_MODES: booleans are the old switch (True meant a
+    checkpoint around each layer that keeps nothing inside it, which is "full")."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_MODES:
+        raise ConfigError(f"remat={value!r}: choose from {REMAT_MODES}")
+    return value
 
 
 class ConfigError(ValueError):
@@ -46,8 +57,9 @@ class TextConfig:
     dtype: str = "float32"
     # Storage dtype of the parameters.
     param_dtype: str = "float32"
-    # Rematerialise each decoder layer in the backward pass (activation memory O(1) in depth).
-    remat: bool = False
+    # What the backward pass recomputes instead of keeping (REMAT_MODES; True / False are
+    # accepted for "full" / "none"). See uecjax.models.qwen2.remat_policy.
+    remat: str = "none"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -56,6 +68,7 @@ class TextConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
+        object.__setattr__(self, "remat", remat_mode(self.remat))
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use float32 or bfloat16")
