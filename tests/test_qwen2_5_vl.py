@@ -158,8 +158,6 @@ def test_logits_match_transformers(vl):
     ours = jax_forward(model, x["ids"], x["mask"], x["pixels"], x["grid"])
     real = x["mask"].astype(bool)  # padded rows' logits are not defined the same way
     assert_close(ours[real], ref[real])
-    # Eager call (positions and layout built inside) agrees with the jitted one.
-    assert_close(np.asarray(model(x["ids"], x["mask"], x["pixels"], x["grid"]))[real], ours[real], 1e-5)
 
 
 def test_text_only_logits_match_transformers(vl):
@@ -226,15 +224,15 @@ def test_cached_decode_matches_full_forward(vl):
 
 def test_greedy_generation_matches_transformers_generate(vl):
     hf, _, model, x = vl
-    steps = 5
+    steps = 4  # prompt and cache of the shapes above: the jitted steps are reused
+    ids, mask = x["ids"][:, :-steps], x["mask"][:, :-steps]
     with torch.no_grad():
-        ref = hf.generate(input_ids=torch.tensor(x["ids"], dtype=torch.long),
-                          attention_mask=torch.tensor(x["mask"]), pixel_values=torch.tensor(x["pixels"]),
-                          image_grid_thw=torch.tensor(x["grid"]),
-                          mm_token_type_ids=torch.tensor((x["ids"] == IMG).astype(np.int64)),
+        ref = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(x["pixels"]), image_grid_thw=torch.tensor(x["grid"]),
+                          mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)),
                           do_sample=False, max_new_tokens=steps, pad_token_id=0)
-    _, _, tokens = greedy(model, x["ids"], x["mask"], x["pixels"], x["grid"], steps)
-    np.testing.assert_array_equal(tokens, ref[:, x["ids"].shape[1]:].numpy())
+    _, _, tokens = greedy(model, ids, mask, x["pixels"], x["grid"], steps)
+    np.testing.assert_array_equal(tokens, ref[:, ids.shape[1]:].numpy())
 
 
 # ---- (d) save / load -------------------------------------------------------------------------
@@ -307,11 +305,14 @@ def test_flat_hub_config_loads(vl, tmp_path):
     assert flat.config.mrope_section == model.config.mrope_section == (2, 3, 3)
     assert dict(flat.config.text.rope_scaling)["rope_type"] == "mrope"
     assert_params_identical(flat, model)
-    # transformers reads the flat layout the same way.
+    # Same weights; the rope type "mrope" gives the same rotary tables as "default".
+    positions = jnp.asarray(model.position_ids(x["ids"], x["mask"], x["grid"])[0])
+    for a, b in zip(flat.rope(positions), model.rope(positions)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # transformers reads the flat layout as the same model too.
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
-    real = x["mask"].astype(bool)
-    assert_close(jax_forward(flat, x["ids"], x["mask"], x["pixels"], x["grid"])[real],
-                 torch_forward(ref, x["ids"], x["mask"], x["pixels"], x["grid"])[real])
+    assert_close(torch_forward(ref, x["ids"], x["mask"], x["pixels"], x["grid"]),
+                 torch_forward(hf, x["ids"], x["mask"], x["pixels"], x["grid"]), 0)
 
 
 def test_tied_embeddings_round_trip(tmp_path):

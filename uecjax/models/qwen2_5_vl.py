@@ -166,19 +166,24 @@ class Qwen2_5_VL(nnx.Module):
 
         image_grid_thw: [images, 3] numpy, or its `vision_layout` (needed under jit).
         """
+        return self.visual(jnp.asarray(pixel_values), self._layout(image_grid_thw))
+
+    def _layout(self, image_grid_thw) -> VisionLayout:
         if image_grid_thw is None:
             raise ValueError("pixel_values need their image_grid_thw (the processor returns both)")
-        layout = image_grid_thw if isinstance(image_grid_thw, VisionLayout) else self.vision_layout(image_grid_thw)
-        return self.visual(jnp.asarray(pixel_values), layout)
+        if isinstance(image_grid_thw, VisionLayout):
+            return image_grid_thw
+        return self.vision_layout(image_grid_thw)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings [B, T, H] with the image features in the image tokens' places."""
         x = self.embed_tokens(input_ids)
         if pixel_values is None:
             return x
-        features = self.image_features(pixel_values, image_grid_thw).astype(x.dtype)
+        layout = self._layout(image_grid_thw)
         is_image = (input_ids == self.config.image_token_id).reshape(-1)
-        _check_image_token_count(is_image, features.shape[0], self.config.image_token_id)
+        _check_image_token_count(is_image, layout.merged_order.shape[0], self.config.image_token_id)
+        features = self.image_features(pixel_values, layout).astype(x.dtype)
         # The k-th image token (row-major over the batch) takes the k-th feature.
         which = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
         flat = jnp.where(is_image[:, None], features[which], x.reshape(-1, x.shape[-1]))

@@ -119,23 +119,21 @@ def rotary_positions(grid, merge: int) -> np.ndarray:
     """(row, column) of every patch [N, 2], ordered merge-block-major as the processor flattens
     patches (transformers' `get_vision_position_ids`); frames repeat the same positions."""
     out = []
-    m = merge
     for t, h, w in grid:
         rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = (h // m, m, w // m, m)
+        block = (h // merge, merge, w // merge, merge)
         rows = rows.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
         cols = cols.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
         out.append(np.tile(np.stack([rows, cols], axis=-1), (t, 1)))
     return np.concatenate(out)
 
 
-def window_index(grid, window_merged: int):
+def window_index(merged_grid, window_merged: int):
     """(merged-token order by window, cumulative window lengths in merged tokens), as
     transformers' `get_vision_window_index`: each frame's grid of merged tokens is padded up to
     whole windows of window_merged x window_merged, read window by window, padding dropped."""
     order, cu, offset = [], [0], 0
-    for t, h, w in grid:
-        gh, gw = h, w  # merged-token grid of one frame
+    for t, gh, gw in merged_grid:
         pad_h, pad_w = window_merged - gh % window_merged, window_merged - gw % window_merged
         nh, nw = (gh + pad_h) // window_merged, (gw + pad_w) // window_merged
         index = np.full((t, gh + pad_h, gw + pad_w), -1)
