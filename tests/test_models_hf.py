@@ -214,7 +214,7 @@ def _edit_config(path, fn):
 
 def test_nested_transformers5_vl_layout(ref, tmp_path):
     """Qwen2.5-VL as transformers 5 writes it: text_config + rope_parameters, weights under
-    model.language_model., vision tower tensors alongside (ignored)."""
+    model.language_model., vision tower tensors alongside (ignored with language_model_only)."""
     _, path, model, expected = ref
     with open(os.path.join(path, "config.json")) as f:
         text = json.load(f)
@@ -233,7 +233,7 @@ def test_nested_transformers5_vl_layout(ref, tmp_path):
 
     out = _rewrite_tensors(path, str(tmp_path / "vl"), rename)
     _edit_config(out, lambda _: config)
-    vl = from_pretrained(out)
+    vl = from_pretrained(out, language_model_only=True)
     cfg = vl.config
     assert cfg.rope_theta == 1e6 and dict(cfg.rope_scaling)["mrope_section"] == (2, 3, 3)
     assert cfg.replace(rope_scaling=None) == model.config.replace(rope_scaling=None)

@@ -275,7 +275,9 @@ def _load_checkpoint(checkpoint: str, config):
         raise FileNotFoundError(
             f"--checkpoint={checkpoint}: no config.json there. It must be a Hugging Face layout "
             "directory (config.json + *.safetensors), not an orbax training checkpoint.")
-    model = from_pretrained(checkpoint, dtype=_get(config, "model.dtype", "float32"))
+    # As in training (run_setup.load_policy): a VL checkpoint is evaluated on its decoder.
+    model = from_pretrained(checkpoint, dtype=_get(config, "model.dtype", "float32"),
+                            language_model_only=True)
     tok_dirs = [checkpoint] + [p for p in [_get(config, "model.path")] if p and p != checkpoint]
     for d in tok_dirs:
         if any(os.path.exists(os.path.join(d, f))

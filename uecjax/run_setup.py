@@ -90,8 +90,10 @@ def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
     text = TextConfig.from_hf(hf_config, source=os.path.join(path, "config.json"))
     for warning in check_model_mesh(text, mesh):
         logger.text(f"warning: {warning}")
+    # The sampler and train step do not feed images yet: a VL checkpoint trains its decoder.
     model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, text))
+                            remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, text),
+                            language_model_only=True)
     return model, load_tokenizer(path)
 
 

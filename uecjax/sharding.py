@@ -37,7 +37,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import LAYER_PARAM_AXES, MODEL_PARAM_AXES, Qwen2
+from uecjax.models.qwen2_5_vl import Qwen2_5_VL
+from uecjax.models.vision import BLOCK_PARAM_AXES, TOWER_PARAM_AXES
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -52,6 +55,12 @@ LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    # The Qwen2.5-VL vision tower (uecjax.models.vision) is small next to the decoder: replicated.
+    "vision_patch": None,
+    "vision_embed": None,
+    "vision_heads": None,
+    "vision_mlp": None,
+    "vision_merge": None,
 }
 
 
@@ -142,11 +151,16 @@ def _path_names(path) -> list[str]:
 
 
 def param_logical_axes(path: Sequence) -> tuple[str, ...]:
-    """Logical axes of a model parameter from its state path, e.g. ('layers', 'q_w')."""
+    """Logical axes of a model parameter from its state path, e.g. ('layers', 'q_w'); a
+    Qwen2_5_VL's are under 'language_model' (the decoder) and 'visual' (the vision tower)."""
     keys = _path_names(path)
-    table = LAYER_PARAM_AXES if keys[0] == "layers" else MODEL_PARAM_AXES
+    if keys[0] == "visual":
+        table = BLOCK_PARAM_AXES if keys[1] == "blocks" else TOWER_PARAM_AXES
+    else:
+        text_keys = keys[1:] if keys[0] == "language_model" else keys
+        table = LAYER_PARAM_AXES if text_keys[0] == "layers" else MODEL_PARAM_AXES
     if keys[-1] not in table:
-        raise ShardingError(f"parameter {'/'.join(keys)} has no logical axes in uecjax.models.qwen2")
+        raise ShardingError(f"parameter {'/'.join(keys)} has no logical axes in uecjax.models")
     return table[keys[-1]]
 
 
@@ -264,8 +278,10 @@ def check_model_mesh(config, mesh: Mesh, *, where: str = "config.mesh") -> list[
 
 def model_sharding_fn(mesh: Mesh, config, rules: Mapping = LOGICAL_RULES):
     """`sharding_fn(name, logical_axes)` for `uecjax.models.from_pretrained`, laid out as
-    `param_shardings` does. The shapes (for the divisibility fallback) come from `config`."""
-    abstract = nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0)))
+    `param_shardings` does. The shapes (for the divisibility fallback) come from `config`
+    (a TextConfig, or a VLConfig for a Qwen2_5_VL)."""
+    cls = Qwen2_5_VL if isinstance(config, VLConfig) else Qwen2
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     shapes = {}
     for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
         shapes["/".join(_path_names(path))] = x.shape

@@ -3,7 +3,8 @@
 Two layouts exist in the wild: the flat hub layout (`rope_theta`, `rope_scaling` at the top
 level, as the Qwen2.5 checkpoints ship) and the nested transformers-5 layout (`text_config`
 for multimodal models, `rope_parameters` instead of `rope_theta` / `rope_scaling`).
-`TextConfig.from_hf` reads both.
+`TextConfig.from_hf` reads both. `VLConfig.from_hf` reads a Qwen2.5-VL config in either layout:
+its decoder through `TextConfig.from_hf`, its vision tower from `vision_config`.
 """
 
 from __future__ import annotations
@@ -179,3 +180,193 @@ def read_hf_config(path: str) -> dict[str, Any]:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
+
+
+# Fields of transformers' Qwen2_5_VLVisionConfig and its defaults (used where a field is absent,
+# as transformers itself does).
+VISION_DEFAULTS = dict(depth=32, hidden_size=3584, intermediate_size=3420, num_heads=16,
+                       out_hidden_size=3584, patch_size=14, temporal_patch_size=2,
+                       spatial_merge_size=2, window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+                       in_channels=3, hidden_act="silu", tokens_per_second=4)
+VISION_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The Qwen2.5-VL vision tower. Field names follow transformers' Qwen2_5_VLVisionConfig."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int  # the merger's output: the decoder's hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112  # in pixels; windows hold (window_size // patch_size)^2 patches
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # blocks attending the whole image
+    in_channels: int = 3
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0  # of the 2D rotary embedding of the patches
+    tokens_per_second: int = 4  # videos only; kept so that a saved config round-trips
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"  # as TextConfig.remat; the tower remats whole blocks unless "none"
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", remat_mode(self.remat))
+        object.__setattr__(self, "fullatt_block_indexes", tuple(self.fullatt_block_indexes))
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ConfigError(
+                f"vision hidden_size={self.hidden_size} / num_heads={self.num_heads} must give a "
+                "head dim divisible by 4 (half rotates with the patch row, half with the column)")
+        if self.window_size < self.patch_size * self.spatial_merge_size:
+            raise ConfigError(
+                f"vision window_size={self.window_size} is smaller than one merged patch "
+                f"(patch_size * spatial_merge_size = {self.patch_size * self.spatial_merge_size})")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"vision fullatt_block_indexes {bad} are outside 0..depth-1={self.depth - 1}")
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise ConfigError(f"vision hidden_act={self.hidden_act!r}: supported {VISION_ACTIVATIONS}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use float32 or bfloat16")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: in_channels * temporal_patch_size * patch_size^2."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "VisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, vision: dict[str, Any], *, source: str = "config.json", **overrides) -> "VisionConfig":
+        """From an HF `vision_config` dict; the older hub spells in_channels `in_chans`."""
+        fields = {k: vision.get(k, default) for k, default in VISION_DEFAULTS.items()}
+        if "in_channels" not in vision and "in_chans" in vision:
+            fields["in_channels"] = vision["in_chans"]
+        rope = vision.get("rope_parameters") or {}
+        fields["rope_theta"] = float(rope.get("rope_theta", 10000.0))
+        fields.update(overrides)
+        try:
+            return cls(**fields)
+        except (TypeError, ConfigError) as e:
+            raise ConfigError(f"{source}: vision_config: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in VISION_DEFAULTS}
+        out["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
+        out.update(model_type="qwen2_5_vl_vision",
+                   rope_parameters={"rope_type": "axial", "rope_theta": self.rope_theta})
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VLConfig:
+    """Qwen2.5-VL: the Qwen2 decoder, the vision tower and the special tokens that join them."""
+
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self):
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ConfigError(
+                f"vision out_hidden_size={self.vision.out_hidden_size} differs from the decoder's "
+                f"hidden_size={self.text.hidden_size}: image features could not replace token embeddings")
+        section = self.mrope_section
+        if sum(section) != self.text.head_dim // 2:
+            raise ConfigError(
+                f"mrope_section {list(section)} sums to {sum(section)}, but the decoder's head_dim "
+                f"{self.text.head_dim} needs sections summing to {self.text.head_dim // 2}")
+
+    @property
+    def mrope_section(self) -> tuple[int, ...]:
+        """Rotary frequencies driven by the temporal, height and width positions (in that order)."""
+        return tuple(self.text.rope_dict().get("mrope_section", (16, 24, 24)))
+
+    # The decoder's numerics, so callers written for a Qwen2 (scoring, sampling) work unchanged.
+    @property
+    def compute_dtype(self):
+        return self.text.compute_dtype
+
+    @property
+    def weight_dtype(self):
+        return self.text.weight_dtype
+
+    def replace(self, **changes) -> "VLConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "VLConfig":
+        """From a Qwen2.5-VL config dict, flat (older hub) or nested (transformers 5).
+
+        overrides (dtype, param_dtype, remat) apply to both the decoder and the vision tower.
+        """
+        model_type = hf.get("model_type")
+        if model_type != "qwen2_5_vl":
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not a Qwen2.5-VL model ('qwen2_5_vl'); "
+                "for Qwen2-VL and others, load the language model alone (language_model_only=True)")
+        if not isinstance(hf.get("vision_config"), dict):
+            raise ConfigError(f"{source}: no vision_config; is this a Qwen2.5-VL checkpoint?")
+        text = TextConfig.from_hf(hf, source=source, **overrides)
+        vision = VisionConfig.from_hf(hf["vision_config"], source=source, **overrides)
+        tokens = {k: hf[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                     "vision_end_token_id") if hf.get(k) is not None}
+        try:
+            return cls(text=text, vision=vision, **tokens)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The nested layout transformers 5 writes (`text_config`, `vision_config`)."""
+        text = self.text.to_hf()
+        for key in ("architectures", "rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim"):
+            text.pop(key)
+        rope = self.text.rope_dict()
+        if rope.get("rope_type", "default") == "mrope":  # transformers' name for it is "default"
+            rope["rope_type"] = "default"
+        rope = {k: list(v) if isinstance(v, tuple) else v for k, v in rope.items()}
+        text.update(model_type="qwen2_5_vl_text", rope_parameters={
+            "rope_type": "default", **rope, "rope_theta": self.text.rope_theta})
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "text_config": text,
+            "vision_config": self.vision.to_hf(),
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+            "torch_dtype": self.text.param_dtype,
+        }
+
+
+def model_config_from_hf(hf: dict[str, Any], *, source: str = "config.json", language_model_only=False,
+                         **overrides) -> TextConfig | VLConfig:
+    """The config of the model `from_pretrained` builds: VLConfig for Qwen2.5-VL, else TextConfig.
+
+    language_model_only: the decoder's TextConfig even for a VL checkpoint.
+    """
+    if hf.get("model_type") in VL_MODEL_TYPES and not language_model_only:
+        return VLConfig.from_hf(hf, source=source, **overrides)
+    return TextConfig.from_hf(hf, source=source, **overrides)

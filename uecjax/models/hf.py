@@ -24,8 +24,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from uecjax.distributed import to_host
-from uecjax.models.config import ConfigError, TextConfig, read_hf_config
+from uecjax.models.config import ConfigError, TextConfig, VLConfig, model_config_from_hf, read_hf_config
 from uecjax.models.qwen2 import LAYER_PARAM_AXES, MODEL_PARAM_AXES, Qwen2
+from uecjax.models.qwen2_5_vl import Qwen2_5_VL
+from uecjax.models.vision import BLOCK_PARAM_AXES, TOWER_PARAM_AXES, VisionTower
 
 
 class CheckpointError(ValueError):
@@ -50,6 +52,35 @@ LAYER_KEYS = {
 # Where the decoder's weights live in the known layouts (text model, VL model in
 # transformers 4 and 5); the first prefix whose embed_tokens exists is used.
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+# uecjax vision parameter -> (HF name after the vision prefix, how ours is stored):
+# "same", "transposed" (input-major), or "patch" (the Conv3d kernel [H, C, T, P, P] flattened
+# to a [C * T * P * P, H] matmul).
+VISION_BLOCK_KEYS = {
+    "norm1": ("norm1.weight", "same"),
+    "qkv_w": ("attn.qkv.weight", "transposed"),
+    "qkv_b": ("attn.qkv.bias", "same"),
+    "proj_w": ("attn.proj.weight", "transposed"),
+    "proj_b": ("attn.proj.bias", "same"),
+    "norm2": ("norm2.weight", "same"),
+    "gate_w": ("mlp.gate_proj.weight", "transposed"),
+    "gate_b": ("mlp.gate_proj.bias", "same"),
+    "up_w": ("mlp.up_proj.weight", "transposed"),
+    "up_b": ("mlp.up_proj.bias", "same"),
+    "down_w": ("mlp.down_proj.weight", "transposed"),
+    "down_b": ("mlp.down_proj.bias", "same"),
+}
+VISION_KEYS = {
+    "patch_w": ("patch_embed.proj.weight", "patch"),
+    "merger_norm": ("merger.ln_q.weight", "same"),
+    "merger_fc1_w": ("merger.mlp.0.weight", "transposed"),
+    "merger_fc1_b": ("merger.mlp.0.bias", "same"),
+    "merger_fc2_w": ("merger.mlp.2.weight", "transposed"),
+    "merger_fc2_b": ("merger.mlp.2.bias", "same"),
+}
+# The vision tower in the layout transformers 5.23 writes (and the older hub's), then the
+# layout of transformers 5's in-memory module names.
+VISION_PREFIXES = ("visual.", "model.visual.")
 
 ShardingFn = Callable[[str, tuple], jax.sharding.Sharding]
 
@@ -154,22 +185,78 @@ def _text_prefix(reader):
         f"{[p + 'embed_tokens.weight' for p in TEXT_PREFIXES]}); is this a Qwen2 checkpoint?")
 
 
+def _vision_prefix(reader):
+    for prefix in VISION_PREFIXES:
+        if f"{prefix}patch_embed.proj.weight" in reader:
+            return prefix
+    raise CheckpointError(
+        f"{reader.source}: no vision tower found (looked for "
+        f"{[p + 'patch_embed.proj.weight' for p in VISION_PREFIXES]}); to load the language model "
+        "of this checkpoint alone, pass language_model_only=True")
+
+
+def _to_ours(t, kind):
+    if kind == "transposed":
+        return t.T
+    if kind == "patch":
+        return t.reshape(t.shape[0], -1).T
+    return t
+
+
+def _to_hf(t, kind, hf_shape):
+    return t if kind == "same" else t.T.reshape(hf_shape)
+
+
+def _vision_hf_shape(kind, shape, cfg):
+    if kind == "patch":
+        return (shape[1], cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    return tuple(shape[::-1]) if kind == "transposed" else tuple(shape)
+
+
+def _vision_param_callback(reader, prefix, keys, shape, dtype, cfg):
+    """Vision weights are small and replicated: each is read whole, converted, then indexed."""
+    if keys[0] == "blocks":
+        suffix, kind = VISION_BLOCK_KEYS[keys[-1]]
+        names = [f"{prefix}blocks.{i}.{suffix}" for i in range(shape[0])]
+        hf_shape = _vision_hf_shape(kind, shape[1:], cfg)
+    else:
+        suffix, kind = VISION_KEYS[keys[-1]]
+        names = [f"{prefix}{suffix}"]
+        hf_shape = _vision_hf_shape(kind, shape, cfg)
+    for name in names:
+        _check_shape(reader, name, hf_shape, "visual/" + "/".join(keys))
+
+    def callback(index):
+        arrays = [_to_ours(reader.read(name), kind) for name in names]
+        full = np.stack(arrays) if keys[0] == "blocks" else arrays[0]
+        return full[tuple(index)].astype(dtype)
+
+    return callback
+
+
 def default_sharding(name: str, axes: tuple) -> jax.sharding.Sharding:
     """Everything on the first local device (single-device runs)."""
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def load_params(model_abstract, path: str, *, sharding_fn: ShardingFn = default_sharding):
-    """Fills an abstract (nnx.eval_shape) Qwen2's parameters from the safetensors in `path`."""
+    """Fills an abstract (nnx.eval_shape) Qwen2 or Qwen2_5_VL from the safetensors in `path`."""
     reader = SafetensorsReader(path)
     prefix = _text_prefix(reader)
+    is_vl = isinstance(model_abstract, Qwen2_5_VL)
+    vision_prefix = _vision_prefix(reader) if is_vl else None
     graphdef, state = nnx.split(model_abstract)
     cfg = model_abstract.config
     filled = []
     for keys, var in nnx.to_flat_state(state):
         param = keys[-1]
         shape, dtype = var.shape, _np_dtype(str(var.dtype))
-        if keys[0] == "layers":
+        # A VL model holds the decoder under "language_model" and the tower under "visual".
+        text_keys = keys[1:] if is_vl and keys[0] == "language_model" else keys
+        if is_vl and keys[0] == "visual":
+            axes = (BLOCK_PARAM_AXES if keys[1] == "blocks" else TOWER_PARAM_AXES)[param]
+            callback = _vision_param_callback(reader, vision_prefix, keys[1:], shape, dtype, cfg.vision)
+        elif text_keys[0] == "layers":
             axes = LAYER_PARAM_AXES[param]
             callback = _layer_param_callback(reader, prefix, param, shape, dtype)
         else:
@@ -181,28 +268,37 @@ def load_params(model_abstract, path: str, *, sharding_fn: ShardingFn = default_
 
 
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                    remat: str | bool = "none", sharding_fn: ShardingFn = default_sharding) -> Qwen2:
-    """Loads a Qwen2/Qwen2.5 (or the language model of a Qwen2.5-VL) HF checkpoint directory.
+                    remat: str | bool = "none", sharding_fn: ShardingFn = default_sharding,
+                    language_model_only: bool = False) -> Qwen2 | Qwen2_5_VL:
+    """Loads an HF checkpoint directory: Qwen2/Qwen2.5 -> Qwen2, Qwen2.5-VL -> Qwen2_5_VL.
 
     dtype: compute dtype of the matmuls; param_dtype: storage dtype (default: same as dtype);
     remat: "none" | "per_layer" | "full" (`uecjax.models.qwen2.remat_policy`).
+    language_model_only: load only the decoder of a VL checkpoint (Qwen2.5-VL, Qwen2-VL), as a
+    Qwen2 that ignores the vision tower's tensors.
     """
     if not os.path.isdir(path):
         raise CheckpointError(
             f"{path}: checkpoint directory not found. Download one elsewhere, e.g. "
             f"`huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir {path}`")
-    cfg = TextConfig.from_hf(read_hf_config(path), source=os.path.join(path, "config.json"),
-                             dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
-    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    cfg = model_config_from_hf(read_hf_config(path), source=os.path.join(path, "config.json"),
+                               language_model_only=language_model_only,
+                               dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+    cls = Qwen2_5_VL if isinstance(cfg, VLConfig) else Qwen2
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     return load_params(abstract, path, sharding_fn=sharding_fn)
 
 
-def hf_tensors(model: Qwen2) -> dict[str, np.ndarray]:
+def hf_tensors(model: Qwen2 | Qwen2_5_VL) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named host numpy arrays (torch layout).
 
     Whole stacked arrays come to the host first (a gather where parameters are sharded over
     other hosts' devices: every process must call this), then split per layer in numpy.
+    Qwen2.5-VL is named as transformers 5.23 writes it: the decoder under `model.`, the
+    vision tower under `visual.`, `lm_head.weight`.
     """
+    if isinstance(model, Qwen2_5_VL):
+        return {**hf_tensors(model.language_model), **_vision_tensors(model.visual)}
     cfg = model.config
     host = to_host({"embed": model.embed[...], "final_norm": model.final_norm[...],
                     "lm_head": None if model.lm_head is None else model.lm_head[...],
@@ -214,6 +310,19 @@ def hf_tensors(model: Qwen2) -> dict[str, np.ndarray]:
         stacked = host["layers"][param]
         for i in range(cfg.num_hidden_layers):
             out[f"model.layers.{i}.{suffix}"] = stacked[i].T if transposed else stacked[i]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _vision_tensors(tower: VisionTower, prefix: str = VISION_PREFIXES[0]) -> dict[str, np.ndarray]:
+    cfg = tower.config
+    out = {}
+    for param, (suffix, kind) in VISION_KEYS.items():
+        t = np.asarray(jax.device_get(getattr(tower, param)[...]))
+        out[prefix + suffix] = _to_hf(t, kind, _vision_hf_shape(kind, t.shape, cfg))
+    for param, (suffix, kind) in VISION_BLOCK_KEYS.items():
+        stacked = np.asarray(jax.device_get(getattr(tower.blocks, param)[...]))
+        for i in range(cfg.depth):
+            out[f"{prefix}blocks.{i}.{suffix}"] = _to_hf(stacked[i], kind, stacked[i].shape[::-1])
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
