@@ -194,12 +194,11 @@ def plot(curves: dict[str, list[dict]], k: int, out: str) -> list[str]:
 
 
 def _smooth(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving mean (shorter windows at the start)."""
     c = np.cumsum(np.insert(x, 0, 0.0))
-    out = np.empty_like(x)
-    for i in range(len(x)):
-        lo = max(0, i - window + 1)
-        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
-    return out
+    i = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, i - window)
+    return (c[i] - c[lo]) / (i - lo)
 
 
 def prepare_init(out: str, cfg) -> str:

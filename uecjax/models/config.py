@@ -37,8 +37,20 @@ class ConfigError(ValueError):
     """A config.json (or a config value) that uecjax cannot use; the message says what to fix."""
 
 
+class _Dtypes:
+    """`dtype` (compute) and `param_dtype` (storage) fields as jnp dtypes."""
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(_Dtypes):
     """The Qwen2 decoder's shape and numerics. Field names follow transformers' Qwen2Config."""
 
     vocab_size: int
@@ -77,14 +89,6 @@ class TextConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     @property
     def num_groups(self) -> int:
@@ -192,7 +196,7 @@ VISION_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_Dtypes):
     """The Qwen2.5-VL vision tower. Field names follow transformers' Qwen2_5_VLVisionConfig."""
 
     depth: int
@@ -241,14 +245,6 @@ class VisionConfig:
     def patch_dim(self) -> int:
         """Length of one flattened patch: in_channels * temporal_patch_size * patch_size^2."""
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes) -> "VisionConfig":
         return dataclasses.replace(self, **changes)
