@@ -49,8 +49,8 @@ flags.DEFINE_list("methods", ["grpo", "dapo", "entropy_reg", "aer", "uec", "uec-
                               "uec-no_rollout_explore"],
                   f"Variants to run, from {sorted(VARIANTS)}.")
 flags.DEFINE_list("seeds", ["0", "1"], "Run seeds.")
-flags.DEFINE_integer("steps", 40, "RL steps per run.")
-flags.DEFINE_integer("eval_every", 10, "Held-out evaluation interval (steps).")
+flags.DEFINE_integer("steps", 30, "RL steps per run (the demo config's 30).")
+flags.DEFINE_integer("eval_every", 15, "Held-out evaluation interval (steps).")
 flags.DEFINE_integer("eval_prompts", 128, "Held-out prompts per evaluation.")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Output directory.")
