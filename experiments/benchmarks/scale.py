@@ -288,7 +288,6 @@ def memory_bandwidth(args, spec):
     for _ in range(args.repeats):
         x, t = timed(lambda: copy(x))
         best_copy = min(best_copy, t)
-    del x
     read_bw = iters * 4 * n / best_read
     copy_bw = iters * 2 * 4 * n / best_copy
     bw = max(read_bw, copy_bw)
@@ -440,7 +439,6 @@ def bench_train(model, config, tag, args, refs):
          mfu_spec=rounded(ratio(flops["model"] / best, spec_peak)),
          hfu_spec=rounded(ratio(flops["hardware"] / best, spec_peak)),
          loss_finite=bool(np.isfinite(loss)))
-    del params, opt_state, control, batch
 
 
 # ---- dry runs ----------------------------------------------------------------------------------
