@@ -59,7 +59,7 @@ class StubSampler:
         text = self.tok.decode(ids, skip_special_tokens=True)
         return next(k for k in self.greedy if k in text)
 
-    def __call__(self, prompts, params):
+    def __call__(self, prompts, params, images=None):
         self.calls.append((len(prompts), params))
         texts = []
         for p in prompts:

@@ -14,7 +14,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -22,22 +21,23 @@ from flax import nnx
 from ml_collections import config_flags
 
 from uecjax import checkpoint as ckpt
-from uecjax.batch import Batch, positions_from_mask
+from uecjax.batch import Batch, sequence_inputs
 from uecjax.config import ConfigValueError, validate
 from uecjax.evaluate import evaluate
 from uecjax.metrics import RunLogger
 from uecjax.data import DataNotFoundError
-from uecjax.models import CheckpointError, ConfigError, save_pretrained
+from uecjax.models import CheckpointError, ConfigError, VLConfig, save_pretrained
 from uecjax.objectives.loss_config import LossConfigError
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rewards import RewardGrader
 from uecjax.rollout import Rollout, rollout_config
-from uecjax.run_setup import load_policy, make_records, prompt_stream
+from uecjax.run_setup import image_processor, load_policy, make_records, prompt_stream
 from uecjax.sampler import Sampler
 from uecjax.sharding import ShardingError, check_batch_size, make_mesh
 from uecjax.tokenizer import TokenizerError, stop_token_ids
 from uecjax.train_step import TrainStep
+from uecjax.vision_inputs import VisionInputError
 
 
 class Scorer:
@@ -47,17 +47,21 @@ class Scorer:
     `row_bucket` so the jitted pass compiles for a few shapes only.
     """
 
-    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params=None):
+    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params=None,
+                 vl_config: VLConfig | None = None):
         self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
+        self.vl_config = vl_config
         self.params = None  # set by the loop before every rollout
 
-    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask):
+    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
         n = prompt_tokens.shape[0]
         rows = -(-n // self.row_bucket) * self.row_bucket
         pad = lambda x: np.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
-        mask = np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1)
-        batch = Batch(tokens=pad(np.concatenate([prompt_tokens, response_tokens], axis=1)),
-                      attention_mask=pad(mask), positions=pad(positions_from_mask(mask)),
+        mask = pad(np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1))
+        tokens = pad(np.concatenate([prompt_tokens, response_tokens], axis=1))
+        images = None if images is None else tuple(pad(x) for x in images)  # padded rows: none
+        batch = Batch(tokens=tokens, attention_mask=mask,
+                      **sequence_inputs(tokens, mask, prompt_tokens.shape[1], images, self.vl_config),
                       response_mask=pad(response_mask.astype(np.float32)),
                       advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
                       is_hard=np.zeros(rows, np.float32))
@@ -82,22 +86,31 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
     model, tokenizer = load_policy(cfg, workdir, mesh, logger)
     stops = stop_token_ids(tokenizer)
+    # A Qwen2.5-VL policy gets images; a text policy the prompts' text alone. One loop for both.
+    vl_config = model.config if isinstance(model.config, VLConfig) else None
+    processor = image_processor(cfg, model)
 
     hp = loss_config(cfg.method, **cfg.loss.to_dict())
     rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
+    frozen = ("visual",) if vl_config is not None and cfg.model.freeze_vision else ()
     optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
-                           **cfg.optim.to_dict()})
+                           **cfg.optim.to_dict(), "frozen": frozen})
     check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)  # clear error up front
     trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size)
     params, opt_state, control = trainer.init(nnx.state(model), seed=cfg.seed)
-    ref_params = jax.tree.map(jnp.copy, params) if hp.beta > 0 else None
-    scorer = Scorer(trainer, rcfg.batch_rows, ref_params)
+    ref_params = None
+    if hp.beta > 0:
+        # The reference is frozen and every weight is cast to the compute dtype before use, so
+        # storing it in that dtype changes no log-prob and halves its memory in bfloat16.
+        to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
+        ref_params = jax.jit(to_compute, out_shardings=trainer.param_shardings)(params)
+    scorer = Scorer(trainer, rcfg.batch_rows, ref_params, vl_config)
 
     train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True)
     eval_records = make_records(cfg, cfg.data.eval_split, train=False)
     skipped = train_records.skipped  # malformed rows, and prompts too long for the batch
-    prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped)
+    prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor)
     grader = RewardGrader(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                           format_weight=cfg.reward.format_weight,
                           think_prefilled=cfg.reward.think_prefilled)
@@ -112,7 +125,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                           max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                           batch_prompts=cfg.eval.batch_prompts, prompt_template=cfg.prompt.template,
                           use_chat_template=cfg.prompt.use_chat_template, seed=cfg.seed,
-                          progress=log_console is not None)
+                          progress=log_console is not None, image_processor=processor)
         result["time_s"] = time.perf_counter() - t
         logger.scalars(step, result, prefix="eval/")
         logger.text(f"eval @ step {step}: " + ", ".join(
@@ -156,7 +169,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             rows, roll_stats = rollout.collect()
             t1 = time.perf_counter()
             params, opt_state, control, metrics = trainer.step(params, opt_state, control,
-                                                               rows.to_batch(hp.tau_hard))
+                                                               rows.to_batch(hp.tau_hard, vl_config))
             control = trainer.update_control(control, metrics)
             nnx.update(model, params)
             rollout.after_update(rows)
@@ -164,7 +177,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             replay = rollout.replay_batch(step, np.random.default_rng((cfg.seed, step)))
             if replay is not None:  # the replay stabilizer's extra update (section 8)
                 params, opt_state, control, replay_metrics = trainer.step(
-                    params, opt_state, control, replay.to_batch(hp.tau_hard))
+                    params, opt_state, control, replay.to_batch(hp.tau_hard, vl_config))
                 nnx.update(model, params)
                 values.update({f"replay/{k}": v for k, v in _host(replay_metrics).items()})
             t2 = time.perf_counter()
@@ -205,6 +218,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         if cfg.train.export_hf and jax.process_index() == 0:
             save_pretrained(model, export)
             tokenizer.save_pretrained(export)
+            if processor is not None:  # preprocessor_config.json: the export loads as it was
+                processor.hf.save_pretrained(export)
             summary["export"] = export
         summary.update({f"initial_{k}": v for k, v in history["initial"].items()})
         summary.update({f"final_{k}": v for k, v in history["final"].items()})
@@ -227,7 +242,7 @@ def _print_summary(s: dict, logger: RunLogger) -> None:
 # that does not match): printed as one message, no traceback.
 USER_ERRORS = (ConfigValueError, LossConfigError, OptimConfigError, ConfigError, CheckpointError,
                DataNotFoundError, TokenizerError, ckpt.CheckpointNotFoundError,
-               ckpt.CheckpointMismatchError, ShardingError)
+               ckpt.CheckpointMismatchError, ShardingError, VisionInputError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
