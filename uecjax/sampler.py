@@ -34,7 +34,8 @@ from flax import nnx
 from uecjax.batch import positions_from_mask
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache
-from uecjax.vision_inputs import DEFAULT_PATCH_BUCKETS, PromptImages, stack_images, vision_rows
+from uecjax.vision_inputs import (DEFAULT_PATCH_BUCKETS, PromptImages, patch_bucket, stack_images,
+                                  vision_rows)
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_RESPONSE_BUCKETS = DEFAULT_PROMPT_BUCKETS
@@ -308,8 +309,9 @@ class Sampler:
                              "checkpoint as a Qwen2.5-VL model (from_pretrained without "
                              "language_model_only)")
         padded = list(images) + [None] * (B - len(images))
-        rows = vision_rows(tokens, mask, *stack_images(padded, config.vision.patch_dim), config,
-                           self.patch_buckets)
+        width = patch_bucket(max(im.num_patches for im in images if im is not None), self.patch_buckets)
+        stacked = stack_images(padded, config.vision.patch_dim, width)  # already bucket-wide: no copy
+        rows = vision_rows(tokens, mask, *stacked, config, self.patch_buckets)
         return rows.positions.transpose(1, 0, 2), rows.rope_deltas, (rows.pixel_values, rows.layouts)
 
 

@@ -215,11 +215,13 @@ def render_record(tokenizer, record, *, template: str = "think_boxed", use_chat_
 
 # ---- per-row arrays -------------------------------------------------------------------------------
 
-def stack_images(images: Sequence[PromptImages | None], patch_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def stack_images(images: Sequence[PromptImages | None], patch_dim: int,
+                 width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows' images as two arrays (the host storage of `uecjax.rows.Rows`): pixel values
-    [n, N, patch_dim] zero-padded to the longest row, grids [n, K, 3] with zero rows where a
-    row has fewer than K images."""
+    [n, N, patch_dim] zero-padded to the longest row (or to `width`, e.g. its patch bucket),
+    grids [n, K, 3] with zero rows where a row has fewer than K images."""
     N = max([0] + [im.num_patches for im in images if im is not None])
+    N = N if width is None else max(N, width)
     K = max([1] + [len(im.grid_thw) for im in images if im is not None])
     pixels = np.zeros((len(images), N, patch_dim), np.float32)
     grids = np.zeros((len(images), K, 3), np.int32)
@@ -282,10 +284,11 @@ def vision_rows(tokens, mask, pixels, grids, config: VLConfig,
     text = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + deltas[:, None]
     positions = np.broadcast_to(text[None], (3, n, T)).astype(np.int32)
     positions[:, :, :P] = prompt_positions
-    pixels = np.asarray(pixels, np.float32)
-    padded = np.zeros((n, N, config.vision.patch_dim), np.float32)
-    take = min(pixels.shape[1], N)  # columns past N are padding (rows selected from wider sets)
-    padded[:, :take] = pixels[:, :take]
+    padded = np.asarray(pixels, np.float32)
+    if padded.shape[1] != N:  # columns past N are padding (rows selected from wider sets)
+        padded = np.zeros((n, N, config.vision.patch_dim), np.float32)
+        take = min(pixels.shape[1], N)
+        padded[:, :take] = pixels[:, :take]
     layouts = [padded_vision_layout(g, config.vision, N) for g in per_row]
     stacked = jax.tree.map(lambda *x: np.stack(x), *layouts)
     return VisionRows(np.ascontiguousarray(positions.transpose(1, 0, 2)), deltas, padded, stacked)
