@@ -1,7 +1,8 @@
 """Qwen2.5-VL in the RL path, against transformers on a tiny random VLM: per-row padded vision
 layouts, the sampler with images (greedy == generate, log-probs == recomputation, no
-recompile inside a patch bucket), the train step with images (== a plain full-logits
-reference) and the frozen vision tower."""
+recompile inside a patch bucket), the sharded, micro-batched train step with images (== a
+plain full-logits reference), the frozen vision tower, rows with images (concatenation,
+checkpointed buffers)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from tiny_hf import TINY_VL_TOKENS, tiny_qwen2_5_vl
 from train_helpers import host, single_mesh
 
 from uecjax.batch import Batch
+from uecjax.checkpoint import Checkpointer
 from uecjax.control import init_control_state
 from uecjax.models import from_pretrained, padded_vision_layout
 from uecjax.objectives import group_advantages
 from uecjax.objectives.methods import LossInputs, loss_config, loss_terms
 from uecjax.optim import OptimConfig, OptimConfigError
+from uecjax.rows import RowBuffer, Rows
 from uecjax.sampler import Sampler, SamplingParams
+from uecjax.sharding import make_mesh
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import PromptImages, load_image_processor, stack_images, vision_rows
 
@@ -185,13 +189,14 @@ def reference_loss(graphdef, params, batch: Batch, images, hp, h0):
 
 
 def test_uec_step_with_images_matches_plain_reference(vl):
-    """One `uec` update on a VL batch (padded per-row patches, chunked log-probs) against the
-    gradient of the same loss through full logits of an unpadded forward; the log-probs of the
-    scoring pass against transformers."""
+    """One `uec` update on a VL batch (padded per-row patches, chunked log-probs, 2
+    micro-batches, sharded on a data x fsdp x tensor = 2 x 2 x 2 mesh) against the gradient of
+    the same loss through full logits of an unpadded single-device forward; the log-probs of
+    the scoring pass against transformers."""
     hf, model = vl
     hp = loss_config("uec", beta=0.05, alpha=0.05, lam=2.0)
-    ts = TrainStep(model, hp, SGD_LIKE, single_mesh(), chunk_size=4)
-    params, _, _ = ts.init(nnx.state(model))
+    ts = TrainStep(model, hp, SGD_LIKE, make_mesh((2, 2, 2)), micro_batches=2, chunk_size=4)
+    params, _, _ = ts.init(host(nnx.state(model)))
     batch, images = vl_batch(model, np.random.default_rng(2))
 
     logp, _ = ts.compute_logprobs(params, batch)
@@ -241,3 +246,52 @@ def test_frozen_vision_tower_takes_no_update(vl):
     assert moments < 2 * text_params + 100  # Adam's mu and nu for the decoder alone
     with pytest.raises(OptimConfigError, match=r"\['vision'\] name no parameter group"):
         TrainStep(model, hp, OptimConfig(frozen=("vision",)), single_mesh())
+
+
+def test_rows_with_images_concat_select_and_checkpoint(vl, tmp_path):
+    """Rows with images of different widths, rows without and padding rows concatenate into
+    one batch; a buffer of them survives a checkpoint and gives the same batch again."""
+    _, model = vl
+    rng = np.random.default_rng(4)
+    P, R = 40, 3
+
+    def rows(images):
+        ids = [prompt_ids(rng, im) for im in images]
+        tokens, mask = np.zeros((len(ids), P), np.int32), np.zeros((len(ids), P), np.int32)
+        for i, row in enumerate(ids):
+            tokens[i, P - len(row):], mask[i, P - len(row):] = row, 1
+        empty = Rows.empty(len(ids), P, R, with_ref=False)
+        fields = {f: getattr(empty, f) for f in ("response_tokens", "response_mask", "sampler_logp", "old_logp",
+                                                 "old_entropy", "ref_logp", "advantage", "difficulty", "reward",
+                                                 "accuracy", "truncated", "explore")}
+        fields["response_tokens"][:] = rng.integers(1, 99, (len(ids), R))
+        fields["response_mask"][:] = 1
+        pixels, grids = stack_images(images, PATCH_DIM) if any(im is not None for im in images) else (None, None)
+        return Rows(prompt_tokens=tokens, prompt_mask=mask, pixel_values=pixels, image_grid_thw=grids, **fields)
+
+    a = rows([random_images(rng, (1, 8, 12)), None])  # 96 patches, 1 image
+    b = rows([random_images(rng, (1, 4, 6), (1, 2, 2))])  # 28 patches, 2 images
+    c = rows([None])  # no images at all
+    joined = Rows.concat([a, b, c, Rows.empty(1, P, R, with_ref=False)])
+    assert joined.pixel_values.shape == (5, 96, PATCH_DIM) and joined.image_grid_thw.shape == (5, 2, 3)
+    np.testing.assert_array_equal(joined.image_grid_thw[2], b.image_grid_thw[0])
+    np.testing.assert_array_equal(joined.pixel_values[2, :28], b.pixel_values[0])
+    batch = joined.to_batch(0.0, model.config)
+    assert batch.pixel_values.shape == (5, 128, PATCH_DIM) and batch.positions.shape == (5, 3, P + R)
+    with pytest.raises(ValueError, match="need the model's VLConfig"):
+        joined.to_batch(0.0)
+
+    buffer = RowBuffer()
+    buffer.push(joined.select(np.array([0, 2, 3])))
+    state = {"params": {"w": jnp.zeros(2)}, "opt_state": {"n": jnp.int32(0)}, "control": {"x": jnp.zeros(1)}}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, **state, meta={}, buffers={"buffer": buffer.state()}, force=True)
+        ckpt.wait()
+        restored = ckpt.restore(1, params_target=state["params"], opt_state_target=state["opt_state"],
+                                control_target=state["control"])
+    again = RowBuffer()
+    again.load(restored["buffers"]["buffer"])
+    before, after = (jax.tree.leaves(r.to_batch(0.0, model.config)) for r in (buffer.rows, again.rows))
+    assert again.rows.pixel_values is not None and len(before) == len(after)
+    for x, y in zip(before, after):
+        np.testing.assert_array_equal(x, y)
