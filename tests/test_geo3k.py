@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,47 @@ def test_missing_model_and_data_print_the_download_commands(tmp_path):
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
     assert f"huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {model}" in result.stderr
     assert f"huggingface-cli download hiyouga/geometry3k --repo-type dataset --local-dir {data}" in result.stderr
+
+
+def test_vision_input_mistakes_say_what_to_fix(tiny_vl):
+    from PIL import Image
+
+    from uecjax.config import ConfigValueError, validate
+    from uecjax.data import Record, SkipCounter
+    from uecjax.run_setup import prompt_stream
+    from uecjax.vision_inputs import ImageError, VisionInputError, render_vl_prompt
+
+    model, tokenizer = from_pretrained(tiny_vl), load_tokenizer(tiny_vl)
+    with pytest.raises(VisionInputError, match="min_pixels=100, vision.max_pixels=10"):
+        load_image_processor(tiny_vl, model.config.vision, min_pixels=100, max_pixels=10)
+    processor = load_image_processor(tiny_vl, model.config.vision, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    image = processor([Image.new("RGB", (60, 60))])
+    with pytest.raises(ImageError, match="2 <image> placeholders but 1 images"):
+        render_vl_prompt(tokenizer, "<image> and <image>", image, merge_size=2)
+    plain = load_tokenizer(tiny_vl)
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # not a VL template
+    with pytest.raises(VisionInputError, match=re.escape("wrote 0 <|image_pad|> for 1 images")):
+        render_vl_prompt(plain, "<image>x", image, merge_size=2)
+    with pytest.raises(ValueError, match="images were given but the model is a text model"):
+        Sampler(model.language_model)([[1, 2]], SamplingParams(max_new_tokens=1), images=[image])
+
+    # An image the processor rejects (aspect ratio > 200) skips its record, counted.
+    cfg = _geo3k_config()
+    skipped = SkipCounter()
+    records = [Record("<image>thin", "1", images=(Image.new("RGB", (1000, 2)),)),
+               Record("<image>fine", "2", images=(Image.new("RGB", (60, 60)),))]
+    prompts = list(prompt_stream(records, tokenizer, cfg, 512, skipped, processor))
+    assert [p.answer for p in prompts] == ["2"] and skipped.as_dict() == {"skipped": 1, "skipped/bad_image": 1}
+
+    cfg.vision.max_pixels = 1000
+    with pytest.raises(ConfigValueError, match=r"config.vision.max_pixels=1000: must be an integer >= vision.min_pixels=262144"):
+        validate(cfg)
+
+
+def _geo3k_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("geo3k_config", REPO / "configs" / "geo3k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
