@@ -5,6 +5,9 @@ while the trainer scores the responses) -> a fixed-size batch -> the jitted, sha
 step -> the sampler reads the new parameters. Around it: periodic held-out evaluation
 (Pass@k), TensorBoard + JSONL + a console line per step, orbax checkpoints (resume continues
 exactly; SIGTERM saves and exits), and the final policy exported in Hugging Face layout.
+
+The checkpoint's config.json decides the model: a Qwen2.5-VL policy samples, scores and trains
+on the records' images through this same loop (`configs/geo3k.py`), a text policy on their text.
 """
 
 from __future__ import annotations

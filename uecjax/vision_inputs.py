@@ -178,7 +178,7 @@ def render_vl_prompt(tokenizer, problem: str, images: PromptImages | None, *, me
     placeholders = text.count(IMAGE_PLACEHOLDER)
     if placeholders and placeholders != len(counts):
         raise ImageError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholders but "
-                               f"{len(counts)} images: {problem[:80]!r}")
+                         f"{len(counts)} images: {problem[:80]!r}")
     if use_chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise VisionInputError("the tokenizer has no chat template; set "
