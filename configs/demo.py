@@ -16,26 +16,39 @@ def get_config():
     c.method = "uec"
     c.data.kind = "demo"
     c.data.eval_split = "test"
-    c.demo_data = dict(num_train=4000, num_eval=128, levels=(1, 2, 3, 4), style="expression")
-    # Settings of uecjax.demo_model.prepare_demo_policy (tiny model + supervised warm-up).
-    c.demo = dict()
+    # The task: problems and the warm-up policy depend on demo_data.seed only, so runs with
+    # different `seed`s (sampling, data order) start from the same policy on the same problems.
+    c.demo_data = dict(num_train=4000, num_eval=128, levels=(1, 2, 3, 4), style="expression",
+                       seed=0)
+    # Settings of uecjax.demo_model.prepare_demo_policy (tiny model + supervised warm-up). The
+    # warm-up teacher is careless (`slip`): half its boxed answers are off by 1-2, so the
+    # policy starts knowing the arithmetic but copying its result into the box only about
+    # half the time when sampling: room for RL with a verifiable reward to show in minutes.
+    c.demo = dict(slip=0.5, sft_steps=1200, batch_size=32, learning_rate=3e-3)
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.prompt.template = "plain"  # the warm-up teaches the <think>...</think> \boxed{} format
     c.prompt.use_chat_template = True
     c.reward.num_workers = 1
     c.reward.timeout_s = 2.0
-    c.loss.beta = 0.0
+    # A KL to the warmed-up policy (k3) keeps the tiny model's fragile arithmetic from
+    # drifting under noisy policy-gradient steps (measured: without it held-out greedy
+    # Pass@1 fell while the copy habit improved).
+    c.loss.beta = 0.05
     c.rollout.prompts_per_batch = 16
     c.rollout.group_size = 8
     c.rollout.max_prompt_len = 128
     c.rollout.max_new_tokens = 48
     c.rollout.explore_samples = 8
-    c.optim.learning_rate = 1e-4
+    # Adam's first steps are sign steps of size lr on every parameter: warm up, and an eps
+    # near the typical gradient entry (~1e-4 here) damps parameters that only see noise.
+    c.optim.learning_rate = 3e-4
+    c.optim.warmup_steps = 10
+    c.optim.eps = 1e-5
     c.optim.weight_decay = 0.0
-    c.train.steps = 60
-    c.train.eval_every = 20
-    c.train.checkpoint_every = 20
+    c.train.steps = 30
+    c.train.eval_every = 15
+    c.train.checkpoint_every = 15
     c.eval.num_prompts = 128
     c.eval.n = 8
     c.eval.max_new_tokens = 48

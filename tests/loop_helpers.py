@@ -8,7 +8,7 @@ def tiny_config(policy_dir, method="grpo", steps=2):
     c.method = method
     c.model.path = policy_dir
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.data.kind = "demo"
     c.demo_data = dict(num_train=64, num_eval=4, levels=(1,), style="expression")
     c.prompt.template = "plain"
@@ -30,4 +30,29 @@ def tiny_config(policy_dir, method="grpo", steps=2):
     c.eval.max_new_tokens = 8
     c.eval.batch_prompts = 4
     c.mesh.num_devices = 1  # the suite simulates 8 CPU devices; these runs use one
+    return c
+
+
+def write_policy(path):
+    """A tiny random Qwen2 over the demo's character vocabulary, with its tokenizer, at `path`."""
+    from tiny_hf import write_tiny_qwen2
+    from uecjax.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    write_tiny_qwen2(path, std=0.05, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     tie_word_embeddings=True)
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def fsdp_config(policy_dir, steps):
+    """tiny_config on all devices as one fsdp axis, with non-zero gradients (entropy bonus)
+    and a reference model: the multi-process test's run."""
+    c = tiny_config(policy_dir, "entropy_reg", steps=steps)
+    c.loss.beta = 0.01
+    c.mesh.num_devices = 0
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.train.export_hf = True
+    c.eval.num_prompts = 2
     return c

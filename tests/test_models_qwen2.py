@@ -20,7 +20,7 @@ from tiny_hf import TINY, write_tiny_qwen2
 from transformers import Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from uecjax.models import TextConfig, default_positions, from_pretrained
+from uecjax.models import ConfigError, TextConfig, default_positions, from_pretrained
 from uecjax.models.rope import inverse_frequencies
 
 B, T = 3, 12  # one batch shape everywhere, so compiled forwards are shared between tests
@@ -224,24 +224,30 @@ def test_remat_same_logits_and_gradients(checkpoints):
     ids = jnp.asarray(random_ids(4, (B, T)))
     value_and_grad = nnx.jit(nnx.value_and_grad(_loss, has_aux=True))
     results = []
-    for remat in (False, True):
+    # The old boolean switch maps onto the modes: False -> none, True -> full.
+    for remat, mode in ((False, "none"), ("per_layer", "per_layer"), (True, "full")):
         model = from_pretrained(path, remat=remat)
-        assert model.config.remat is remat
+        assert model.config.remat == mode
         (loss, logits), grads = value_and_grad(model, ids, mask)
         results.append((np.asarray(logits), float(loss), nnx.to_flat_state(grads)))
-        # remat=True wraps each scanned layer in jax.checkpoint; remat=False does not.
+        # per_layer / full wrap each scanned layer in jax.checkpoint with their policy.
         x = model.embed_tokens(ids)
         jaxpr = str(jax.make_jaxpr(lambda x: model.hidden_states(x, default_positions(mask), mask)[0])(x))
-        assert ("prevent_cse=" in jaxpr) is remat  # a param only the remat primitive has
-    (l0, loss0, g0), (l1, loss1, g1) = results
-    np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-6 * np.abs(l0).max())
-    assert loss1 == pytest.approx(loss0, rel=1e-6)
-    g0, g1 = dict(g0), dict(g1)
-    assert g0.keys() == g1.keys() and len(g0) == 15
-    for key in g0:
-        a, b = np.asarray(g0[key][...]), np.asarray(g1[key][...])
-        assert np.abs(a).max() > 0, key
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max(), err_msg=str(key))
+        assert ("prevent_cse=" in jaxpr) is (mode != "none")  # a param only the remat primitive has
+        assert ("only_if_no_batch_dims=True" in jaxpr) is (mode == "per_layer")
+        assert ("nothing_saveable" in jaxpr) is (mode == "full")
+    with pytest.raises(ConfigError, match="remat='some'"):
+        from_pretrained(path, remat="some")
+    l0, loss0, g0 = results[0]
+    for l1, loss1, g1 in results[1:]:
+        np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-6 * np.abs(l0).max())
+        assert loss1 == pytest.approx(loss0, rel=1e-6)
+        a0, a1 = dict(g0), dict(g1)
+        assert a0.keys() == a1.keys() and len(a0) == 15
+        for key in a0:
+            a, b = np.asarray(a0[key][...]), np.asarray(a1[key][...])
+            assert np.abs(a).max() > 0, key
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max(), err_msg=str(key))
 
 
 def _decode_step(model, x, positions, key_mask, cache, cache_index):

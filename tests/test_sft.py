@@ -11,7 +11,7 @@ from flax import nnx
 
 import uecjax.sft as sft
 from uecjax.data.demo import demo_records
-from uecjax.demo_model import SETTINGS_FILE, demo_solution, prepare_demo_policy
+from uecjax.demo_model import SETTINGS_FILE, demo_solution, prepare_demo_policy, slip_offsets
 from uecjax.models import Qwen2, TextConfig
 from uecjax.optim import OptimConfig, make_optimizer
 from uecjax.rewards import RewardGrader
@@ -117,6 +117,19 @@ def test_demo_solution_steps():
     assert demo_solution(rec) == "<think>3*4=12 12-5=7</think>\\boxed{7}"
     with pytest.raises(ValueError, match="answer"):
         demo_solution(Record(prompt="", answer="8", meta={"expression": "3 * 4 - 5"}))
+    # A careless teacher's slip changes the boxed answer only, never the steps.
+    assert demo_solution(rec, answer_offset=-2) == "<think>3*4=12 12-5=7</think>\\boxed{5}"
+
+
+def test_slip_offsets():
+    answers = [0, 1] + [10] * 4998
+    offsets = slip_offsets(len(answers), 0.5, answers, seed=3)
+    assert offsets == slip_offsets(len(answers), 0.5, answers, seed=3)  # seeded
+    slipped = np.array(offsets) != 0
+    assert abs(slipped.mean() - 0.5) < 3 * np.sqrt(0.25 / len(answers))
+    assert set(offsets) == {-2, -1, 0, 1, 2}
+    assert all(a + d >= 0 for a, d in zip(answers, offsets))  # answers stay counts
+    assert slip_offsets(100, 0.0, [5] * 100, seed=0) == [0] * 100
 
 
 def test_prepare_demo_policy_writes_and_reuses(tmp_path, monkeypatch):

@@ -86,3 +86,45 @@ def test_from_pretrained_with_the_sharding_fn(tmp_path):
                                jax.tree.leaves(nnx.state(plain))):
         assert x.sharding == s, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_model_must_divide_by_the_mesh():
+    """Heads, KV heads and MLP width must split over tensor, the hidden size over fsdp (errors
+    naming the config field); a vocabulary that does not split is only a warning."""
+    from uecjax.models.presets import preset
+    from uecjax.sharding import check_model_mesh
+
+    qwen05 = preset("qwen2.5-0.5b")  # 14 heads, 2 KV heads, MLP 4864, hidden 896
+    assert check_model_mesh(qwen05, make_mesh((4, 1, 2))) == []
+    with pytest.raises(ShardingError, match=r"config.mesh.tensor=4 does not divide the model's "
+                                            r"num_attention_heads=14; choose a tensor size that "
+                                            r"divides it \(1, 2, 7\)"):
+        check_model_mesh(qwen05, make_mesh((2, 1, 4)))
+    with pytest.raises(ShardingError, match="num_key_value_heads=2"):
+        check_model_mesh(qwen05.replace(num_attention_heads=16, hidden_size=1024), make_mesh((2, 1, 4)))
+    with pytest.raises(ShardingError, match="intermediate_size=4863"):
+        check_model_mesh(qwen05.replace(intermediate_size=4863), make_mesh((4, 1, 2)))
+    with pytest.raises(ShardingError, match="config.mesh.fsdp=8 does not divide the model's hidden_size=900"):
+        check_model_mesh(qwen05.replace(hidden_size=900, num_attention_heads=15, num_key_value_heads=3),
+                         make_mesh((1, 8, 1)))
+    # A checkpoint vocabulary such as 151,646 still loads: replicated over tensor, with a warning.
+    qwen7 = preset("qwen2.5-7b")  # 28 heads, 4 KV heads, MLP 18944
+    assert check_model_mesh(qwen7, make_mesh((2, 1, 4))) == []
+    warnings = check_model_mesh(qwen7.replace(vocab_size=151646), make_mesh((2, 1, 4)))
+    assert len(warnings) == 1 and "vocab_size=151646" in warnings[0] and "tensor=4" in warnings[0]
+
+
+def test_global_batch_takes_this_process_rows():
+    """One process holds every row; the global array equals the host batch on the batch sharding."""
+    from uecjax.sharding import global_batch, process_rows, put_replicated, replicated
+
+    mesh = make_mesh((2, 2, 2))
+    sharding = batch_sharding(mesh)
+    assert process_rows(sharding, 8) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    host = {"tokens": np.arange(24).reshape(8, 3), "adv": np.arange(8.0), "ref": None}
+    placed = global_batch(host, sharding)
+    assert placed["ref"] is None and placed["tokens"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(placed["tokens"]), host["tokens"])
+    assert global_batch(placed, sharding)["adv"] is placed["adv"]  # already placed: unchanged
+    control = put_replicated({"h0": np.float32(np.nan), "step": np.int32(3)}, replicated(mesh))
+    assert np.isnan(np.asarray(control["h0"])) and control["step"].sharding == replicated(mesh)

@@ -7,17 +7,14 @@ import signal
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tiny_hf import write_tiny_qwen2
 from uecjax import checkpoint as ckpt
-from loop_helpers import tiny_config
+from loop_helpers import tiny_config, write_policy
 from uecjax.config import ConfigValueError
 from uecjax.objectives.methods import METHODS
-from uecjax.tokenizer import char_tokenizer
 from uecjax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,13 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
     """A tiny random Qwen2 over the demo's character vocabulary, with its tokenizer."""
-    path = tmp_path_factory.mktemp("policy")
-    tok = char_tokenizer()
-    write_tiny_qwen2(path, std=0.05, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     tie_word_embeddings=True)
-    tok.save_pretrained(str(path))
-    return str(path)
+    return write_policy(tmp_path_factory.mktemp("policy"))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -78,7 +69,7 @@ def test_sigterm_saves_and_exits(policy_dir, tmp_path):
     """A real SIGTERM to a running `python -m uecjax.train`: it saves the step and exits 0."""
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom loop_helpers import tiny_config\n"
+        "import sys\nsys.path.insert(0, %r)\nfrom loop_helpers import tiny_config, write_policy\n"
         "def get_config():\n    return tiny_config(%r, 'grpo', steps=1000)\n"
         % (os.path.join(REPO, "tests"), policy_dir))
     env = dict(os.environ, PYTHONUNBUFFERED="1")

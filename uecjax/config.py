@@ -9,8 +9,12 @@ that names the field and says what is allowed.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
+from uecjax.models.config import REMAT_MODES
+from uecjax.models.presets import PRESETS
 from uecjax.objectives.methods import METHODS
+from uecjax.optim import STATE_DTYPES
 from uecjax.tokenizer import PROMPT_TEMPLATES
 
 DATA_KINDS = ("demo", "geometry3k", "math", "jsonl")
@@ -29,9 +33,18 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
+    # Named decoder shape (uecjax.models.presets: qwen2.5-0.5b ... qwen2.5-vl-7b, tiny) for
+    # `--dry_run` without a checkpoint; a run that trains reads the shape from model.path.
+    c.model.preset = ""
     c.model.dtype = "bfloat16"  # compute dtype; softmax, norms, log-probs stay float32
-    c.model.param_dtype = "float32"  # storage dtype of parameters and optimizer moments
-    c.model.remat = True  # rematerialise each decoder layer in the backward pass
+    c.model.param_dtype = "float32"  # storage dtype of the parameters: float32 | bfloat16
+    # What the backward pass recomputes: none | per_layer | full (uecjax.models.qwen2.
+    # remat_policy). True / False from older configs mean full / none, hence the open type.
+    c.model.remat = config_dict.FieldReference("full", field_type=object)
+    # Keep the reference model's parameters (beta > 0) in pinned host memory between its
+    # log-prob passes, on backends that have it (GPU, TPU); on CPU devices already live in
+    # host memory and this does nothing.
+    c.model.offload_reference = False
     # Qwen2.5-VL: keep the vision tower fixed (no gradient, no update, no weight decay, no
     # optimizer state). False trains it, as EasyR1's geo3k recipe does (freeze_vision_tower).
     c.model.freeze_vision = False
@@ -88,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.01
     c.optim.max_grad_norm = 1.0
+    c.optim.b1 = 0.9  # AdamW moments
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.state_dtype = ""  # Adam moments: "" (the parameters' dtype) | float32 | bfloat16
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100  # optimizer updates on fresh rollouts (replay updates come on top)
@@ -106,17 +123,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 1024
     c.eval.batch_prompts = 32
 
-    # Mesh (data, fsdp, tensor); -1 takes the remaining devices.
+    # Mesh (data, fsdp, tensor) over all processes' devices; -1 takes the remaining devices.
+    # tensor must divide the attention heads, KV heads and MLP width, fsdp the hidden size.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-    c.mesh.num_devices = 0  # use the first N devices (0: all of them)
+    c.mesh.num_devices = 0  # use the first N devices (0: all of them; multi-process runs: 0)
     return c
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ConfigValueError naming the first bad field."""
+def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
+    """Raises ConfigValueError naming the first bad field. dry_run: data and checkpoint paths
+    are not needed (a shape from model.preset or model.path's config.json is)."""
     def bad(field, value, why):
         raise ConfigValueError(f"config.{field}={value!r}: {why}")
 
@@ -124,10 +143,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("method", c.method, f"choose from {sorted(METHODS)}")
     if c.data.kind not in DATA_KINDS:
         bad("data.kind", c.data.kind, f"choose from {DATA_KINDS}")
-    if c.data.kind != "demo" and not c.data.path:
+    if c.data.kind != "demo" and not c.data.path and not dry_run:
         bad("data.path", c.data.path, "set it to the dataset directory or file")
-    if c.data.kind != "demo" and not c.model.path:
-        bad("model.path", c.model.path, "set it to a Hugging Face checkpoint directory")
+    if c.data.kind != "demo" and not c.model.path and not (dry_run and c.model.preset):
+        bad("model.path", c.model.path, "set it to a Hugging Face checkpoint directory"
+            + (" (or its config.json), or set config.model.preset" if dry_run else ""))
+    if c.model.remat not in REMAT_MODES + (True, False):
+        bad("model.remat", c.model.remat, f"choose from {REMAT_MODES}")
+    for field in ("model.dtype", "model.param_dtype"):
+        if c.model[field.split(".")[1]] not in ("float32", "bfloat16"):
+            bad(field, c.model[field.split(".")[1]], "use float32 or bfloat16")
+    if c.optim.state_dtype not in STATE_DTYPES:
+        bad("optim.state_dtype", c.optim.state_dtype, f"choose from {STATE_DTYPES} ('' = as the parameters)")
+    if c.model.preset and c.model.preset not in PRESETS:
+        bad("model.preset", c.model.preset, f"choose from {sorted(PRESETS)}")
     if c.prompt.template not in PROMPT_TEMPLATES:
         bad("prompt.template", c.prompt.template, f"choose from {sorted(PROMPT_TEMPLATES)}")
     if not 0.0 <= c.reward.format_weight <= 1.0:

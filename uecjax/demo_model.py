@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from typing import Callable, Sequence
 
@@ -64,13 +65,14 @@ def _apply(a: int, op: str, b: int) -> int:
     raise ValueError(f"operator {op!r}")
 
 
-def demo_solution(record) -> str:
+def demo_solution(record, *, answer_offset: int = 0) -> str:
     r"""A short worked solution of a demo record: `<think>STEPS</think>\boxed{ANSWER}`.
 
     STEPS evaluates `record.meta["expression"]` (`a op b op c`, ops + - *, left to right,
     which is also the precedence order the demo generates) one operation at a time:
     `3 * 4 - 5` -> `3*4=12 12-5=7`. Raises ValueError when the expression does not evaluate
-    to `record.answer`.
+    to `record.answer`. `answer_offset` is added to the boxed answer only (a careless
+    teacher's slip: the steps stay right, the copied result is wrong).
     """
     parts = str(record.meta["expression"]).split()
     if len(parts) % 2 == 0 or not all(p.isdigit() for p in parts[::2]):
@@ -84,7 +86,7 @@ def demo_solution(record) -> str:
     if str(value) != str(record.answer).strip():
         raise ValueError(f"demo expression {record.meta['expression']!r} = {value}, "
                          f"but the record's answer is {record.answer!r}")
-    return "<think>" + " ".join(steps) + "</think>\\boxed{" + str(value) + "}"
+    return "<think>" + " ".join(steps) + "</think>\\boxed{" + str(value + answer_offset) + "}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,7 @@ class DemoPolicySettings:
     learning_rate: float = 3e-3
     target_accuracy: float | None = None
     num_val: int = 64
+    slip: float = 0.0
     version: int = SETTINGS_VERSION
 
     def to_json(self) -> dict:
@@ -112,13 +115,35 @@ class DemoPolicySettings:
         return d
 
 
-def _build_examples(tokenizer, records, template: str, use_chat_template: bool):
+def slip_offsets(n: int, slip: float, answers: Sequence[int], seed: int) -> list[int]:
+    """The careless teacher's slips: 0 for most solutions, else one of -2, -1, 1, 2 (kept >= 0).
+
+    With probability `slip` a solution's boxed answer is off by a small amount. The warmed-up
+    policy then knows the arithmetic but copies its result into the box only part of the
+    time, which is what RL on a verifiable reward can fix in minutes: greedy decoding mostly
+    copies (the mode), sampling slips, so sampled Pass@1 starts well below Pass@k.
+    """
+    rng = random.Random(seed)
+    offsets = []
+    for answer in answers[:n]:
+        if rng.random() >= slip:
+            offsets.append(0)
+            continue
+        choices = [d for d in (-2, -1, 1, 2) if answer + d >= 0]
+        offsets.append(rng.choice(choices))
+    return offsets
+
+
+def _build_examples(tokenizer, records, template: str, use_chat_template: bool,
+                    slip: float = 0.0, seed: int = 0):
     end = stop_token_ids(tokenizer)[0]  # <|im_end|>: the end of the assistant turn
+    offsets = slip_offsets(len(records), slip, [int(r.answer) for r in records], seed)
     examples = []
-    for r in records:
+    for r, offset in zip(records, offsets):
         prompt = render_prompt(tokenizer, r.prompt, template=template,
                                use_chat_template=use_chat_template)
-        target = tokenizer.encode(demo_solution(r), add_special_tokens=False) + [end]
+        target = tokenizer.encode(demo_solution(r, answer_offset=offset),
+                                  add_special_tokens=False) + [end]
         examples.append((prompt, target))
     return examples
 
@@ -159,7 +184,8 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
                         use_chat_template: bool = True, sft_steps: int = 500,
                         batch_size: int = 32, learning_rate: float = 3e-3,
                         target_accuracy: float | None = None, num_val: int = 64,
-                        force: bool = False, log: Callable[[str], None] | None = None):
+                        slip: float = 0.0, force: bool = False,
+                        log: Callable[[str], None] | None = None):
     """(model, tokenizer, path) of the demo's initial policy, trained or reused.
 
     workdir: the run directory; the policy lives in workdir/demo_init (HF layout + tokenizer).
@@ -171,6 +197,7 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
     sft_steps / batch_size / learning_rate: the warm-up (`uecjax.sft.supervised_warmup`).
     num_val: train-split problems of all levels kept out of the warm-up set; the greedy
       accuracy on them is logged and saved (0: no check, a few seconds faster).
+    slip: fraction of warm-up solutions whose boxed answer is off by 1-2 (`slip_offsets`).
     target_accuracy: stop the warm-up early once that accuracy reaches it (checked every 50
       steps; None: run all steps). The test split is never looked at.
     force: retrain even if a matching policy exists.
@@ -187,7 +214,7 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
         seed=seed, model=tuple(sorted(cfg_fields.items())), levels=tuple(levels),
         num_train=num_train, style=style, template=template, use_chat_template=use_chat_template,
         sft_steps=sft_steps, batch_size=batch_size, learning_rate=learning_rate,
-        target_accuracy=target_accuracy, num_val=num_val)
+        target_accuracy=target_accuracy, num_val=num_val, slip=slip)
     path = os.path.join(workdir, "demo_init")
     settings_file = os.path.join(path, SETTINGS_FILE)
     if not force and os.path.exists(settings_file):
@@ -214,7 +241,7 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
     train = [r for r in demo_records("train", num_train + len(val), seed=seed,
                                      levels=tuple(levels), style=style)
              if r.prompt not in held][:num_train]
-    examples = _build_examples(tokenizer, train, template, use_chat_template)
+    examples = _build_examples(tokenizer, train, template, use_chat_template, slip, seed)
     from uecjax.sampler import Sampler
 
     sampler = Sampler(model, pad_id=tokenizer.pad_token_id)

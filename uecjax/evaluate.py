@@ -14,6 +14,9 @@ the tokenizer files, as `save_pretrained` + `tokenizer.save_pretrained` write th
         [--num_prompts=N] [--output=metrics.json] [--config.eval.temperature=0.6 ...]
 
 It prints one JSON line with the metrics on stdout (the progress bar goes to stderr).
+Launched as part of a multi-process job (`uecjax.distributed`: TPU slice, SLURM, or the
+--coordinator_address / --num_processes / --process_id flags) it joins the job first; each
+process then evaluates on its first local device and process 0 prints and writes.
 
 Metrics. Every prompt gets one greedy response (temperature 0) and `n` sampled responses
 (`temperature`, `top_p`), graded by the reward function (`uecjax.rewards`):
@@ -332,8 +335,14 @@ def main(argv) -> None:
     from uecjax.rewards import RewardGrader
     from uecjax.sampler import Sampler
 
+    from uecjax import distributed
+
     del argv
     FLAGS = flags.FLAGS
+    try:
+        distributed.initialize_from_flags()  # before anything touches a device
+    except distributed.DistributedError as e:
+        raise SystemExit(f"error: {e}") from None
     config = FLAGS.config
     if config is None:
         raise SystemExit("--config=configs/<name>.py is required")
@@ -362,6 +371,8 @@ def main(argv) -> None:
             seed=_get(config, "seed", 0), progress=True, image_processor=processor)
     metrics = {"checkpoint": os.path.abspath(checkpoint), "split": split, **metrics}
     line = json.dumps(metrics)
+    if not distributed.is_main_process():  # every process computed the same metrics
+        return
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             f.write(line + "\n")
@@ -381,6 +392,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_prompts", None, "Evaluate the first N records (default: "
                          "config.eval.num_prompts; 0: all).")
     flags.DEFINE_string("output", None, "Also write the JSON metrics to this file.")
+    from uecjax import distributed
+
+    distributed.define_flags()
 
 
 if __name__ == "__main__":

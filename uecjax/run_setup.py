@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
+import jax
 import ml_collections
 
 from uecjax.data import (DataNotFoundError, Fields, demo_source, geometry3k_source, load_source,
@@ -14,7 +15,7 @@ from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
 from uecjax.models import CheckpointError, VLConfig, from_pretrained
 from uecjax.models.config import model_config_from_hf, read_hf_config
 from uecjax.rollout import Prompt
-from uecjax.sharding import model_sharding_fn
+from uecjax.sharding import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
 from uecjax.tokenizer import load_tokenizer
 from uecjax.vision_inputs import (ImageError, ImageProcessor, load_image_processor, render_record,
                                   vl_chat_template)
@@ -47,15 +48,61 @@ def check_inputs(cfg: ml_collections.ConfigDict) -> None:
         raise (CheckpointError if missing_model else DataNotFoundError)(text)
 
 
+def run_mesh(cfg: ml_collections.ConfigDict, devices=None):
+    """The (data, fsdp, tensor) mesh of config.mesh over all processes' devices (or `devices`)."""
+    if devices is None and cfg.mesh.num_devices:
+        if jax.process_count() > 1 and cfg.mesh.num_devices != jax.device_count():
+            raise ShardingError(
+                f"config.mesh.num_devices={cfg.mesh.num_devices}: a multi-process run uses all "
+                f"{jax.device_count()} devices of its {jax.process_count()} processes; set it to 0")
+        devices = jax.devices()[: cfg.mesh.num_devices]
+    return make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
+
+
+def model_config(cfg: ml_collections.ConfigDict):
+    """The decoder's TextConfig without loading weights: model.preset, else model.path (a
+    checkpoint directory or its config.json), else the demo's tiny model; with the run's
+    dtype, param_dtype and remat."""
+    from uecjax.models.config import TextConfig, read_hf_config
+    from uecjax.models.presets import preset
+
+    numerics = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    if cfg.model.preset:
+        return preset(cfg.model.preset, **numerics)
+    if cfg.model.path:
+        if not os.path.exists(cfg.model.path):
+            raise CheckpointError(f"config.model.path={cfg.model.path!r}: not found; give a "
+                                  "checkpoint directory or its config.json, or config.model.preset")
+        return TextConfig.from_hf(read_hf_config(cfg.model.path), source=cfg.model.path, **numerics)
+    from uecjax.demo_model import DEMO_MODEL
+    from uecjax.tokenizer import char_tokenizer
+
+    demo = cfg.get("demo") or {}
+    shape = {**DEMO_MODEL, **dict(demo.get("model_overrides") or {})}
+    return TextConfig(vocab_size=len(char_tokenizer()), **{**shape, **numerics})
+
+
 def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
     """(model, tokenizer): the demo's self-prepared policy, or a Hugging Face checkpoint:
-    Qwen2.5-VL as `Qwen2_5_VL` (images reach the vision tower), Qwen2 / Qwen2.5 as `Qwen2`."""
+    Qwen2.5-VL as `Qwen2_5_VL` (images reach the vision tower), Qwen2 / Qwen2.5 as `Qwen2`.
+
+    The mesh is checked against the model's shape first (`check_model_mesh`): a split that
+    cannot be even is an error naming config.mesh.*, a vocabulary fallback a logged warning.
+    """
     if cfg.data.kind == "demo" and not cfg.model.path:
         from uecjax.demo_model import prepare_demo_policy
 
+        if jax.process_count() > 1:  # every process would train and write workdir/demo_init
+            raise CheckpointError(
+                "config.model.path='': the demo policy is prepared by a single process; run "
+                "the demo once on one process (it writes WORKDIR/demo_init) and pass "
+                "--config.model.path=WORKDIR/demo_init to the multi-process run")
+        for warning in check_model_mesh(model_config(cfg), mesh):
+            logger.text(f"warning: {warning}")
+
         # The warm-up must see the prompts the RL run will render.
         model, tokenizer, path = prepare_demo_policy(
-            workdir, seed=cfg.seed, style=cfg.demo_data.style, template=cfg.prompt.template,
+            workdir, seed=cfg.demo_data.get("seed", 0), style=cfg.demo_data.style, template=cfg.prompt.template,
             use_chat_template=cfg.prompt.use_chat_template, log=logger.text, **cfg.demo.to_dict())
         logger.text(f"demo policy: {path}")
         return model, tokenizer
@@ -66,6 +113,8 @@ def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
     text_only = hf_config.get("model_type") != "qwen2_5_vl"
     config = model_config_from_hf(hf_config, source=os.path.join(path, "config.json"),
                                   language_model_only=text_only)
+    for warning in check_model_mesh(config.text if isinstance(config, VLConfig) else config, mesh):
+        logger.text(f"warning: {warning}")
     model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, config),
                             language_model_only=text_only)
@@ -91,7 +140,7 @@ def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
     kind = cfg.data.kind
     if kind == "demo":
         num = cfg.demo_data.num_train if train else cfg.demo_data.num_eval
-        return demo_source("train" if train else "test", num, seed=cfg.seed,
+        return demo_source("train" if train else "test", num, seed=cfg.demo_data.get("seed", 0),
                            levels=tuple(cfg.demo_data.levels), style=cfg.demo_data.style)
     if kind == "geometry3k":
         return geometry3k_source(cfg.data.path, split)

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from uecjax.batch import positions_from_mask
+from uecjax.distributed import to_host
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache
 from uecjax.vision_inputs import (DEFAULT_PATCH_BUCKETS, PromptImages, patch_bucket, stack_images,
@@ -286,7 +287,8 @@ class Sampler:
 
         rows = num_prompts * params.n
         T = params.max_new_tokens
-        out_tokens, out_logps, valid, done = jax.device_get((out_tokens, out_logps, valid, done))
+        # Whole arrays on every host (a gather if the compiler left them sharded across hosts).
+        out_tokens, out_logps, valid, done = to_host((out_tokens, out_logps, valid, done))
         valid = valid[:rows, :T]
         return SamplerOutput(
             prompt_tokens=np.repeat(tokens, params.n, axis=0)[:rows],

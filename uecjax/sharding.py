@@ -13,9 +13,17 @@ the rest (step counts) is replicated, so one table serves all three.
 
 A parameter dimension that its mesh axes do not divide falls back to replicated on that
 dimension (e.g. a vocabulary of 151,646 on tensor=4 still loads, with the embedding
-replicated over `tensor`); `param_fallbacks` lists where that happens. A batch whose size
-the data-parallel axes do not divide is an error (`ShardingError`), since the batch size is
-ours to choose while checkpoint shapes are not.
+replicated over `tensor`); `param_fallbacks` lists where that happens. `check_model_mesh`
+turns the fallbacks that would cost real memory or split attention heads into errors before
+anything loads: attention heads, KV heads and the MLP width must divide by `tensor`, the
+hidden size by `fsdp`; a vocabulary that does not divide by `tensor` stays a warning (it is
+the checkpoint's, not ours to choose). A batch whose size the data-parallel axes do not divide
+is an error (`ShardingError`), since the batch size is ours to choose while checkpoint shapes
+are not.
+
+Host batches become global arrays with `global_batch`: each process passes the same host
+(numpy) batch and contributes only the rows its own devices hold
+(`jax.make_array_from_process_local_data`), so multi-host runs never ship another host's rows.
 """
 
 from __future__ import annotations
@@ -193,6 +201,43 @@ def batch_shards(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
+def process_rows(sharding: NamedSharding, num_rows: int) -> list[slice]:
+    """The row blocks of a [num_rows, ...] array that this process's devices hold, in order."""
+    blocks = {(s.start or 0, num_rows if s.stop is None else s.stop)
+              for s, *_ in sharding.addressable_devices_indices_map((num_rows,)).values()}
+    return [slice(a, b) for a, b in sorted(blocks)]
+
+
+def global_batch(tree, sharding: NamedSharding):
+    """Host (numpy) arrays with a leading row axis -> global jax Arrays on `sharding`.
+
+    Every process holds the same host arrays and passes only its own rows to
+    `jax.make_array_from_process_local_data`; jax Arrays and None pass through unchanged.
+    """
+    def one(x):
+        if x is None or isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        local = np.concatenate([x[rows] for rows in process_rows(sharding, x.shape[0])])
+        return jax.make_array_from_process_local_data(sharding, local, x.shape)
+    return jax.tree.map(one, tree)
+
+
+def put_replicated(tree, sharding: NamedSharding):
+    """Small host values, the same on every process -> global arrays on a replicated sharding.
+
+    Unlike `jax.device_put`, which in a multi-process job all-gathers the values to check
+    that every process passed the same (and fails on NaN, which never equals itself, e.g. an
+    unset H_0), this trusts the caller: the values come from the same computation everywhere.
+    """
+    def one(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, x.shape)
+    return jax.tree.map(one, tree)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
     """Every micro-batch must split evenly over the data-parallel devices."""
     shards = batch_shards(mesh)
@@ -200,6 +245,36 @@ def check_batch_size(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> Non
         raise ShardingError(
             f"batch size {batch_size} must be a multiple of micro_batches ({micro_batches}) x "
             f"data x fsdp ({shards}) = {micro_batches * shards}")
+
+
+# ---- the model against the mesh ----
+
+def check_model_mesh(config, mesh: Mesh, *, where: str = "config.mesh") -> list[str]:
+    """Raises ShardingError when the mesh cannot split the model evenly; returns warnings.
+
+    `config` is a `uecjax.models.TextConfig`. Errors: attention heads, KV heads or MLP width
+    not divisible by `tensor`, hidden size not divisible by `fsdp` (the parameter would be
+    silently replicated, or a head split across devices). Warnings: a vocabulary not divisible
+    by `tensor` (the embedding / lm-head are then replicated over `tensor`, see the module
+    docstring).
+    """
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    needs = (("tensor", tensor, "num_attention_heads", config.num_attention_heads),
+             ("tensor", tensor, "num_key_value_heads", config.num_key_value_heads),
+             ("tensor", tensor, "intermediate_size", config.intermediate_size),
+             ("fsdp", fsdp, "hidden_size", config.hidden_size))
+    for axis, size, field, value in needs:
+        if value % size:
+            fits = [d for d in range(1, value + 1) if value % d == 0 and d <= mesh.size]
+            raise ShardingError(
+                f"{where}.{axis}={size} does not divide the model's {field}={value}; choose a "
+                f"{axis} size that divides it ({', '.join(map(str, fits))})")
+    warnings = []
+    if config.vocab_size % tensor:
+        warnings.append(
+            f"vocab_size={config.vocab_size} is not divisible by {where}.tensor={tensor}: the "
+            "embedding and lm-head are replicated over the tensor axis (more memory per device)")
+    return warnings
 
 
 # ---- loading ----

@@ -8,6 +8,21 @@ exactly; SIGTERM saves and exits), and the final policy exported in Hugging Face
 
 The checkpoint's config.json decides the model: a Qwen2.5-VL policy samples, scores and trains
 on the records' images through this same loop (`configs/geo3k.py`), a text policy on their text.
+
+Multi-process runs (`uecjax.distributed`: TPU slices, SLURM, or --coordinator_address /
+--num_processes / --process_id) run this same loop on every process over one global mesh.
+Every process reads the same prompt stream and computes the same rollout rows (the sampler
+and scorer are single SPMD programs over all devices; grading and advantages are cheap host
+work repeated on each host); each process then contributes only the rows its own devices
+hold to the global batch (`TrainStep.place_batch`). Per-host rollouts of B * G / processes
+rows would need every host to agree on the number of sampling rounds and on the exploration
+batch shapes (both depend on the rewards), so they are left for later. Process 0 writes the
+logs and the export; every process takes part in checkpoint saves (orbax writes each array
+shard once, from the process that holds it) and in gathers of sharded arrays.
+
+`--dry_run` builds the model abstractly (no weights), compiles the train step for the
+configured batch on the configured mesh and prints what it needs per device
+(`uecjax.dry_run`).
 """
 
 from __future__ import annotations
@@ -24,20 +39,22 @@ from flax import nnx
 from ml_collections import config_flags
 
 from uecjax import checkpoint as ckpt
+from uecjax import distributed
 from uecjax.batch import Batch, sequence_inputs
 from uecjax.config import ConfigValueError, validate
 from uecjax.evaluate import evaluate
 from uecjax.metrics import RunLogger
 from uecjax.data import DataNotFoundError
 from uecjax.models import CheckpointError, ConfigError, VLConfig, save_pretrained
+from uecjax.offload import HostParams
 from uecjax.objectives.loss_config import LossConfigError
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rewards import RewardGrader
 from uecjax.rollout import Rollout, rollout_config
-from uecjax.run_setup import image_processor, load_policy, make_records, prompt_stream
+from uecjax.run_setup import image_processor, load_policy, make_records, prompt_stream, run_mesh
 from uecjax.sampler import Sampler
-from uecjax.sharding import ShardingError, check_batch_size, make_mesh
+from uecjax.sharding import ShardingError, check_batch_size
 from uecjax.tokenizer import TokenizerError, stop_token_ids
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import VisionInputError
@@ -50,7 +67,7 @@ class Scorer:
     `row_bucket` so the jitted pass compiles for a few shapes only.
     """
 
-    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params=None,
+    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params: HostParams | None = None,
                  vl_config: VLConfig | None = None):
         self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
         self.vl_config = vl_config
@@ -68,16 +85,17 @@ class Scorer:
                       response_mask=pad(response_mask.astype(np.float32)),
                       advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
                       is_hard=np.zeros(rows, np.float32))
-        logp, entropy = self.trainer.compute_logprobs(self.params, batch)
+        # Back on the host as whole arrays (a gather where rows live on other hosts' devices).
+        logp, entropy = distributed.to_host(self.trainer.compute_logprobs(self.params, batch))
         ref = None
         if self.ref_params is not None:
-            ref, _ = self.trainer.compute_logprobs(self.ref_params, batch)
-            ref = ref[:n]
+            ref = distributed.host_array(
+                self.trainer.compute_logprobs(self.ref_params.on_device(), batch)[0])[:n]
         return logp[:n], entropy[:n], ref
 
 
 def _host(metrics) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    return {k: float(v) for k, v in distributed.to_host(metrics).items()}
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdout) -> dict:
@@ -85,8 +103,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     validate(cfg)
     os.makedirs(workdir, exist_ok=True)
     logger = RunLogger(workdir, enabled=jax.process_index() == 0, console=log_console)
-    devices = jax.devices()[: cfg.mesh.num_devices] if cfg.mesh.num_devices else None
-    mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
+    mesh = run_mesh(cfg)
     model, tokenizer = load_policy(cfg, workdir, mesh, logger)
     stops = stop_token_ids(tokenizer)
     # A Qwen2.5-VL policy gets images; a text policy the prompts' text alone. One loop for both.
@@ -107,7 +124,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         # The reference is frozen and every weight is cast to the compute dtype before use, so
         # storing it in that dtype changes no log-prob and halves its memory in bfloat16.
         to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
-        ref_params = jax.jit(to_compute, out_shardings=trainer.param_shardings)(params)
+        ref_params = HostParams(jax.jit(to_compute, out_shardings=trainer.param_shardings)(params),
+                                trainer.param_shardings, offload=cfg.model.offload_reference)
     scorer = Scorer(trainer, rcfg.batch_rows, ref_params, vl_config)
 
     train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True)
@@ -128,7 +146,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                           max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                           batch_prompts=cfg.eval.batch_prompts, prompt_template=cfg.prompt.template,
                           use_chat_template=cfg.prompt.use_chat_template, seed=cfg.seed,
-                          progress=log_console is not None, image_processor=processor)
+                          progress=log_console is not None and distributed.is_main_process(),
+                          image_processor=processor)
         result["time_s"] = time.perf_counter() - t
         logger.scalars(step, result, prefix="eval/")
         logger.text(f"eval @ step {step}: " + ", ".join(
@@ -218,11 +237,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                "checkpoints": str(checkpointer.directory)}
     if not preempted:
         export = os.path.join(workdir, "export")
-        if cfg.train.export_hf and jax.process_index() == 0:
-            save_pretrained(model, export)
-            tokenizer.save_pretrained(export)
-            if processor is not None:  # preprocessor_config.json: the export loads as it was
-                processor.hf.save_pretrained(export)
+        if cfg.train.export_hf:
+            save_pretrained(model, export)  # every process gathers, process 0 writes
+            if distributed.is_main_process():
+                tokenizer.save_pretrained(export)
+                if processor is not None:  # preprocessor_config.json: the export loads as it was
+                    processor.hf.save_pretrained(export)
             summary["export"] = export
         summary.update({f"initial_{k}": v for k, v in history["initial"].items()})
         summary.update({f"final_{k}": v for k, v in history["final"].items()})
@@ -245,13 +265,20 @@ def _print_summary(s: dict, logger: RunLogger) -> None:
 # that does not match): printed as one message, no traceback.
 USER_ERRORS = (ConfigValueError, LossConfigError, OptimConfigError, ConfigError, CheckpointError,
                DataNotFoundError, TokenizerError, ckpt.CheckpointNotFoundError,
-               ckpt.CheckpointMismatchError, ShardingError, VisionInputError)
+               ckpt.CheckpointMismatchError, ShardingError, VisionInputError,
+               distributed.DistributedError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (logs, checkpoints, export). "
                     "Default: runs/<config name>-<method>.")
+flags.DEFINE_bool("dry_run", False, "Build the model abstractly, compile the train step for the "
+                  "configured batch and mesh, print the memory it needs per device; no weights, "
+                  "no data. The shape comes from config.model.preset or config.model.path.")
+flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: compile for this many simulated CPU "
+                     "devices (e.g. a pod's device count) instead of the machine's devices.")
+distributed.define_flags()
 
 
 def main(argv):
@@ -263,6 +290,16 @@ def main(argv):
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"{name}-{cfg.method}")
     try:
+        if FLAGS.dry_run:
+            from uecjax.dry_run import dry_run, simulate_cpu_devices
+
+            if FLAGS.dry_run_devices:
+                simulate_cpu_devices(FLAGS.dry_run_devices)
+            dry_run(cfg)
+            return
+        if FLAGS.dry_run_devices:
+            raise ConfigValueError("--dry_run_devices needs --dry_run")
+        distributed.initialize_from_flags()  # before anything touches a device
         train(cfg, workdir)
     except USER_ERRORS as e:
         # User mistakes (bad values, missing data or checkpoints): the message, no traceback.

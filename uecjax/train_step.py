@@ -247,27 +247,38 @@ class TrainStep:
         place = (lambda p: jax.tree.map(jnp.copy, p)) if copy else (lambda p: p)
         params = jax.jit(place, out_shardings=self.param_shardings)(params)
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
-        control = jax.device_put(init_control_state(self.loss, seed, h0), self.replicated)
+        control = shd.put_replicated(init_control_state(self.loss, seed, h0), self.replicated)
         return params, opt_state, control
 
-    def _check_shape(self, batch: Batch):
+    def place_batch(self, batch: Batch) -> Batch:
+        """The host batch as global arrays on the mesh, each process giving only its own rows
+        (`uecjax.sharding.global_batch`); arrays already on devices pass through."""
         shd.check_batch_size(batch.tokens.shape[0], self.mesh, self.micro_batches)
+        return shd.global_batch(batch, self.batch_sharding)
 
     def step(self, params, opt_state, control: ControlState, batch: Batch):
         """One update; params and opt_state are donated (do not reuse the arguments)."""
-        self._check_shape(batch)
-        return self._step(params, opt_state, control, batch)
+        return self._step(params, opt_state, control, self.place_batch(batch))
 
     def gradients(self, params, control: ControlState, batch: Batch):
         """(grads, metrics, control) of `batch_gradients`, jitted; nothing is donated."""
-        self._check_shape(batch)
-        return self._grads(params, control, batch)
+        return self._grads(params, control, self.place_batch(batch))
 
     def compute_logprobs(self, params, batch: Batch):
-        """(log pi, entropy) [B, R] of the responses under params (old or reference model)."""
-        self._check_shape(batch)
-        return self._logprobs(params, batch)
+        """(log pi, entropy) [B, R] of the responses under params (old or reference model).
+
+        Forward only: nothing is differentiated, so no activations are kept for a backward
+        pass (the model's remat setting does not matter here); micro-batches bound the live
+        activations to one micro-batch's forward.
+        """
+        return self._logprobs(params, self.place_batch(batch))
+
+    def lower(self, params, opt_state, control: ControlState, batch: Batch):
+        """(train step, log-prob pass) lowered for these (possibly abstract, sharded) arguments,
+        for `.compile().memory_analysis()` without running anything (uecjax.dry_run)."""
+        return (self._step.lower(params, opt_state, control, batch),
+                self._logprobs.lower(params, batch))
 
     def update_control(self, control: ControlState, metrics) -> ControlState:
         """Host-side controller update after a step (AER's coefficient, section 9)."""
-        return jax.device_put(update_control(control, metrics, self.loss), self.replicated)
+        return shd.put_replicated(update_control(control, metrics, self.loss), self.replicated)

@@ -20,14 +20,37 @@ import jax.numpy as jnp
 TEXT_MODEL_TYPES = ("qwen2",)
 VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "mrope")
+REMAT_MODES = ("none", "per_layer", "full")
+
+
+def remat_mode(value) -> str:
+    """A remat setting as one of REMAT_MODES: booleans are the old switch (True meant a
+    checkpoint around each layer that keeps nothing inside it, which is "full")."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_MODES:
+        raise ConfigError(f"remat={value!r}: choose from {REMAT_MODES}")
+    return value
 
 
 class ConfigError(ValueError):
     """A config.json (or a config value) that uecjax cannot use; the message says what to fix."""
 
 
+class _Dtypes:
+    """`dtype` (compute) and `param_dtype` (storage) fields as jnp dtypes."""
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(_Dtypes):
     """The Qwen2 decoder's shape and numerics. Field names follow transformers' Qwen2Config."""
 
     vocab_size: int
@@ -47,8 +70,9 @@ class TextConfig:
     dtype: str = "float32"
     # Storage dtype of the parameters.
     param_dtype: str = "float32"
-    # Rematerialise each decoder layer in the backward pass (activation memory O(1) in depth).
-    remat: bool = False
+    # What the backward pass recomputes instead of keeping (REMAT_MODES; True / False are
+    # accepted for "full" / "none"). See uecjax.models.qwen2.remat_policy.
+    remat: str = "none"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -57,6 +81,7 @@ class TextConfig:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
+        object.__setattr__(self, "remat", remat_mode(self.remat))
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use float32 or bfloat16")
@@ -64,14 +89,6 @@ class TextConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     @property
     def num_groups(self) -> int:
@@ -179,7 +196,7 @@ VISION_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_Dtypes):
     """The Qwen2.5-VL vision tower. Field names follow transformers' Qwen2_5_VLVisionConfig."""
 
     depth: int
@@ -198,9 +215,10 @@ class VisionConfig:
     tokens_per_second: int = 4  # videos only; kept so that a saved config round-trips
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"  # as TextConfig.remat; the tower remats whole blocks unless "none"
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_mode(self.remat))
         object.__setattr__(self, "fullatt_block_indexes", tuple(self.fullatt_block_indexes))
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ConfigError(
@@ -227,14 +245,6 @@ class VisionConfig:
     def patch_dim(self) -> int:
         """Length of one flattened patch: in_channels * temporal_patch_size * patch_size^2."""
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes) -> "VisionConfig":
         return dataclasses.replace(self, **changes)

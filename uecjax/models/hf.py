@@ -15,13 +15,14 @@ import tempfile
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from uecjax.distributed import to_host
 from uecjax.models.config import ConfigError, VLConfig, model_config_from_hf, read_hf_config
 from uecjax.models.qwen2 import LAYER_PARAM_AXES, MODEL_PARAM_AXES, Qwen2
 from uecjax.models.qwen2_5_vl import Qwen2_5_VL
@@ -266,11 +267,12 @@ def load_params(model_abstract, path: str, *, sharding_fn: ShardingFn = default_
 
 
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                    remat: bool = False, sharding_fn: ShardingFn = default_sharding,
+                    remat: str | bool = "none", sharding_fn: ShardingFn = default_sharding,
                     language_model_only: bool = False) -> Qwen2 | Qwen2_5_VL:
     """Loads an HF checkpoint directory: Qwen2/Qwen2.5 -> Qwen2, Qwen2.5-VL -> Qwen2_5_VL.
 
-    dtype: compute dtype of the matmuls; param_dtype: storage dtype (default: same as dtype).
+    dtype: compute dtype of the matmuls; param_dtype: storage dtype (default: same as dtype);
+    remat: "none" | "per_layer" | "full" (`uecjax.models.qwen2.remat_policy`).
     language_model_only: load only the decoder of a VL checkpoint (Qwen2.5-VL, Qwen2-VL), as a
     Qwen2 that ignores the vision tower's tensors.
     """
@@ -289,21 +291,25 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
 def hf_tensors(model: Qwen2 | Qwen2_5_VL) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named host numpy arrays (torch layout).
 
+    Whole stacked arrays come to the host first (a gather where parameters are sharded over
+    other hosts' devices: every process must call this), then split per layer in numpy.
     Qwen2.5-VL is named as transformers 5.23 writes it: the decoder under `model.`, the
     vision tower under `visual.`, `lm_head.weight`.
     """
     if isinstance(model, Qwen2_5_VL):
         return {**hf_tensors(model.language_model), **_vision_tensors(model.visual)}
     cfg = model.config
-    out = {"model.embed_tokens.weight": model.embed[...], "model.norm.weight": model.final_norm[...]}
-    if model.lm_head is not None:
-        out["lm_head.weight"] = model.lm_head[...].T
+    host = to_host({"embed": model.embed[...], "final_norm": model.final_norm[...],
+                    "lm_head": None if model.lm_head is None else model.lm_head[...],
+                    "layers": model.layers.arrays()})
+    out = {"model.embed_tokens.weight": host["embed"], "model.norm.weight": host["final_norm"]}
+    if host["lm_head"] is not None:
+        out["lm_head.weight"] = host["lm_head"].T
     for param, (suffix, transposed) in LAYER_KEYS.items():
-        stacked = getattr(model.layers, param)[...]
+        stacked = host["layers"][param]
         for i in range(cfg.num_hidden_layers):
             out[f"model.layers.{i}.{suffix}"] = stacked[i].T if transposed else stacked[i]
-    host = jax.device_get(out)
-    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in host.items()}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 def _vision_tensors(tower: VisionTower, prefix: str = VISION_PREFIXES[0]) -> dict[str, np.ndarray]:
@@ -323,9 +329,20 @@ def save_pretrained(model: Qwen2, path: str, *, max_shard_bytes: int = 4 << 30) 
     """Writes config.json and safetensors (sharded above max_shard_bytes) in HF layout.
 
     The files are written to a temporary sibling directory that replaces `path` only when
-    complete, so an interrupted save never leaves a half-written checkpoint behind.
+    complete, so an interrupted save never leaves a half-written checkpoint behind. In a
+    multi-process job call it on every process: all take part in gathering the parameters,
+    process 0 writes, and all return once the directory is in place.
     """
     tensors = hf_tensors(model)
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            _write_hf(model, tensors, path, max_shard_bytes)
+        multihost_utils.sync_global_devices(f"save_pretrained {path}")
+        return
+    _write_hf(model, tensors, path, max_shard_bytes)
+
+
+def _write_hf(model: Qwen2, tensors: dict[str, np.ndarray], path: str, max_shard_bytes: int) -> None:
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)

@@ -2,8 +2,8 @@
 
 One forward serves training (whole padded sequences) and decoding (a KV cache written at a
 slot index). Layer weights are stacked on a leading `layers` axis and the layers run under
-`lax.scan`, so compile time does not grow with depth; `config.remat` rematerialises each
-layer in the backward pass.
+`lax.scan`, so compile time does not grow with depth; `config.remat` chooses what the
+backward pass recomputes instead of keeping (`remat_policy`).
 
 Weights are stored input-major (`x @ w`), the transpose of torch's `nn.Linear`; `hf.py` maps
 them to and from the Hugging Face names.
@@ -140,6 +140,28 @@ def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask, cache, layer, cache_in
     return x, cache
 
 
+def remat_policy(mode: str):
+    """(use jax.checkpoint around each layer, its saving policy) for config.remat.
+
+    none       nothing is recomputed: every layer's activations (projections, attention
+               scores and probabilities, MLP) stay alive from the forward to the backward.
+    per_layer  each layer runs under jax.checkpoint keeping the outputs of its weight matmuls
+               (q/k/v/o, gate/up/down projections: dot products without batch dimensions,
+               `dots_with_no_batch_dims_saveable`); the backward recomputes the norms, RoPE,
+               the attention scores / softmax (the [T, T] part) and the activations.
+    full       each layer runs under jax.checkpoint keeping nothing but its input
+               (`nothing_saveable`): the backward recomputes the whole layer, one layer at a
+               time, so the activations held across the model are one [B, T, hidden] per layer.
+    In every mode the lm-head's logits are recomputed in the backward (the chunked log-prob
+    custom VJP, uecjax.objectives.logprobs), and passes that are not differentiated (sampling,
+    old / reference log-probs) keep no activations at all.
+    """
+    policies = jax.checkpoint_policies
+    return {"none": (False, None),
+            "per_layer": (True, policies.dots_with_no_batch_dims_saveable),
+            "full": (True, policies.nothing_saveable)}[mode]
+
+
 class Qwen2(nnx.Module):
     """Qwen2 causal LM. `model(input_ids)` gives float32 logits [B, T, V]."""
 
@@ -223,8 +245,9 @@ class Qwen2(nnx.Module):
             x, kv = _decoder_layer(cfg, p, x, cos, sin, mask, kv, layer, cache_index)
             return (x, kv), None
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+        use_remat, policy = remat_policy(cfg.remat)
+        if use_remat:  # prevent_cse=False: scan already keeps the recomputation apart
+            body = jax.checkpoint(body, prevent_cse=False, policy=policy)
         kv = None if cache is None else (cache.k, cache.v)
         xs = (self.layers.arrays(), jnp.arange(cfg.num_hidden_layers))
         (x, kv), _ = jax.lax.scan(body, (x, kv), xs)

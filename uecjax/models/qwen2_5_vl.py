@@ -25,7 +25,6 @@ from flax import nnx
 
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache, Qwen2
-from uecjax.models.rope import rope_tables
 from uecjax.models.vision import VisionLayout, VisionTower, check_grid, vision_layout
 
 

@@ -359,7 +359,7 @@ class VisionTower(nnx.Module):
                              lambda x: _block(cfg, p, x, cos, sin, layout.windows), x)
             return x, None
 
-        if cfg.remat:
+        if cfg.remat != "none":
             body = jax.checkpoint(body, prevent_cse=False)
         x, _ = jax.lax.scan(body, x, (self.blocks.arrays(), jnp.asarray(is_full)))
 

@@ -1,0 +1,164 @@
+"""Memory options at real size: optimizer-state dtype, reference offload, the forward-only
+log-prob pass, and the abstract `--dry_run` (tiny preset on 1 and 8 devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uecjax.optim import OptimConfig, OptimConfigError, make_optimizer
+
+
+@pytest.mark.parametrize("state_dtype, want", [("", {"bfloat16", "float32"}), ("float32", {"float32"}),
+                                               ("bfloat16", {"bfloat16"})])
+def test_optimizer_moments_keep_their_dtype(state_dtype, want):
+    """Adam's moments are created in state_dtype ("" = each parameter's dtype) and stay in it
+    after float32 gradients (plain optax would turn bfloat16 moments into float32 ones)."""
+    params = {"w": jnp.ones((4, 4), jnp.bfloat16), "input_norm": jnp.ones((4,), jnp.float32)}
+    tx = make_optimizer(OptimConfig(learning_rate=0.1, state_dtype=state_dtype))
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, jnp.float32), params)
+    updates, new_state = tx.update(grads, state, params)
+    moments = lambda s: {str(x.dtype) for x in jax.tree.leaves(s) if x.ndim}  # noqa: E731
+    assert moments(state) == moments(new_state) == want
+    assert jax.tree.map(lambda x: x.dtype, jax.tree.leaves(new_state)) == \
+        jax.tree.map(lambda x: x.dtype, jax.tree.leaves(state))
+    assert np.all(np.asarray(updates["w"], np.float32) < 0)  # the update itself still happens
+    with pytest.raises(OptimConfigError, match="state_dtype='float16'"):
+        OptimConfig(state_dtype="float16")
+
+
+# ---- the reference model in host memory ----
+
+def test_reference_offload_round_trip():
+    """On CPU offload does nothing unless forced; forced, the parameters sit in pinned host
+    memory and come back to the device equal, giving the same log-probs."""
+    from flax import nnx
+
+    from train_helpers import SGD_LIKE, random_batch, single_mesh, tiny_model
+    from uecjax.objectives.methods import loss_config
+    from uecjax.offload import HostParams
+    from uecjax.train_step import TrainStep
+
+    trainer = TrainStep(tiny_model(), loss_config("grpo"), SGD_LIKE, single_mesh())
+    params, _, _ = trainer.init(nnx.state(tiny_model()))
+    assert not HostParams(params, trainer.param_shardings, offload=True).offloaded  # CPU: no-op
+    ref = HostParams(params, trainer.param_shardings, offload=True, allow_cpu=True)
+    assert ref.offloaded
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(ref.params)} == {"pinned_host"}
+    back = ref.on_device()
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(back)} == {"device"}
+    batch = random_batch()
+    want, got = trainer.compute_logprobs(params, batch), trainer.compute_logprobs(back, batch)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+# ---- dry run ----
+
+def tiny_run(method="grpo", **mesh):
+    from uecjax.config import base_config
+
+    c = base_config()
+    c.method = method
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.rollout.max_prompt_len, c.rollout.max_new_tokens = 32, 32  # 8 x 5 rows of 64 tokens
+    for axis, size in mesh.items():
+        c.mesh[axis] = size
+    return c
+
+
+def layer_split_counts(text):
+    """(parameters split along the hidden axis by fsdp, parameters kept whole: norms, biases)."""
+    from uecjax.models.presets import parameter_count
+
+    q, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+    whole = text.num_hidden_layers * (q + 2 * kv + 2 * text.hidden_size) + text.hidden_size
+    return parameter_count(text) - whole, whole
+
+
+def check_report(report, lines, devices):
+    """The printed lines and the JSON line of a tiny-preset dry run on `devices` devices
+    (mesh fsdp = devices): parameter bytes are the analytic count split by fsdp."""
+    import json
+
+    from uecjax.models.presets import parameter_count, preset
+
+    text = preset("tiny")
+    split, whole = layer_split_counts(text)
+    assert json.loads(lines[-1]) == json.loads(json.dumps(report))  # one JSON line, last
+    for label in ("parameters", "optimizer state", "reference parameters", "batch",
+                  "activations / temporaries", "generated code", "total"):
+        assert any(line.strip().startswith(label) for line in lines), label
+    b = report["per_device_bytes"]
+    assert report["devices"] == devices and report["mesh"]["fsdp"] == devices
+    assert report["parameters"] == parameter_count(text)
+    # float32 parameters: the hidden-axis matrices split over fsdp, norms and biases whole.
+    assert b["params"] == 4 * (split // devices + whole)
+    assert b["optimizer_state"] - 2 * b["params"] in range(0, 64)  # Adam's mu, nu + counters
+    assert b["reference_params"] == b["params"]  # beta > 0, not offloaded
+    assert b["temp"] > 0 and b["total"] == sum(v for k, v in b.items() if k != "total")
+    args = b["params"] + b["optimizer_state"] + b["batch"]
+    # The compiler's arguments: ours plus the controller state, less unused batch fields.
+    assert 0.99 * args < report["compiler"]["argument_bytes"] < args + 64
+
+
+def test_dry_run_tiny_preset_on_1_and_8_devices():
+    """In process on one device; `python -m uecjax.train --dry_run --dry_run_devices=8` on 8
+    simulated CPU devices with an fsdp mesh; a mesh that does not divide the model is one
+    error line."""
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from uecjax.dry_run import dry_run
+    from uecjax.models.presets import parameter_count, preset
+
+    out = io.StringIO()
+    report = dry_run(tiny_run(), devices=jax.devices()[:1], out=out)
+    check_report(report, out.getvalue().splitlines(), 1)
+    assert report["per_device_bytes"]["params"] == 4 * parameter_count(preset("tiny"))
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The suite's XLA_FLAGS give 8 devices; --dry_run_devices must win, so ask for 4 here.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    cli = [sys.executable, "-m", "uecjax.train", "--config=configs/math.py", "--dry_run",
+           "--config.model.preset=tiny", "--config.model.dtype=float32", "--config.method=grpo",
+           "--config.rollout.max_prompt_len=32", "--config.rollout.max_new_tokens=32",
+           "--dry_run_devices=8", "--config.mesh.data=1"]
+    result = subprocess.run(cli + ["--config.mesh.fsdp=-1"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    check_report(json.loads(lines[-1]), lines, 8)
+    bad = subprocess.run(cli + ["--config.mesh.tensor=-1"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert ("error: config.mesh.tensor=8 does not divide the model's num_attention_heads=4; "
+            "choose a tensor size that divides it (1, 2, 4)") in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_logprob_pass_keeps_no_activations(tmp_path):
+    """The old / reference log-prob pass is forward only: its temporaries neither grow with
+    depth nor depend on remat, while the train step's grow with depth and shrink with remat
+    (none > per_layer > full)."""
+    import json
+
+    from uecjax.dry_run import dry_run
+    from uecjax.models.presets import preset
+
+    temps = {}
+    for layers, remat in ((2, "none"), (8, "none"), (8, "per_layer"), (8, "full")):
+        path = tmp_path / f"L{layers}.json"
+        path.write_text(json.dumps(preset("tiny").replace(num_hidden_layers=layers).to_hf()))
+        c = tiny_run()
+        c.model.preset, c.model.path, c.model.remat = "", str(path), remat
+        r = dry_run(c, devices=jax.devices()[:1], out=None)
+        temps[layers, remat] = (r["per_device_bytes"]["temp"], r["logprob_pass_temp_bytes"])
+    assert len({logprob for _, logprob in temps.values()}) == 1
+    step = {key: t for key, (t, _) in temps.items()}
+    assert step[8, "none"] > step[2, "none"] > temps[2, "none"][1]
+    assert step[8, "none"] > step[8, "per_layer"] > step[8, "full"] > temps[8, "full"][1]

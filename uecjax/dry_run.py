@@ -1,0 +1,187 @@
+"""What a run needs per device, from the compiler, with no weights allocated.
+
+    python -m uecjax.train --config=configs/math.py --dry_run \
+        --config.model.preset=qwen2.5-7b --config.mesh.fsdp=-1 --config.mesh.data=1 \
+        [--dry_run_devices=64]
+
+builds the model abstractly (`nnx.eval_shape`: shapes, dtypes, shardings), lowers and compiles
+the train step for the configured batch (B * G rows of max_prompt_len + max_new_tokens tokens,
+micro_batches, method, reference log-probs when beta > 0) on the configured mesh, and prints
+per device: parameter bytes, optimizer-state bytes, reference-parameter bytes (beta > 0 and
+not offloaded), batch bytes, and from `compiled.memory_analysis()` the temporaries
+(activations, gradients, the update) and the generated code, with a total; then the same as
+one JSON line. The shape comes from config.model.preset (uecjax.models.presets), else
+config.model.path (a checkpoint directory or its config.json; weights are not read), else the
+demo's tiny model.
+
+On the machine's own devices (e.g. a GPU host, or one TPU host of a slice of that size) the
+figures are the target backend's. `--dry_run_devices=N` compiles instead for N simulated CPU
+devices (`jax_num_cpu_devices`, the same as XLA_FLAGS=--xla_force_host_platform_device_count=N
+with JAX_PLATFORMS=cpu), to size a mesh larger than the machine: parameter, optimizer and
+batch bytes are exact (they follow from shapes and shardings); temporaries are the CPU
+compiler's, which fuses and schedules differently from the GPU / TPU compilers, so read them
+as an estimate. The sampler's KV cache and activations are not included (they are freed
+before the train step runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from uecjax.batch import Batch
+from uecjax.config import validate
+from uecjax.control import init_control_state
+from uecjax.models import Qwen2
+from uecjax.models.presets import parameter_count
+from uecjax.objectives.methods import loss_config
+from uecjax.optim import OptimConfig
+from uecjax.rollout import rollout_config
+from uecjax.run_setup import model_config, run_mesh
+from uecjax.sharding import check_batch_size, check_model_mesh
+from uecjax.train_step import TrainStep
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Run on n simulated CPU devices. Must come before anything touches a device."""
+    if n < 1:
+        raise ValueError(f"--dry_run_devices={n}: must be >= 1")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def device_bytes(tree) -> int:
+    """Bytes of one device's shard of every array in an abstract, sharded tree (the largest
+    shard where the split is uneven: what the fullest device holds)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool, sharding) -> Batch:
+    """The loop's batch (`Rows.to_batch`) as ShapeDtypeStructs on the batch sharding."""
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    T = prompt_len + response_len
+    tok, resp, seq = (rows, T), (rows, response_len), (rows,)
+    return Batch(tokens=sds(tok, jnp.int32), attention_mask=sds(tok, jnp.int32),
+                 positions=sds(tok, jnp.int32), response_mask=sds(resp, jnp.float32),
+                 advantages=sds(seq, jnp.float32), difficulty=sds(seq, jnp.float32),
+                 is_hard=sds(seq, jnp.float32), old_logp=sds(resp, jnp.float32),
+                 old_entropy=sds(resp, jnp.float32),
+                 ref_logp=sds(resp, jnp.float32) if with_ref else None,
+                 sampler_logp=sds(resp, jnp.float32))
+
+
+def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> dict:
+    """Compiles the configured train step abstractly; prints and returns the memory report."""
+    validate(cfg, dry_run=True)
+    text = model_config(cfg)
+    mesh = run_mesh(cfg, devices)
+    warnings = check_model_mesh(text, mesh)
+    hp = loss_config(cfg.method, **cfg.loss.to_dict())
+    rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
+    optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
+                           **cfg.optim.to_dict()})
+    check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)
+
+    model = nnx.eval_shape(lambda: Qwen2(text, rngs=nnx.Rngs(0)))  # shapes only, no weights
+    trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
+                        chunk_size=cfg.train.chunk_size)
+    params = _abstract(nnx.state(model), trainer.param_shardings)
+    opt_state = _abstract(jax.eval_shape(trainer.optimizer.init, params), trainer.opt_shardings)
+    control = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
+                           jax.eval_shape(lambda: init_control_state(hp, cfg.seed)))
+    batch = abstract_batch(rcfg.batch_rows, rcfg.max_prompt_len, rcfg.max_new_tokens, hp.beta > 0,
+                           trainer.batch_sharding)
+
+    step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch)
+    step = step_lowered.compile().memory_analysis()
+    logprobs = logprobs_lowered.compile().memory_analysis()
+
+    per_device = {
+        "params": device_bytes(params),
+        "optimizer_state": device_bytes(opt_state),
+        # The KL reference is a second copy of the parameters unless parked in host memory.
+        "reference_params": device_bytes(params) if hp.beta > 0 and not _offloads(cfg, mesh) else 0,
+        "batch": device_bytes(batch),
+        "temp": int(step.temp_size_in_bytes),
+        "generated_code": int(step.generated_code_size_in_bytes),
+    }
+    per_device["total"] = sum(per_device.values())
+    report = {
+        "dry_run": True,
+        "model": cfg.model.preset or cfg.model.path or "demo",
+        "parameters": parameter_count(text),
+        "platform": mesh.devices.flat[0].platform,
+        "devices": int(mesh.size),
+        "mesh": dict(mesh.shape),
+        "batch": {"rows": rcfg.batch_rows, "prompt_len": rcfg.max_prompt_len,
+                  "response_len": rcfg.max_new_tokens, "micro_batches": cfg.train.micro_batches},
+        "dtype": text.dtype, "param_dtype": text.param_dtype,
+        "state_dtype": optim.state_dtype or text.param_dtype, "remat": text.remat,
+        "method": cfg.method,
+        "per_device_bytes": per_device,
+        # Forward-only old / reference log-prob pass: what it holds besides params and batch.
+        "logprob_pass_temp_bytes": int(logprobs.temp_size_in_bytes),
+        "compiler": {"argument_bytes": int(step.argument_size_in_bytes),
+                     "output_bytes": int(step.output_size_in_bytes),
+                     "alias_bytes": int(step.alias_size_in_bytes)},
+        "warnings": warnings,
+    }
+    _print(report, out)
+    return report
+
+
+def _offloads(cfg, mesh) -> bool:
+    from uecjax.offload import host_memory_supported
+
+    if not cfg.model.offload_reference or mesh.devices.flat[0].platform == "cpu":
+        return False
+    return host_memory_supported([jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())])
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:9.3f} GiB"
+
+
+def _print(report: dict, out) -> None:
+    if out is None:
+        return
+    b = report["per_device_bytes"]
+    n = report["parameters"]
+    count = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+    print(f"dry run: {report['model']} ({count} parameters), "
+          f"{report['method']}, remat {report['remat']}, params {report['param_dtype']}, "
+          f"moments {report['state_dtype']}", file=out)
+    print(f"  mesh {report['mesh']} on {report['devices']} {report['platform']} devices; batch "
+          f"{report['batch']['rows']} rows x ({report['batch']['prompt_len']} + "
+          f"{report['batch']['response_len']}) tokens, {report['batch']['micro_batches']} "
+          "micro-batches", file=out)
+    print("  per device:", file=out)
+    for key, label in (("params", "parameters"), ("optimizer_state", "optimizer state"),
+                       ("reference_params", "reference parameters"), ("batch", "batch"),
+                       ("temp", "activations / temporaries"), ("generated_code", "generated code"),
+                       ("total", "total")):
+        print(f"    {label:27s} {_gib(b[key])}", file=out)
+    print(f"  log-prob pass (forward only) temporaries {_gib(report['logprob_pass_temp_bytes'])}",
+          file=out)
+    for w in report["warnings"]:
+        print(f"  warning: {w}", file=out)
+    print(json.dumps(report), file=out, flush=True)
+
+
+__all__ = ["abstract_batch", "device_bytes", "dry_run", "simulate_cpu_devices"]
