@@ -19,6 +19,7 @@ def get_config():
     c.data.kind = "math"
     c.data.path = ""  # required: set on the command line
     c.model.path = ""  # required: set on the command line
+    c.model.hub_repo = "Qwen/Qwen2.5-Math-7B"
     c.rollout.prompts_per_batch = 32
     c.rollout.group_size = 8
     c.rollout.max_prompt_len = 1024

@@ -59,7 +59,7 @@ class StubSampler:
         text = self.tok.decode(ids, skip_special_tokens=True)
         return next(k for k in self.greedy if k in text)
 
-    def __call__(self, prompts, params):
+    def __call__(self, prompts, params, images=None):
         self.calls.append((len(prompts), params))
         texts = []
         for p in prompts:
@@ -188,7 +188,6 @@ def test_checkpoint_tokenizer_round_trip(tmp_path, tok):
 
 
 def test_eval_records_follow_the_training_configs():
-    import ml_collections
 
     from uecjax.data.demo import demo_records
     from uecjax.evaluate import eval_records

@@ -24,7 +24,7 @@ class ScriptedSampler:
     def __init__(self, success, R=6):
         self.success, self.R, self.calls = success, R, []
 
-    def __call__(self, prompts, params):
+    def __call__(self, prompts, params, images=None):
         self.calls.append((len(prompts), params.n, params.temperature))
         rows = len(prompts) * params.n
         P = max(len(p) for p in prompts)
@@ -48,7 +48,7 @@ def grade(texts, answers, choices):
     return future
 
 
-def score(prompt_tokens, prompt_mask, response_tokens, response_mask):
+def score(prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
     n, R = response_tokens.shape
     return np.full((n, R), -0.5, np.float32), np.full((n, R), 1.0, np.float32), None
 

@@ -60,3 +60,52 @@ def tiny_qwen2_5_vl(seed: int = 0, std: float = 0.1, text=None, vision=None, **o
             if "norm" in name or "ln_q" in name:  # keep norms near 1, as trained models have
                 p.add_(1.0)
     return model
+
+
+# The Qwen2-VL / Qwen2.5-VL chat template (as the hub checkpoints ship it): images and videos
+# in a user turn become <|vision_start|><|image_pad|><|vision_end|>, which the processor then
+# expands to one <|image_pad|> per merged patch block.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VISION_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def tiny_vl_tokenizer():
+    """The demo's character tokenizer plus Qwen2-VL's vision tokens (ids 102..105) and its
+    chat template: real prompts (Geometry3K text) tokenize with a 106-token vocabulary."""
+    from uecjax.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(VISION_SPECIALS)},
+                           replace_extra_special_tokens=False)
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    return tok
+
+
+def write_tiny_vl(path, seed: int = 0, std: float = 0.1, min_pixels: int = 28 * 28,
+                  max_pixels: int = 112 * 112):
+    """A tiny random Qwen2.5-VL checkpoint with its tokenizer (tiny_vl_tokenizer) and image
+    processor (preprocessor_config.json) in `path`, as a hub checkpoint directory holds them."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = tiny_vl_tokenizer()
+    vs, ve, img, vid = tok.convert_tokens_to_ids(list(VISION_SPECIALS))
+    model = tiny_qwen2_5_vl(seed, std, text={"vocab_size": len(tok), "max_position_embeddings": 4096},
+                            image_token_id=img, video_token_id=vid, vision_start_token_id=vs,
+                            vision_end_token_id=ve)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(str(path))
+    return model, tok

@@ -45,6 +45,19 @@ def base_config() -> ml_collections.ConfigDict:
     # log-prob passes, on backends that have it (GPU, TPU); on CPU devices already live in
     # host memory and this does nothing.
     c.model.offload_reference = False
+    # Qwen2.5-VL: keep the vision tower fixed (no gradient, no update, no weight decay, no
+    # optimizer state). False trains it, as EasyR1's geo3k recipe does (freeze_vision_tower).
+    c.model.freeze_vision = False
+    # The Hugging Face repository of the checkpoint, named in the download command printed
+    # when model.path does not exist.
+    c.model.hub_repo = "Qwen/Qwen2.5-1.5B-Instruct"
+
+    # Images (Qwen2.5-VL policies): each is resized so that its pixel count lies in
+    # [min_pixels, max_pixels] (sides multiples of 28), then cut into 14x14 patches; a prompt
+    # costs about pixels / 784 tokens per image. 512^2 .. 2048^2 as EasyR1's recipe.
+    c.vision = ml_collections.ConfigDict()
+    c.vision.min_pixels = 262144
+    c.vision.max_pixels = 4194304
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "math"  # demo | geometry3k | math | jsonl
@@ -78,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = 1024  # R
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
+    # Sampling rounds per batch before it is padded with weightless rows (rounds repeat while
+    # retention or dynamic sampling keeps too few rows).
+    c.rollout.max_rounds = 8
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6
@@ -159,3 +175,8 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
         bad("optim.learning_rate", c.optim.learning_rate, "must be > 0")
     if c.reward.timeout_s <= 0:
         bad("reward.timeout_s", c.reward.timeout_s, "must be > 0")
+    if not isinstance(c.vision.min_pixels, int) or c.vision.min_pixels < 1:
+        bad("vision.min_pixels", c.vision.min_pixels, "must be an integer >= 1")
+    if not isinstance(c.vision.max_pixels, int) or c.vision.max_pixels < c.vision.min_pixels:
+        bad("vision.max_pixels", c.vision.max_pixels,
+            f"must be an integer >= vision.min_pixels={c.vision.min_pixels}")

@@ -68,8 +68,14 @@ Config fields read by the CLI (the training configs define them; optional ones h
                                 cores)
     config.seed                 optional, seed of the sampled responses (0)
 
-Geometry3K rows are evaluated on their text only (the Qwen2 text model sees no images; the
-`<image>` placeholders stay in the prompt).
+    config.vision.min_pixels, .max_pixels
+                                optional, image bounds of a Qwen2.5-VL checkpoint (262144,
+                                4194304)
+
+A Qwen2.5-VL checkpoint is evaluated with its images (the image processor of the checkpoint,
+or of config.model.path, with the config's pixel bounds); a text model sees Geometry3K rows as
+text, the `<image>` placeholders left in the prompt. Records whose images fail to preprocess
+are skipped and counted (`skipped_prompts`).
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ import numpy as np
 from uecjax.config import DATA_KINDS
 from uecjax.metrics import pass_at_k_table
 from uecjax.sampler import SamplingParams
-from uecjax.tokenizer import load_tokenizer, render_prompt, stop_token_ids
+from uecjax.tokenizer import load_tokenizer, stop_token_ids
+from uecjax.vision_inputs import ImageError, render_record, vl_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +136,7 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
              temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 32,
              prompt_template: str = "think_boxed", use_chat_template: bool = True,
              seed: int = 0, ks: Sequence[int] | None = None, progress: bool = True,
-             greedy: bool = True) -> dict:
+             greedy: bool = True, image_processor=None) -> dict:
     """Greedy Pass@1 and sampled Pass@k of `sampler`'s model on `records` (module docstring).
 
     sampler: a `uecjax.sampler.Sampler` (reads the model's current parameters at each call).
@@ -139,6 +146,8 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
     Grading of a batch runs in the grader's workers while the next batch is sampled.
     ks: the k of Pass@k (default 1, 2, 4, ... up to n); every k must be <= n.
     greedy: also the greedy response per prompt (greedy_* metrics).
+    image_processor: a `uecjax.vision_inputs.ImageProcessor` for a Qwen2.5-VL policy: records
+      with images are prompted with them; None prompts every record as text.
     """
     records = list(records)
     if not records:
@@ -154,8 +163,21 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
         grader = RewardGrader()
     start = time.perf_counter()
     stops = stop_token_ids(tokenizer)
-    prompts = [render_prompt(tokenizer, r.prompt, template=prompt_template,
-                             use_chat_template=use_chat_template) for r in records]
+    kept, prompts, images = [], [], []
+    for r in records:
+        try:
+            ids, ims = render_record(tokenizer, r, template=prompt_template,
+                                     use_chat_template=use_chat_template,
+                                     image_processor=image_processor)
+        except ImageError as e:
+            logger.warning("evaluate: skipping %s: %s", r.id, e)
+            continue
+        kept.append(r)
+        prompts.append(ids)
+        images.append(ims)
+    skipped, records = len(records) - len(kept), kept
+    if not records:
+        raise ValueError(f"evaluate: all {skipped} records were skipped (their images failed)")
     num_batches = -(-len(records) // batch_prompts)
     futures = []
     greedy_len, greedy_trunc, sample_len, sample_trunc = [], [], [], []
@@ -167,17 +189,20 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
             for b in range(num_batches):
                 lo, hi = b * batch_prompts, min(len(records), (b + 1) * batch_prompts)
                 batch = prompts[lo:hi]
+                batch_images = images[lo:hi] if any(im is not None for im in images[lo:hi]) else None
                 responses = []
                 if greedy:
                     out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
-                                                        temperature=0.0, stop_token_ids=stops))
+                                                        temperature=0.0, stop_token_ids=stops),
+                                  images=batch_images)
                     responses += decode_responses(tokenizer, out.response_tokens,
                                                   out.response_mask, stops)
                     greedy_len.append(out.response_lengths)
                     greedy_trunc.append(out.truncated)
                 out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
                                                     temperature=temperature, top_p=top_p, n=n,
-                                                    stop_token_ids=stops, seed=_seed(seed, b)))
+                                                    stop_token_ids=stops, seed=_seed(seed, b)),
+                              images=batch_images)
                 responses += decode_responses(tokenizer, out.response_tokens, out.response_mask,
                                               stops)
                 sample_len.append(out.response_lengths)
@@ -219,7 +244,7 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
             greedy_response_length=float(np.concatenate(greedy_len).mean()),
             greedy_truncated=float(np.concatenate(greedy_trunc).mean()),
         )
-    metrics.update(num_prompts=num, n=n, seconds=time.perf_counter() - start)
+    metrics.update(num_prompts=num, n=n, skipped_prompts=skipped, seconds=time.perf_counter() - start)
     return metrics
 
 
@@ -275,16 +300,32 @@ def _load_checkpoint(checkpoint: str, config):
         raise FileNotFoundError(
             f"--checkpoint={checkpoint}: no config.json there. It must be a Hugging Face layout "
             "directory (config.json + *.safetensors), not an orbax training checkpoint.")
-    # As in training (run_setup.load_policy): a VL checkpoint is evaluated on its decoder.
+    # As in training (run_setup.load_policy): Qwen2.5-VL with its vision tower, other VL
+    # families on their decoder.
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        text_only = json.load(f).get("model_type") != "qwen2_5_vl"
     model = from_pretrained(checkpoint, dtype=_get(config, "model.dtype", "float32"),
-                            language_model_only=True)
-    tok_dirs = [checkpoint] + [p for p in [_get(config, "model.path")] if p and p != checkpoint]
-    for d in tok_dirs:
+                            language_model_only=text_only)
+    source_dirs = [checkpoint] + [p for p in [_get(config, "model.path")] if p and p != checkpoint]
+    processor = None
+    if not text_only:
+        from uecjax.vision_inputs import load_image_processor
+
+        preprocessor = next((d for d in source_dirs
+                             if os.path.exists(os.path.join(d, "preprocessor_config.json"))), None)
+        processor = load_image_processor(preprocessor, model.config.vision,
+                                         min_pixels=_get(config, "vision.min_pixels", 262144),
+                                         max_pixels=_get(config, "vision.max_pixels", 4194304))
+    for d in source_dirs:
         if any(os.path.exists(os.path.join(d, f))
                for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-            return model, load_tokenizer(d)
+            tokenizer = load_tokenizer(d)
+            template = None if text_only else vl_chat_template(d)
+            if template:
+                tokenizer.chat_template = template
+            return model, tokenizer, processor
     raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in "
-                            f"{' or '.join(tok_dirs)}; save the tokenizer next to the weights "
+                            f"{' or '.join(source_dirs)}; save the tokenizer next to the weights "
                             "(tokenizer.save_pretrained(DIR))")
 
 
@@ -308,7 +349,7 @@ def main(argv) -> None:
     checkpoint = FLAGS.checkpoint or _get(config, "model.path")
     split = FLAGS.split or _get(config, "data.eval_split") or "test"
     try:
-        model, tokenizer = _load_checkpoint(checkpoint, config)
+        model, tokenizer, processor = _load_checkpoint(checkpoint, config)
         records = eval_records(config, split, FLAGS.num_prompts)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -327,7 +368,7 @@ def main(argv) -> None:
             batch_prompts=_get(config, "eval.batch_prompts", 32),
             prompt_template=_get(config, "prompt.template", "think_boxed"),
             use_chat_template=_get(config, "prompt.use_chat_template", True),
-            seed=_get(config, "seed", 0), progress=True)
+            seed=_get(config, "seed", 0), progress=True, image_processor=processor)
     metrics = {"checkpoint": os.path.abspath(checkpoint), "split": split, **metrics}
     line = json.dumps(metrics)
     if not distributed.is_main_process():  # every process computed the same metrics

@@ -3,6 +3,10 @@
 Weight decay applies to matrices only; norms and biases (names ending in "norm" or "_b" in
 uecjax.models.qwen2) are not decayed, as is usual for transformers.
 
+Frozen groups (`OptimConfig.frozen`, e.g. ("visual",) for the Qwen2.5-VL vision tower) take no
+update at all: no gradient step, no weight decay and no Adam moments (optax.multi_transform
+routes them to set_to_zero), and the train step stops their gradients.
+
 Dtypes. Gradients reach the optimizer in float32 and the update is computed in float32; the
 Adam moments are stored in `state_dtype` ("" = each parameter's own dtype) and keep that dtype
 across steps; the new parameters are cast back to their storage dtype. With bfloat16
@@ -39,6 +43,9 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
+    # Top-level parameter groups that do not train: names of the model's attributes, e.g.
+    # ("visual",) for the vision tower of uecjax.models.Qwen2_5_VL.
+    frozen: tuple[str, ...] = ()
     state_dtype: str = ""  # Adam moments: "" (the parameters' dtype), float32 or bfloat16
 
     def __post_init__(self):
@@ -64,6 +71,7 @@ class OptimConfig:
             bad("state_dtype", f"expected one of {STATE_DTYPES} ('' = the parameters' dtype)")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             bad("weight_decay" if self.weight_decay < 0 else "max_grad_norm", "must be >= 0")
+        object.__setattr__(self, "frozen", tuple(self.frozen))
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -89,6 +97,34 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _group(path) -> str:
+    """The top-level group of a parameter path ('visual', 'language_model', 'layers', ...)."""
+    return str([k.key for k in path if isinstance(k, jax.tree_util.DictKey)][0])
+
+
+def check_frozen(params, frozen) -> None:
+    """Every frozen name must be a top-level group of the params (a typo would train it)."""
+    groups = {_group(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    unknown = sorted(set(frozen) - groups)
+    if unknown:
+        raise OptimConfigError(f"OptimConfig.frozen={tuple(frozen)!r}: {unknown} name no parameter "
+                               f"group of this model; its groups are {sorted(groups)}")
+
+
+def trainable_labels(params, frozen):
+    """'frozen' or 'train' per parameter, for optax.multi_transform."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if _group(path) in frozen else "train", params)
+
+
+def stop_gradient_frozen(params, frozen):
+    """params with jax.lax.stop_gradient on the frozen groups (no-op when none)."""
+    if not frozen:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jax.lax.stop_gradient(p) if _group(path) in frozen else p, params)
+
+
 def _state_in(tx: optax.GradientTransformation, dtype: str) -> optax.GradientTransformation:
     """`tx` with its state created from the parameters cast to `dtype` ("" = as they are) and
     every state leaf cast back to its initial dtype after an update (optax's Adam would
@@ -107,9 +143,13 @@ def _state_in(tx: optax.GradientTransformation, dtype: str) -> optax.GradientTra
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """clip_by_global_norm(max_grad_norm) -> AdamW(schedule, weight_decay on matrices), with the
-    moments in `cfg.state_dtype`."""
+    moments in `cfg.state_dtype`; frozen groups get zero updates and no optimizer state."""
     adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.frozen:
+        frozen = frozenset(cfg.frozen)
+        adamw = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                                      lambda params: trainable_labels(params, frozen))
     if cfg.max_grad_norm > 0:
         adamw = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
     return _state_in(adamw, cfg.state_dtype)

@@ -29,6 +29,7 @@ from uecjax.objectives.entropy_control import per_sequence, success_rate
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.rows import RowBuffer, Rows, left_pad
 from uecjax.sampler import SamplingParams
+from uecjax.vision_inputs import PromptImages, stack_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +93,10 @@ def rollout_config(method: str, **overrides) -> RolloutConfig:
 
 @dataclasses.dataclass
 class Prompt:
-    ids: list[int]
+    ids: list[int]  # with each image's tokens when `images` is set
     answer: str
     choices: tuple[str, ...] = ()
+    images: PromptImages | None = None  # Qwen2.5-VL: the prompt's preprocessed images
 
 
 class Rollout:
@@ -102,9 +104,10 @@ class Rollout:
 
     sampler: `uecjax.sampler.Sampler` over the policy being trained (reads its parameters).
     grade: (texts, answers, choices) -> Future of a list with .reward and .accuracy per text.
-    score: Rows-like (prompt/response arrays) -> (old_logp, old_entropy, ref_logp or None),
-        the trainer's log-probs at temperature 1, dispatched asynchronously so that grading
-        in the worker processes overlaps it.
+    score: (prompt_tokens, prompt_mask, response_tokens, response_mask, images=) -> (old_logp,
+        old_entropy, ref_logp or None), the trainer's log-probs at temperature 1, dispatched
+        asynchronously so that grading in the worker processes overlaps it. images: None, or
+        the rows' (pixel_values, image_grid_thw) as `Rows` stores them.
     decode: response token ids (stop token stripped) -> text.
     """
 
@@ -133,7 +136,8 @@ class Rollout:
                                 top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=self.stop_ids,
                                 n=n, seed=self.seed * 1_000_003 + self.calls)
         t = time.perf_counter()
-        out = self.sampler([p.ids for p in prompts], params)
+        images = [p.images for p in prompts] if any(p.images is not None for p in prompts) else None
+        out = self.sampler([p.ids for p in prompts], params, images=images)
         self._add("time/sampling", time.perf_counter() - t)
         self._add("sampled_tokens", float(out.response_mask.sum()))
         tokens, mask = left_pad(out.prompt_tokens, out.prompt_mask, cfg.max_prompt_len)
@@ -142,7 +146,11 @@ class Rollout:
         answers = [p.answer for p in prompts for _ in range(n)]
         choices = [p.choices for p in prompts for _ in range(n)]
         future = self.grade(texts, answers, choices)
-        scored = self.score(tokens, mask, out.response_tokens, out.response_mask)
+        row_images = None  # each sample row carries its prompt's images
+        if images is not None:
+            patch_dim = next(im for im in images if im is not None).pixel_values.shape[1]
+            row_images = stack_images([im for im in images for _ in range(n)], patch_dim)
+        scored = self.score(tokens, mask, out.response_tokens, out.response_mask, images=row_images)
         t = time.perf_counter()
         rewards = future.result()
         self._add("time/grading_wait", time.perf_counter() - t)
@@ -157,7 +165,9 @@ class Rollout:
                     ref_logp=ref_logp, advantage=np.zeros(len(reward), np.float32),
                     difficulty=np.zeros(len(reward), np.float32), reward=reward,
                     accuracy=accuracy, truncated=out.truncated.astype(bool),
-                    explore=np.zeros(len(reward), bool))
+                    explore=np.zeros(len(reward), bool),
+                    pixel_values=None if row_images is None else row_images[0],
+                    image_grid_thw=None if row_images is None else row_images[1])
         return rows
 
     def _next_prompts(self) -> list[Prompt]:

@@ -13,7 +13,10 @@ import dataclasses
 
 import numpy as np
 
-from uecjax.batch import Batch, positions_from_mask
+from uecjax.batch import Batch, sequence_inputs
+from uecjax.models.config import VLConfig
+
+IMAGE_FIELDS = ("pixel_values", "image_grid_thw")
 
 
 @dataclasses.dataclass
@@ -32,6 +35,10 @@ class Rows:
     accuracy: np.ndarray  # [n] float32
     truncated: np.ndarray  # [n] bool, hit the length limit
     explore: np.ndarray  # [n] bool, from UEC's exploration sampling (section 8)
+    # The prompt's images (Qwen2.5-VL), as `uecjax.vision_inputs.stack_images` stores them;
+    # None when no row has images.
+    pixel_values: np.ndarray | None = None  # [n, N, patch_dim] float32, zero-padded
+    image_grid_thw: np.ndarray | None = None  # [n, K, 3] int32, zero rows: no image
 
     def __len__(self) -> int:
         return self.prompt_tokens.shape[0]
@@ -43,9 +50,10 @@ class Rows:
     @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":
         parts = [p for p in parts if p is not None]
-        return Rows(**{f.name: None if getattr(parts[0], f.name) is None else
-                       np.concatenate([getattr(p, f.name) for p in parts])
-                       for f in dataclasses.fields(Rows)})
+        fields = {f.name: None if getattr(parts[0], f.name) is None else
+                  np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in dataclasses.fields(Rows) if f.name not in IMAGE_FIELDS}
+        return Rows(**fields, **_concat_images(parts))
 
     @staticmethod
     def empty(n: int, prompt_width: int, response_width: int, with_ref: bool) -> "Rows":
@@ -61,18 +69,42 @@ class Rows:
             advantage=z(n), difficulty=np.ones(n, np.float32), reward=z(n), accuracy=z(n),
             truncated=np.zeros(n, bool), explore=np.zeros(n, bool))
 
-    def to_batch(self, tau_hard: float) -> Batch:
+    def to_batch(self, tau_hard: float, vl_config: VLConfig | None = None) -> Batch:
+        """The train step's Batch; rows with images need the model's VLConfig (positions and
+        patch layouts are computed here, on the host)."""
         mask = np.concatenate([self.prompt_mask, self.response_mask.astype(np.int32)], axis=1)
+        tokens = np.concatenate([self.prompt_tokens, self.response_tokens], axis=1)
+        images = None if self.pixel_values is None else (self.pixel_values, self.image_grid_thw)
         return Batch(
-            tokens=np.concatenate([self.prompt_tokens, self.response_tokens], axis=1),
+            tokens=tokens,
             attention_mask=mask,
-            positions=positions_from_mask(mask),
+            **sequence_inputs(tokens, mask, self.prompt_tokens.shape[1], images, vl_config),
             response_mask=self.response_mask.astype(np.float32),
             advantages=self.advantage.astype(np.float32),
             difficulty=self.difficulty.astype(np.float32),
             is_hard=(self.difficulty <= tau_hard).astype(np.float32),
             old_logp=self.old_logp, old_entropy=self.old_entropy, ref_logp=self.ref_logp,
             sampler_logp=self.sampler_logp)
+
+
+def _concat_images(parts: list[Rows]) -> dict:
+    """The image fields of concatenated rows: each part's arrays zero-padded to the widest
+    (patches N, images K); parts without images get zero rows (no image)."""
+    having = [p for p in parts if p.pixel_values is not None]
+    if not having:
+        return dict(pixel_values=None, image_grid_thw=None)
+    N = max(p.pixel_values.shape[1] for p in having)
+    K = max(p.image_grid_thw.shape[1] for p in having)
+    D = having[0].pixel_values.shape[2]
+    pixels, grids = [], []
+    for p in parts:
+        if p.pixel_values is None:
+            pixels.append(np.zeros((len(p), N, D), np.float32))
+            grids.append(np.zeros((len(p), K, 3), np.int32))
+        else:
+            pixels.append(np.pad(p.pixel_values, ((0, 0), (0, N - p.pixel_values.shape[1]), (0, 0))))
+            grids.append(np.pad(p.image_grid_thw, ((0, 0), (0, K - p.image_grid_thw.shape[1]), (0, 0))))
+    return dict(pixel_values=np.concatenate(pixels), image_grid_thw=np.concatenate(grids))
 
 
 def left_pad(tokens: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

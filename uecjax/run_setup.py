@@ -2,21 +2,50 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 import jax
 import ml_collections
 
-from uecjax.data import (Fields, demo_source, geometry3k_source, load_source, make_dataset,
-                         make_iterator, math_source)
+from uecjax.data import (DataNotFoundError, Fields, demo_source, geometry3k_source, load_source,
+                         make_dataset, make_iterator, math_source)
 from uecjax.data.records import SkipCounter
-from uecjax.models import CheckpointError, from_pretrained
+from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
+from uecjax.models import CheckpointError, VLConfig, from_pretrained
+from uecjax.models.config import model_config_from_hf, read_hf_config
 from uecjax.rollout import Prompt
 from uecjax.sharding import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
-from uecjax.tokenizer import load_tokenizer, render_prompt
+from uecjax.tokenizer import load_tokenizer
+from uecjax.vision_inputs import (ImageError, ImageProcessor, load_image_processor, render_record,
+                                  vl_chat_template)
 
-HF_DOWNLOAD = ("huggingface-cli download {repo} --local-dir {path}   (on a machine with "
-               "internet access; copy the directory here)")
+MODEL_DOWNLOAD = "huggingface-cli download {repo} --local-dir {path}"
+DATA_DOWNLOAD = "huggingface-cli download {repo} --repo-type dataset --local-dir {path}"
+DATA_REPOS = {"geometry3k": GEOMETRY3K_HINT.hf_repo, "math": MATH_HINT.hf_repo}
+
+
+def check_inputs(cfg: ml_collections.ConfigDict) -> None:
+    """The checkpoint and data paths exist; else one error naming every missing path with the
+    command that downloads it (run before anything slow)."""
+    missing_model, problems = False, []
+    path = cfg.model.path
+    if (path or cfg.data.kind != "demo") and not os.path.isdir(path):
+        missing_model = True
+        problems.append(f"config.model.path={path!r}: checkpoint directory not found. Download it with\n  "
+                        + MODEL_DOWNLOAD.format(repo=cfg.model.hub_repo or "<hub repository>",
+                                                path=path or "<dir>"))
+    data = cfg.data.path
+    # Globs and {split} patterns are resolved (with their own messages) when the data loads.
+    if cfg.data.kind != "demo" and not glob.has_magic(data) and "{split}" not in data \
+            and not os.path.exists(data):
+        repo = DATA_REPOS.get(cfg.data.kind)
+        problems.append(f"config.data.path={data!r}: not found. " + (
+            "Download it with\n  " + DATA_DOWNLOAD.format(repo=repo, path=data) if repo else
+            "Point it at a .parquet/.jsonl file, a glob, or a directory with <split>-*.parquet files."))
+    if problems:
+        text = "\n".join(problems) + "\n(download on a machine with internet access; copy the directories here)"
+        raise (CheckpointError if missing_model else DataNotFoundError)(text)
 
 
 def run_mesh(cfg: ml_collections.ConfigDict, devices=None):
@@ -54,7 +83,8 @@ def model_config(cfg: ml_collections.ConfigDict):
 
 
 def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
-    """(model, tokenizer): the demo's self-prepared policy, or a Hugging Face checkpoint.
+    """(model, tokenizer): the demo's self-prepared policy, or a Hugging Face checkpoint:
+    Qwen2.5-VL as `Qwen2_5_VL` (images reach the vision tower), Qwen2 / Qwen2.5 as `Qwen2`.
 
     The mesh is checked against the model's shape first (`check_model_mesh`): a split that
     cannot be even is an error naming config.mesh.*, a vocabulary fallback a logged warning.
@@ -76,25 +106,34 @@ def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
             use_chat_template=cfg.prompt.use_chat_template, log=logger.text, **cfg.demo.to_dict())
         logger.text(f"demo policy: {path}")
         return model, tokenizer
+    check_inputs(cfg)
     path = cfg.model.path
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"config.model.path={path!r}: checkpoint directory not found. Download it with\n  "
-            + HF_DOWNLOAD.format(repo="Qwen/Qwen2.5-1.5B-Instruct", path=path or "<dir>"))
-    import json
-
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
-    from uecjax.models.config import TextConfig
-
-    text = TextConfig.from_hf(hf_config, source=os.path.join(path, "config.json"))
-    for warning in check_model_mesh(text, mesh):
+    hf_config = read_hf_config(path)
+    # Other VL families (Qwen2-VL) train their decoder alone, on the prompts' text.
+    text_only = hf_config.get("model_type") != "qwen2_5_vl"
+    config = model_config_from_hf(hf_config, source=os.path.join(path, "config.json"),
+                                  language_model_only=text_only)
+    for warning in check_model_mesh(config.text if isinstance(config, VLConfig) else config, mesh):
         logger.text(f"warning: {warning}")
-    # The sampler and train step do not feed images yet: a VL checkpoint trains its decoder.
     model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, text),
-                            language_model_only=True)
-    return model, load_tokenizer(path)
+                            remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, config),
+                            language_model_only=text_only)
+    tokenizer = load_tokenizer(path)
+    if not text_only:
+        template = vl_chat_template(path)  # the processor's template places the images
+        if template:
+            tokenizer.chat_template = template
+        logger.text(f"Qwen2.5-VL policy: vision tower {'frozen' if cfg.model.freeze_vision else 'trained'}")
+    return model, tokenizer
+
+
+def image_processor(cfg: ml_collections.ConfigDict, model) -> ImageProcessor | None:
+    """The image processor of a Qwen2.5-VL policy (None for a text model), with the config's
+    pixel bounds."""
+    if not isinstance(model.config, VLConfig):
+        return None
+    return load_image_processor(cfg.model.path or None, model.config.vision,
+                                min_pixels=cfg.vision.min_pixels, max_pixels=cfg.vision.max_pixels)
 
 
 def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
@@ -122,14 +161,21 @@ def make_records(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
 
 
 def prompt_stream(records, tokenizer, cfg: ml_collections.ConfigDict, max_prompt_len: int,
-                  skipped: SkipCounter | None = None):
-    """Rendered prompts from records; prompts longer than max_prompt_len are skipped, counted."""
+                  skipped: SkipCounter | None = None, processor: ImageProcessor | None = None):
+    """Rendered prompts from records, with their images for a VL policy (`processor`);
+    prompts longer than max_prompt_len (image tokens included) and images that fail to
+    preprocess are skipped and counted."""
+    skipped = skipped if skipped is not None else SkipCounter()
     for record in records:
-        ids = render_prompt(tokenizer, record.prompt, template=cfg.prompt.template,
-                            use_chat_template=cfg.prompt.use_chat_template)
-        if len(ids) > max_prompt_len:
-            if skipped is not None:
-                skipped.skip("prompts", record.id, "prompt_too_long",
-                             f"{len(ids)} tokens > rollout.max_prompt_len={max_prompt_len}")
+        try:
+            ids, images = render_record(tokenizer, record, template=cfg.prompt.template,
+                                        use_chat_template=cfg.prompt.use_chat_template,
+                                        image_processor=processor)
+        except ImageError as e:
+            skipped.skip("prompts", record.id, "bad_image", str(e))
             continue
-        yield Prompt(ids=ids, answer=record.answer, choices=tuple(record.choices))
+        if len(ids) > max_prompt_len:
+            skipped.skip("prompts", record.id, "prompt_too_long",
+                         f"{len(ids)} tokens > rollout.max_prompt_len={max_prompt_len}")
+            continue
+        yield Prompt(ids=ids, answer=record.answer, choices=tuple(record.choices), images=images)

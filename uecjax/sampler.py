@@ -11,6 +11,12 @@ as the trainer does, needs no recompile.
 
 Log-probs: `logprobs[r, t]` is log p(token) under the temperature-scaled distribution
 softmax(logits / T) over the full vocabulary, before top-k / top-p truncation (greedy: T = 1).
+
+Images (Qwen2.5-VL): `sampler(prompts, params, images=[PromptImages or None, ...])`, one entry
+per prompt, the prompts rendered with their image tokens (`uecjax.vision_inputs`). The prefill
+runs the vision tower and M-RoPE positions; decoding continues each row's text positions. The
+patches of each prompt are padded to a bucket (`patch_buckets`) of the batch's largest, so new
+image sizes inside a bucket reuse the compiled prefill too.
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uecjax.batch import positions_from_mask
 from uecjax.distributed import to_host
-from uecjax.models.qwen2 import KVCache, default_positions
+from uecjax.models.config import VLConfig
+from uecjax.models.qwen2 import KVCache
+from uecjax.vision_inputs import (DEFAULT_PATCH_BUCKETS, PromptImages, patch_bucket, stack_images,
+                                  vision_rows)
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_RESPONSE_BUCKETS = DEFAULT_PROMPT_BUCKETS
@@ -152,14 +162,17 @@ def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_to
 
 
 class Sampler:
-    """Generates from an nnx causal LM with `hidden_states`/`logits`/`init_cache` (Qwen2)."""
+    """Generates from an nnx causal LM with `hidden_states`/`logits`/`init_cache` (Qwen2, or
+    Qwen2_5_VL with images)."""
 
     def __init__(self, model, *, pad_id: int = 0, prompt_buckets=DEFAULT_PROMPT_BUCKETS,
-                 response_buckets=DEFAULT_RESPONSE_BUCKETS, cache_dtype=None):
+                 response_buckets=DEFAULT_RESPONSE_BUCKETS, cache_dtype=None,
+                 patch_buckets=DEFAULT_PATCH_BUCKETS):
         self.model = model
         self.pad_id = pad_id
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.response_buckets = tuple(sorted(response_buckets))
+        self.patch_buckets = tuple(sorted(patch_buckets))
         self.cache_dtype = cache_dtype
         self.compile_count = 0  # traces of prefill + decode; grows only on a new bucket
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("graphdef", "num_slots", "n", "mode"))
@@ -167,15 +180,17 @@ class Sampler:
                                donate_argnames=("cache",))
 
     # -- jitted pieces ----------------------------------------------------------------------
-    def _prefill_fn(self, graphdef, state, tokens, mask, key, temperature, top_p, stop_ids, *,
-                    num_slots, n, mode):
+    def _prefill_fn(self, graphdef, state, tokens, mask, positions, vision, key, temperature,
+                    top_p, stop_ids, *, num_slots, n, mode):
         self.compile_count += 1  # runs at trace time only
         model = nnx.merge(graphdef, state)
         B, P = tokens.shape
         cache = model.init_cache(B, num_slots, self.cache_dtype)
         key_mask = jnp.pad(mask, ((0, 0), (0, num_slots - P)), constant_values=1)
-        hidden, cache = model.hidden_states(model.embed_tokens(tokens), default_positions(mask),
-                                            key_mask, cache=cache, cache_index=0)
+        # vision: None (text), or (pixel_values, layouts) per prompt row; positions [B, P] or
+        # M-RoPE's [3, B, P].
+        x = model.embed_tokens(tokens) if vision is None else model.embed_rows(tokens, *vision)
+        hidden, cache = model.hidden_states(x, positions, key_mask, cache=cache, cache_index=0)
         logits = model.logits(hidden[:, -1:])[:, 0]
         # n samples per prompt share one prefill: repeat the cache, not the computation.
         repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
@@ -187,8 +202,9 @@ class Sampler:
         done = jnp.isin(token, stop_ids) | (repeat(mask).sum(axis=1) == 0)
         return cache, key_mask, token, logp, done
 
-    def _decode_fn(self, graphdef, state, cache, key_mask, prompt_mask, first_token, first_logp,
-                   done, key, temperature, top_p, stop_ids, max_new_tokens, *, mode):
+    def _decode_fn(self, graphdef, state, cache, key_mask, prompt_mask, position_offset,
+                   first_token, first_logp, done, key, temperature, top_p, stop_ids,
+                   max_new_tokens, *, mode):
         self.compile_count += 1
         model = nnx.merge(graphdef, state)
         # Per-layer weights, sliced once per call: see Qwen2.hidden_states(layers=).
@@ -199,7 +215,9 @@ class Sampler:
         tokens = jnp.full((B, R), self.pad_id, jnp.int32).at[:, 0].set(first_token)
         logps = jnp.zeros((B, R), jnp.float32).at[:, 0].set(first_logp)
         valid = jnp.zeros((B, R), bool).at[:, 0].set(True)
-        positions = jnp.sum(prompt_mask, axis=1)
+        # A new token's position: the real tokens before it, shifted by M-RoPE's rope_deltas
+        # after images (0 for text).
+        positions = jnp.sum(prompt_mask, axis=1) + position_offset
 
         def cond(carry):
             step, done = carry[0], carry[4]
@@ -230,9 +248,15 @@ class Sampler:
         return tokens, logps, valid, done, cache
 
     # -- host API -------------------------------------------------------------------------
-    def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> SamplerOutput:
+    def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 images: Sequence[PromptImages | None] | None = None) -> SamplerOutput:
+        """Samples `params.n` responses per prompt. images: one entry per prompt (None for a
+        prompt without images); the prompt must hold each image's tokens."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts: give one "
+                             "per prompt (None where a prompt has no images)")
         num_prompts = len(prompts)
         P = bucket(max(len(p) for p in prompts), self.prompt_buckets)
         R = bucket(params.max_new_tokens, self.response_buckets)
@@ -250,14 +274,16 @@ class Sampler:
         top_p = np.float32(params.top_p)
         key = jax.random.key(params.seed)
 
+        positions, offset, vision = self._positions_and_vision(tokens, mask, images)
+
         graphdef, state = nnx.split(self.model)
         cache, key_mask, token, logp, done = self._prefill(
-            graphdef, state, tokens, mask, key, temperature, top_p, stop_ids,
+            graphdef, state, tokens, mask, positions, vision, key, temperature, top_p, stop_ids,
             num_slots=P + R, n=params.n, mode=mode)
         prompt_mask = np.repeat(mask, params.n, axis=0)
         out_tokens, out_logps, valid, done, _ = self._decode(
-            graphdef, state, cache, key_mask, prompt_mask, token, logp, done, key, temperature,
-            top_p, stop_ids, np.int32(params.max_new_tokens), mode=mode)
+            graphdef, state, cache, key_mask, prompt_mask, np.repeat(offset, params.n), token, logp,
+            done, key, temperature, top_p, stop_ids, np.int32(params.max_new_tokens), mode=mode)
 
         rows = num_prompts * params.n
         T = params.max_new_tokens
@@ -272,6 +298,23 @@ class Sampler:
             logprobs=np.where(valid, out_logps[:rows, :T], 0.0).astype(np.float32),
             truncated=~done[:rows],
         )
+
+
+    def _positions_and_vision(self, tokens, mask, images):
+        """Host-side (positions, decode position offsets [B], vision inputs or None)."""
+        B = tokens.shape[0]
+        if images is None or all(im is None for im in images):
+            return positions_from_mask(mask), np.zeros((B,), np.int32), None
+        config = self.model.config
+        if not isinstance(config, VLConfig):
+            raise ValueError("images were given but the model is a text model; load the "
+                             "checkpoint as a Qwen2.5-VL model (from_pretrained without "
+                             "language_model_only)")
+        padded = list(images) + [None] * (B - len(images))
+        width = patch_bucket(max(im.num_patches for im in images if im is not None), self.patch_buckets)
+        stacked = stack_images(padded, config.vision.patch_dim, width)  # already bucket-wide: no copy
+        rows = vision_rows(tokens, mask, *stacked, config, self.patch_buckets)
+        return rows.positions.transpose(1, 0, 2), rows.rope_deltas, (rows.pixel_values, rows.layouts)
 
 
 class _Mode(NamedTuple):

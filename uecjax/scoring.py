@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from uecjax.batch import Batch
@@ -12,20 +13,25 @@ from uecjax.objectives.logprobs import token_logprobs_and_entropy
 
 
 def response_logprobs(graphdef, params, tokens, attention_mask, positions, response_len: int,
-                      chunk_size: int = 1024):
+                      chunk_size: int = 1024, images=None):
     """(log pi(response token), entropy), each [B, R] float32, temperature 1 (section 3).
 
-    tokens [B, P + R]. The last token is never an input (nothing follows it), and only the
-    hidden states at positions P - 1 .. P + R - 2, which predict the response, reach the
-    chunked, rematerialised lm-head: neither the prompt's logits nor the [B, T, V] logits of
-    the batch ever exist.
+    tokens [B, P + R]; positions [B, P + R], or [B, 3, P + R] (M-RoPE); images None, or
+    (pixel_values, layouts) per row for `Qwen2_5_VL.embed_rows`. The last token is never an
+    input (nothing follows it), and only the hidden states at positions P - 1 .. P + R - 2,
+    which predict the response, reach the chunked, rematerialised lm-head: neither the
+    prompt's logits nor the [B, T, V] logits of the batch ever exist.
     """
     model = nnx.merge(graphdef, params)
     prompt_len = tokens.shape[1] - response_len
     if prompt_len < 1:
         raise ValueError(f"tokens {tokens.shape} leave no prompt before the {response_len} response tokens")
-    hidden, _ = model.hidden_states(model.embed_tokens(tokens[:, :-1]), positions[:, :-1],
-                                    attention_mask[:, :-1])
+    inputs = tokens[:, :-1]
+    x = model.embed_tokens(inputs) if images is None else model.embed_rows(inputs, *images, prompt_len)
+    positions = positions[..., :-1]
+    if positions.ndim == 3:  # [B, 3, T] -> the model's [3, B, T]
+        positions = jnp.moveaxis(positions, 1, 0)
+    hidden, _ = model.hidden_states(x, positions, attention_mask[:, :-1])
     hidden = hidden[:, prompt_len - 1:]
     w = model.output_weight().astype(model.config.compute_dtype)
     return token_logprobs_and_entropy(hidden, w, tokens[:, prompt_len:], chunk_size=chunk_size)
@@ -57,11 +63,12 @@ def compute_logprobs(params, batch: Batch, *, graphdef, micro_batches: int = 1,
     """(log pi, entropy) [B, R] of the batch's responses under `params`, forward only: the old
     or the reference log-probs (section 1). Micro-batched with lax.map to bound activations."""
     R = batch.response_len
-    rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions)
+    rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
+                images=batch.images)
 
     def forward(mb):
         return response_logprobs(graphdef, params, mb["tokens"], mb["attention_mask"], mb["positions"],
-                                 R, chunk_size)
+                                 R, chunk_size, mb["images"])
 
     if micro_batches == 1:
         return forward(rows)

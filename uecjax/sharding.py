@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 import optax
+from optax.transforms import MaskedNode
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -185,8 +186,10 @@ def opt_state_shardings(mesh: Mesh, optimizer: optax.GradientTransformation, par
     """Shardings of `optimizer.init(params)`: parameter-shaped leaves (Adam moments) take the
     parameter's sharding, everything else (counts, scalars) is replicated."""
     abstract = jax.eval_shape(optimizer.init, params)
-    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, shardings,
-                                 transform_non_params=lambda _: replicated(mesh))
+    # Frozen groups (optax.multi_transform) leave MaskedNode placeholders, with no arrays.
+    masked = lambda x: isinstance(x, MaskedNode)  # noqa: E731
+    return optax.tree_map_params(optimizer, lambda v, s: v if masked(v) else s, abstract, shardings,
+                                 transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -6,6 +6,9 @@ step -> the sampler reads the new parameters. Around it: periodic held-out evalu
 (Pass@k), TensorBoard + JSONL + a console line per step, orbax checkpoints (resume continues
 exactly; SIGTERM saves and exits), and the final policy exported in Hugging Face layout.
 
+The checkpoint's config.json decides the model: a Qwen2.5-VL policy samples, scores and trains
+on the records' images through this same loop (`configs/geo3k.py`), a text policy on their text.
+
 Multi-process runs (`uecjax.distributed`: TPU slices, SLURM, or --coordinator_address /
 --num_processes / --process_id) run this same loop on every process over one global mesh.
 Every process reads the same prompt stream and computes the same rollout rows (the sampler
@@ -37,23 +40,24 @@ from ml_collections import config_flags
 
 from uecjax import checkpoint as ckpt
 from uecjax import distributed
-from uecjax.batch import Batch, positions_from_mask
+from uecjax.batch import Batch, sequence_inputs
 from uecjax.config import ConfigValueError, validate
 from uecjax.evaluate import evaluate
 from uecjax.metrics import RunLogger
 from uecjax.data import DataNotFoundError
-from uecjax.models import CheckpointError, ConfigError, save_pretrained
+from uecjax.models import CheckpointError, ConfigError, VLConfig, save_pretrained
 from uecjax.offload import HostParams
 from uecjax.objectives.loss_config import LossConfigError
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rewards import RewardGrader
 from uecjax.rollout import Rollout, rollout_config
-from uecjax.run_setup import load_policy, make_records, prompt_stream, run_mesh
+from uecjax.run_setup import image_processor, load_policy, make_records, prompt_stream, run_mesh
 from uecjax.sampler import Sampler
 from uecjax.sharding import ShardingError, check_batch_size
 from uecjax.tokenizer import TokenizerError, stop_token_ids
 from uecjax.train_step import TrainStep
+from uecjax.vision_inputs import VisionInputError
 
 
 class Scorer:
@@ -63,17 +67,21 @@ class Scorer:
     `row_bucket` so the jitted pass compiles for a few shapes only.
     """
 
-    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params: HostParams | None = None):
+    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params: HostParams | None = None,
+                 vl_config: VLConfig | None = None):
         self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
+        self.vl_config = vl_config
         self.params = None  # set by the loop before every rollout
 
-    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask):
+    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
         n = prompt_tokens.shape[0]
         rows = -(-n // self.row_bucket) * self.row_bucket
         pad = lambda x: np.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
-        mask = np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1)
-        batch = Batch(tokens=pad(np.concatenate([prompt_tokens, response_tokens], axis=1)),
-                      attention_mask=pad(mask), positions=pad(positions_from_mask(mask)),
+        mask = pad(np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1))
+        tokens = pad(np.concatenate([prompt_tokens, response_tokens], axis=1))
+        images = None if images is None else tuple(pad(x) for x in images)  # padded rows: none
+        batch = Batch(tokens=tokens, attention_mask=mask,
+                      **sequence_inputs(tokens, mask, prompt_tokens.shape[1], images, self.vl_config),
                       response_mask=pad(response_mask.astype(np.float32)),
                       advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
                       is_hard=np.zeros(rows, np.float32))
@@ -98,24 +106,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     mesh = run_mesh(cfg)
     model, tokenizer = load_policy(cfg, workdir, mesh, logger)
     stops = stop_token_ids(tokenizer)
+    # A Qwen2.5-VL policy gets images; a text policy the prompts' text alone. One loop for both.
+    vl_config = model.config if isinstance(model.config, VLConfig) else None
+    processor = image_processor(cfg, model)
 
     hp = loss_config(cfg.method, **cfg.loss.to_dict())
     rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
+    frozen = ("visual",) if vl_config is not None and cfg.model.freeze_vision else ()
     optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
-                           **cfg.optim.to_dict()})
+                           **cfg.optim.to_dict(), "frozen": frozen})
     check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)  # clear error up front
     trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size)
     params, opt_state, control = trainer.init(nnx.state(model), seed=cfg.seed)
     ref_params = None
     if hp.beta > 0:
-        ref_params = HostParams(params, trainer.param_shardings, offload=cfg.model.offload_reference)
-    scorer = Scorer(trainer, rcfg.batch_rows, ref_params)
+        # The reference is frozen and every weight is cast to the compute dtype before use, so
+        # storing it in that dtype changes no log-prob and halves its memory in bfloat16.
+        to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
+        ref_params = HostParams(jax.jit(to_compute, out_shardings=trainer.param_shardings)(params),
+                                trainer.param_shardings, offload=cfg.model.offload_reference)
+    scorer = Scorer(trainer, rcfg.batch_rows, ref_params, vl_config)
 
     train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True)
     eval_records = make_records(cfg, cfg.data.eval_split, train=False)
     skipped = train_records.skipped  # malformed rows, and prompts too long for the batch
-    prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped)
+    prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor)
     grader = RewardGrader(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                           format_weight=cfg.reward.format_weight,
                           think_prefilled=cfg.reward.think_prefilled)
@@ -130,7 +146,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                           max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                           batch_prompts=cfg.eval.batch_prompts, prompt_template=cfg.prompt.template,
                           use_chat_template=cfg.prompt.use_chat_template, seed=cfg.seed,
-                          progress=log_console is not None and distributed.is_main_process())
+                          progress=log_console is not None and distributed.is_main_process(),
+                          image_processor=processor)
         result["time_s"] = time.perf_counter() - t
         logger.scalars(step, result, prefix="eval/")
         logger.text(f"eval @ step {step}: " + ", ".join(
@@ -174,7 +191,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             rows, roll_stats = rollout.collect()
             t1 = time.perf_counter()
             params, opt_state, control, metrics = trainer.step(params, opt_state, control,
-                                                               rows.to_batch(hp.tau_hard))
+                                                               rows.to_batch(hp.tau_hard, vl_config))
             control = trainer.update_control(control, metrics)
             nnx.update(model, params)
             rollout.after_update(rows)
@@ -182,7 +199,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             replay = rollout.replay_batch(step, np.random.default_rng((cfg.seed, step)))
             if replay is not None:  # the replay stabilizer's extra update (section 8)
                 params, opt_state, control, replay_metrics = trainer.step(
-                    params, opt_state, control, replay.to_batch(hp.tau_hard))
+                    params, opt_state, control, replay.to_batch(hp.tau_hard, vl_config))
                 nnx.update(model, params)
                 values.update({f"replay/{k}": v for k, v in _host(replay_metrics).items()})
             t2 = time.perf_counter()
@@ -224,6 +241,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             save_pretrained(model, export)  # every process gathers, process 0 writes
             if distributed.is_main_process():
                 tokenizer.save_pretrained(export)
+                if processor is not None:  # preprocessor_config.json: the export loads as it was
+                    processor.hf.save_pretrained(export)
             summary["export"] = export
         summary.update({f"initial_{k}": v for k, v in history["initial"].items()})
         summary.update({f"final_{k}": v for k, v in history["final"].items()})
@@ -246,7 +265,8 @@ def _print_summary(s: dict, logger: RunLogger) -> None:
 # that does not match): printed as one message, no traceback.
 USER_ERRORS = (ConfigValueError, LossConfigError, OptimConfigError, ConfigError, CheckpointError,
                DataNotFoundError, TokenizerError, ckpt.CheckpointNotFoundError,
-               ckpt.CheckpointMismatchError, ShardingError, distributed.DistributedError)
+               ckpt.CheckpointMismatchError, ShardingError, VisionInputError,
+               distributed.DistributedError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",

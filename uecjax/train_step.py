@@ -50,7 +50,7 @@ from uecjax.objectives.aggregation import batch_counts
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import LossInputs, get_method, loss_terms, uec_gate
 from uecjax.objectives.policy_loss import kl_penalty
-from uecjax.optim import OptimConfig, make_optimizer, make_schedule
+from uecjax.optim import OptimConfig, check_frozen, make_optimizer, make_schedule, stop_gradient_frozen
 from uecjax.scoring import compute_logprobs, constrain, response_logprobs, split_micro
 
 
@@ -62,6 +62,9 @@ def _check_batch(batch: Batch, hp: LossConfig):
     if hp.beta > 0 and batch.ref_logp is None:
         raise ValueError(f"beta={hp.beta} needs batch.ref_logp (compute_logprobs with the reference "
                          "params); set beta=0 to train without a reference model")
+    if (batch.pixel_values is None) != (batch.vision is None):
+        raise ValueError("batch.pixel_values and batch.vision come together (uecjax.vision_inputs."
+                         "vision_rows gives both); set both or neither")
     B, R = batch.response_mask.shape
     if batch.tokens.shape[0] != B or batch.tokens.shape[1] <= R:
         raise ValueError(f"tokens {batch.tokens.shape} do not hold a prompt plus the {R} response "
@@ -70,11 +73,13 @@ def _check_batch(batch: Batch, hp: LossConfig):
 
 def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp: LossConfig,
                     micro_batches: int = 1, chunk_size: int = 1024, param_sharding=None,
-                    micro_sharding=None):
+                    micro_sharding=None, frozen: tuple[str, ...] = ()):
     """Gradient of the loss of the whole batch, accumulated over micro-batches.
 
     Returns (grads float32 with the structure of params, metrics, control with H_0 set and the
-    rng advanced). Pure; the step adds the optimizer update.
+    rng advanced). Pure; the step adds the optimizer update. frozen: top-level parameter
+    groups held constant (`OptimConfig.frozen`): their gradients are zero and, since nothing
+    differentiates through them, their backward pass is never computed.
     """
     _check_batch(batch, hp)
     method = get_method(hp.method)
@@ -92,14 +97,15 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
     select = None if method.select is None else method.select(batch.old_logp, adv, mask, select_key, hp)
 
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
-                mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
+                images=batch.images, mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
                 ref_logp=batch.ref_logp, difficulty=batch.difficulty.astype(jnp.float32),
                 hard=batch.is_hard.astype(jnp.float32), select=select)
     micro = constrain(split_micro(rows, M), micro_sharding) if M > 1 else rows
 
     def forward(p, mb):
+        p = stop_gradient_frozen(p, frozen)
         return response_logprobs(graphdef, p, mb["tokens"], mb["attention_mask"], mb["positions"],
-                                 R, chunk_size)
+                                 R, chunk_size, mb["images"])
 
     # Where the stabilizer is linearised (module docstring); None: this pass's own mean entropy.
     anchor = old_entropy_mean
@@ -210,9 +216,10 @@ class TrainStep:
         self.batch_sharding = shd.batch_sharding(mesh)
         self.replicated = shd.replicated(mesh)
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES))
+        check_frozen(params, optim.frozen)
         self.grad_kwargs = dict(graphdef=self.graphdef, hp=loss, micro_batches=micro_batches,
                                 chunk_size=chunk_size, param_sharding=self.param_shardings,
-                                micro_sharding=micro_sharding)
+                                micro_sharding=micro_sharding, frozen=tuple(optim.frozen))
         self.pure_step = functools.partial(train_step, optimizer=self.optimizer, schedule=self.schedule,
                                            **self.grad_kwargs)
         self._step = jax.jit(

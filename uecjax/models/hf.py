@@ -15,7 +15,6 @@ import tempfile
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from uecjax.distributed import to_host
-from uecjax.models.config import ConfigError, TextConfig, VLConfig, model_config_from_hf, read_hf_config
+from uecjax.models.config import ConfigError, VLConfig, model_config_from_hf, read_hf_config
 from uecjax.models.qwen2 import LAYER_PARAM_AXES, MODEL_PARAM_AXES, Qwen2
 from uecjax.models.qwen2_5_vl import Qwen2_5_VL
 from uecjax.models.vision import BLOCK_PARAM_AXES, TOWER_PARAM_AXES, VisionTower

@@ -25,7 +25,6 @@ from flax import nnx
 
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache, Qwen2
-from uecjax.models.rope import rope_tables
 from uecjax.models.vision import VisionLayout, VisionTower, check_grid, vision_layout
 
 
@@ -188,6 +187,22 @@ class Qwen2_5_VL(nnx.Module):
         which = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
         flat = jnp.where(is_image[:, None], features[which], x.reshape(-1, x.shape[-1]))
         return flat.reshape(x.shape)
+
+    def embed_rows(self, input_ids, pixel_values, layouts: VisionLayout, prompt_len: int | None = None):
+        """Token embeddings [B, T, H] where every row brings its own images: pixel_values
+        [B, N, patch_dim] and layouts with a leading B axis, each row's padded to N patches
+        (`padded_vision_layout`). Row b's k-th image token takes its k-th merged feature, so
+        the rows of a batch are independent: they shard and split into micro-batches as text
+        rows do. Jittable: the shapes depend on N only. prompt_len: only the first prompt_len
+        columns hold images; image tokens after them (sampled ones) are embedded as text."""
+        x = self.embed_tokens(input_ids)
+        features = jax.vmap(self.visual)(pixel_values, layouts).astype(x.dtype)  # [B, N/m^2, H]
+        is_image = input_ids == self.config.image_token_id
+        if prompt_len is not None:
+            is_image &= jnp.arange(input_ids.shape[1]) < prompt_len
+        which = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+        picked = jnp.take_along_axis(features, which[..., None], axis=1)
+        return jnp.where(is_image[..., None], picked, x)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  position_ids=None):

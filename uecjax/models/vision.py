@@ -8,9 +8,14 @@ which depends only on the image grids, so it is computed on the host in numpy
   every attention window is a contiguous run of the sequence;
 * attention is variable-length over contiguous segments (the `cu_seqlens` of transformers):
   windows in the windowed blocks, whole frames in the `fullatt_block_indexes` blocks. Each
-  segmentation is gathered into a padded [segments, longest, ...] batch, attended with a key
-  mask, and scattered back, so memory grows with the segments' sizes, not with the square of
-  the whole sequence.
+  segmentation is gathered into a padded [rows, row length, ...] batch, attended with a
+  same-segment mask, and scattered back, so memory grows with the segments' sizes, not with
+  the square of the whole sequence.
+
+`vision_layout` gives one segment per row, shaped by the images at hand. For jitted callers
+that must not recompile per image size (the sampler, the train step), `padded_vision_layout`
+lays out one prompt's images padded to a fixed number of patches, with array shapes that
+depend on that number alone: windows are packed several to a row, the frames share one row.
 
 Weights are stored input-major (`x @ w`); `hf.py` maps them to and from the HF names.
 """
@@ -65,14 +70,15 @@ ACTIVATIONS = {
 # ---- host-side layout ---------------------------------------------------------------------
 
 class Segments(NamedTuple):
-    """Contiguous segments of a sequence of N, padded to a [S, L] batch.
+    """Contiguous segments of a sequence of N, laid out in a [S, L] batch of rows.
 
-    gather [S, L]: sequence index of each slot (0 in padding); valid [S, L]: real slots;
-    scatter [N]: each sequence position's flat slot s * L + j, to undo the gather.
+    gather [S, L]: sequence index of each slot (0 in empty slots); segment_ids [S, L]: the
+    segment of each slot (-1 in empty slots), slots attend within their segment; scatter [N]:
+    each sequence position's flat slot s * L + j, to undo the gather.
     """
 
     gather: np.ndarray
-    valid: np.ndarray
+    segment_ids: np.ndarray
     scatter: np.ndarray
 
 
@@ -96,7 +102,30 @@ def segments(cu_seqlens) -> Segments:
     gather = np.where(valid, starts[:, None] + offsets[None, :], 0)
     seg_of = np.repeat(np.arange(len(lengths)), lengths)
     scatter = seg_of * longest + (np.arange(cu[-1]) - starts[seg_of])
-    return Segments(gather.astype(np.int32), valid, scatter.astype(np.int32))
+    ids = np.where(valid, np.arange(len(lengths))[:, None], -1)
+    return Segments(gather.astype(np.int32), ids.astype(np.int32), scatter.astype(np.int32))
+
+
+def packed_segments(lengths, row_len: int, num_rows: int) -> Segments:
+    """Consecutive segments of the given lengths (in sequence order), packed next-fit into
+    num_rows rows of row_len slots: a segment joins the current row if it fits, else opens the
+    next one. The shape [num_rows, row_len] is fixed by the caller, not by the lengths."""
+    gather = np.zeros((num_rows, row_len), np.int32)
+    ids = np.full((num_rows, row_len), -1, np.int32)
+    scatter = np.zeros((int(np.sum(lengths)),), np.int32)
+    row, col, start = 0, 0, 0
+    for k, n in enumerate(int(n) for n in lengths):
+        if n > row_len:
+            raise ValueError(f"a segment of {n} patches does not fit rows of {row_len}")
+        if col + n > row_len:
+            row, col = row + 1, 0
+        if row >= num_rows:
+            raise ValueError(f"segments {list(lengths)} do not fit {num_rows} rows of {row_len}")
+        gather[row, col:col + n] = np.arange(start, start + n)
+        ids[row, col:col + n] = k
+        scatter[start:start + n] = row * row_len + col + np.arange(n)
+        col, start = col + n, start + n
+    return Segments(gather, ids, scatter)
 
 
 def check_grid(grid_thw, cfg: VisionConfig) -> np.ndarray:
@@ -166,6 +195,56 @@ def vision_layout(image_grid_thw, cfg: VisionConfig) -> VisionLayout:
     )
 
 
+def window_patches(cfg: VisionConfig) -> int:
+    """Patches in a full attention window (the longest a window can be)."""
+    return (cfg.window_size // cfg.patch_size) ** 2
+
+
+def window_rows(num_patches: int, cfg: VisionConfig) -> int:
+    """Rows that next-fit packing of any windows totalling num_patches needs at most: two
+    consecutive rows always hold more than one row's worth, else the second's first window
+    would have joined the first."""
+    return 2 * -(-num_patches // window_patches(cfg)) + 1
+
+
+def padded_vision_layout(image_grid_thw, cfg: VisionConfig, num_patches: int) -> VisionLayout:
+    """The layout of one prompt's images (none is fine) padded to num_patches patches.
+
+    Array shapes depend on num_patches (and cfg) only, so prompts with different images stack
+    into one batch and a jitted tower sees the same shapes. The real patches come first, in
+    the order `vision_layout` gives them; padding patches (their pixel values are ignored)
+    follow, attend among themselves, and their merged features come last in `merged_order`.
+    Windows (at most `window_patches` each) are packed next-fit into `window_rows` rows; all
+    frames share one row of num_patches slots, attending within their own frame.
+    """
+    unit = cfg.spatial_merge_size**2
+    grid = check_grid(np.zeros((0, 3)) if image_grid_thw is None else image_grid_thw, cfg)
+    real = int(grid.prod(axis=1).sum())
+    if num_patches % unit or num_patches < real:
+        raise ValueError(f"num_patches={num_patches} must be a multiple of {unit} and hold the "
+                         f"{real} patches of images {grid.tolist()}")
+    pad = num_patches - real
+    window = window_patches(cfg)
+    pad_windows = [window] * (pad // window) + ([pad % window] if pad % window else [])
+    if real:
+        base = vision_layout(grid, cfg)
+        m = cfg.spatial_merge_size
+        _, cu = window_index(grid // np.array([1, m, m]), cfg.window_size // m // cfg.patch_size)
+        window_lengths = (np.diff(np.unique(cu)) * unit).tolist()  # empty windows dropped
+        frame_lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]).tolist()
+        order, rotary, merged = base.patch_order, base.rotary_pos, base.merged_order
+    else:
+        window_lengths, frame_lengths = [], []
+        order, rotary, merged = np.zeros((0,), np.int32), np.zeros((0, 2), np.int32), np.zeros((0,), np.int32)
+    return VisionLayout(
+        patch_order=np.concatenate([order, np.arange(real, num_patches)]).astype(np.int32),
+        rotary_pos=np.concatenate([rotary, np.zeros((pad, 2), np.int32)]).astype(np.int32),
+        windows=packed_segments([*window_lengths, *pad_windows], window, window_rows(num_patches, cfg)),
+        frames=packed_segments([*frame_lengths, *([pad] if pad else [])], num_patches, 1),
+        merged_order=np.concatenate([merged, np.arange(real // unit, num_patches // unit)]).astype(np.int32),
+    )
+
+
 # ---- the tower ------------------------------------------------------------------------------
 
 def _init(name, shape, dtype, rngs):
@@ -215,12 +294,19 @@ def _rotate(x, cos, sin):
 def segment_attention(q, k, v, seg: Segments):
     """Attention within each segment for q, k, v [N, heads, head_dim]; returns [N, heads, head_dim]."""
     S, L = seg.gather.shape
-    qs, ks, vs = q[seg.gather], k[seg.gather], v[seg.gather]  # [S, L, heads, head_dim]
-    scores = jnp.einsum("sqhd,skhd->shqk", qs, ks, preferred_element_type=jnp.float32)
-    scores = jnp.where(seg.valid[:, None, None, :], scores * q.shape[-1] ** -0.5, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("shqk,skhd->sqhd", probs, vs)
-    return out.reshape(S * L, *q.shape[1:])[seg.scatter]
+    _, H, D = q.shape
+
+    def rows(x):  # [N, H, D] -> [S * H, L, D]: one batch axis, which XLA's CPU dot runs fastest
+        return x[seg.gather].transpose(0, 2, 1, 3).reshape(S * H, L, D)
+
+    # Slots attend within their segment; empty slots (-1) only to each other, and are dropped.
+    # An additive bias (not a select on the scores) lets XLA fuse it into the softmax.
+    same = seg.segment_ids[:, :, None] == seg.segment_ids[:, None, :]
+    bias = jnp.broadcast_to(jnp.where(same, 0.0, NEG_INF)[:, None], (S, H, L, L)).reshape(S * H, L, L)
+    scores = jnp.einsum("bqd,bkd->bqk", rows(q), rows(k), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores * D**-0.5 + bias, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bqk,bkd->bqd", probs, rows(v)).reshape(S, H, L, D).transpose(0, 2, 1, 3)
+    return out.reshape(S * L, H, D)[seg.scatter]
 
 
 def _block(cfg: VisionConfig, p, x, cos, sin, seg: Segments):
@@ -291,4 +377,5 @@ def num_image_tokens(grid, cfg: VisionConfig) -> np.ndarray:
     return grid.prod(axis=1) // cfg.spatial_merge_size**2
 
 
-__all__ = ["VisionTower", "VisionLayout", "Segments", "vision_layout", "num_image_tokens"]
+__all__ = ["VisionTower", "VisionLayout", "Segments", "vision_layout", "padded_vision_layout",
+           "num_image_tokens"]
