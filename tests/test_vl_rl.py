@@ -25,7 +25,7 @@ from uecjax.objectives.methods import LossInputs, loss_config, loss_terms
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rows import RowBuffer, Rows
 from uecjax.sampler import Sampler, SamplingParams
-from uecjax.sharding import make_mesh
+from uecjax.sharding import make_mesh, param_shardings
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import PromptImages, load_image_processor, stack_images, vision_rows
 
@@ -129,6 +129,36 @@ def test_sampler_with_images_matches_transformers(vl):
 
     with pytest.raises(ValueError, match="1 image entries for 2 prompts"):
         sampler(other_prompts, SamplingParams(max_new_tokens=2), images=other[:1])
+
+
+def test_sampler_with_images_on_a_mesh(vl):
+    """Prompts with images (two sizes, two images, none) sampled on a (2, 2, 2) mesh with the
+    parameters laid out by `param_shardings`: the single-device tokens and log-probs, with the
+    rows (and their patches, M-RoPE positions) split over data x fsdp."""
+    _, model = vl
+    rng = np.random.default_rng(4)
+    images = [random_images(rng, (1, 8, 12)), random_images(rng, (1, 4, 6), (1, 2, 2)), None]
+    prompts = [prompt_ids(rng, im) for im in images]
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, n=2, seed=9)
+    want = Sampler(model)(prompts, params, images=images)
+
+    mesh = make_mesh((2, 2, 2))
+    graphdef, state = nnx.split(model)
+    sharded = nnx.merge(graphdef, jax.device_put(state, param_shardings(mesh, state)))
+    sampler = Sampler(sharded, mesh=mesh)
+    prefill, seen = sampler._prefill, {}
+
+    def spy(graphdef, state, tokens, mask, positions, vision, *args, **kwargs):
+        seen["inputs"] = (tokens, positions, vision[0])
+        return prefill(graphdef, state, tokens, mask, positions, vision, *args, **kwargs)
+
+    sampler._prefill = spy
+    got = sampler(prompts, params, images=images)
+    for field in ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask", "truncated"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+    for x in seen["inputs"]:  # 3 prompts -> 4 rows, one per data x fsdp shard
+        assert x.shape[0] == 4 and x.addressable_shards[0].data.shape == (1, *x.shape[1:])
 
 
 # ---- train step -------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ the tokenizer files, as `save_pretrained` + `tokenizer.save_pretrained` write th
         [--num_prompts=N] [--output=metrics.json] [--config.eval.temperature=0.6 ...]
 
 It prints one JSON line with the metrics on stdout (the progress bar goes to stderr).
+The checkpoint loads onto the config's mesh (config.mesh, as in training: parameters laid
+out by `uecjax.sharding`), and the sampler splits its rows over the mesh's data x fsdp devices.
 Launched as part of a multi-process job (`uecjax.distributed`: TPU slice, SLURM, or the
---coordinator_address / --num_processes / --process_id flags) it joins the job first; each
-process then evaluates on its first local device and process 0 prints and writes.
+--coordinator_address / --num_processes / --process_id flags) it joins the job first; every
+process then runs the same evaluation over the global mesh and process 0 prints and writes.
 
 Metrics. Every prompt gets one greedy response (temperature 0) and `n` sampled responses
 (`temperature`, `top_p`), graded by the reward function (`uecjax.rewards`):
@@ -42,6 +44,9 @@ Config fields read by the CLI (the training configs define them; optional ones h
                                 Default of --checkpoint, and the tokenizer's fallback when
                                 --checkpoint holds no tokenizer files.
     config.model.dtype          optional, compute dtype ("float32")
+    config.mesh.data, .fsdp, .tensor, .num_devices
+                                optional, the device mesh (`uecjax.run_setup.run_mesh`;
+                                default: data over all devices)
     config.data.kind            "demo" | "geometry3k" | "math" | "jsonl"
     config.data.path            data file / glob / directory (not used by "demo")
     config.data.eval_split      optional, default of --split ("test")
@@ -285,8 +290,12 @@ def eval_records(config, split: str = "test", num_prompts: int | None = None) ->
     return make_records(config, split, train=False)
 
 
-def _load_checkpoint(checkpoint: str, config):
-    from uecjax.models import from_pretrained
+def _load_checkpoint(checkpoint: str, config, mesh=None):
+    """(model, tokenizer, image processor or None); with a mesh, the parameters are laid out
+    on it as in training (`uecjax.sharding.model_sharding_fn`), after `check_model_mesh`."""
+    from uecjax.models import VLConfig, from_pretrained
+    from uecjax.models.config import model_config_from_hf, read_hf_config
+    from uecjax.sharding import check_model_mesh, model_sharding_fn
 
     if not checkpoint:
         raise FileNotFoundError("no checkpoint: pass --checkpoint=DIR (an HF-layout directory, "
@@ -304,8 +313,16 @@ def _load_checkpoint(checkpoint: str, config):
     # families on their decoder.
     with open(os.path.join(checkpoint, "config.json")) as f:
         text_only = json.load(f).get("model_type") != "qwen2_5_vl"
+    placement = {}
+    if mesh is not None:
+        shape = model_config_from_hf(read_hf_config(checkpoint), language_model_only=text_only,
+                                     source=os.path.join(checkpoint, "config.json"))
+        text = shape.text if isinstance(shape, VLConfig) else shape
+        for warning in check_model_mesh(text, mesh):
+            logger.warning("%s", warning)
+        placement = {"sharding_fn": model_sharding_fn(mesh, shape)}
     model = from_pretrained(checkpoint, dtype=_get(config, "model.dtype", "float32"),
-                            language_model_only=text_only)
+                            language_model_only=text_only, **placement)
     source_dirs = [checkpoint] + [p for p in [_get(config, "model.path")] if p and p != checkpoint]
     processor = None
     if not text_only:
@@ -334,6 +351,8 @@ def main(argv) -> None:
 
     from uecjax.rewards import RewardGrader
     from uecjax.sampler import Sampler
+    from uecjax.run_setup import run_mesh
+    from uecjax.sharding import make_mesh
 
     from uecjax import distributed
 
@@ -349,7 +368,8 @@ def main(argv) -> None:
     checkpoint = FLAGS.checkpoint or _get(config, "model.path")
     split = FLAGS.split or _get(config, "data.eval_split") or "test"
     try:
-        model, tokenizer, processor = _load_checkpoint(checkpoint, config)
+        mesh = run_mesh(config) if _get(config, "mesh") is not None else make_mesh()
+        model, tokenizer, processor = _load_checkpoint(checkpoint, config, mesh)
         records = eval_records(config, split, FLAGS.num_prompts)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -361,7 +381,7 @@ def main(argv) -> None:
                           think_prefilled=_get(config, "reward.think_prefilled", False))
     with grader:
         metrics = evaluate(
-            Sampler(model, pad_id=pad_id), tokenizer, records, grader, n=n,
+            Sampler(model, pad_id=pad_id, mesh=mesh), tokenizer, records, grader, n=n,
             max_new_tokens=_require(config, "eval.max_new_tokens"),
             temperature=_get(config, "eval.temperature", 1.0),
             top_p=_get(config, "eval.top_p", 1.0),

@@ -17,12 +17,27 @@ per prompt, the prompts rendered with their image tokens (`uecjax.vision_inputs`
 runs the vision tower and M-RoPE positions; decoding continues each row's text positions. The
 patches of each prompt are padded to a bucket (`patch_buckets`) of the batch's largest, so new
 image sizes inside a bucket reuse the compiled prefill too.
+
+On a device mesh (`Sampler(model, mesh=mesh)`, the (data, fsdp, tensor) mesh of
+`uecjax.sharding` that the model's parameters live on), the rows are split over the batch axes
+(data x fsdp) as the train step splits its batches, and the KV cache's head axis over `tensor`
+where the KV heads divide by it: each device prefills its prompts and decodes its rows only.
+The prompts are padded so that the rows (prompts x n) divide by data x fsdp; padded prompts
+are empty and finish at once. The prefill splits the prompts over data x fsdp when their count
+divides by it, else over `data` alone when that divides, else runs every prompt on every
+device; its cache is repeated to the n samples and split by rows before decoding. Host arrays
+enter with `uecjax.sharding.global_batch`, so in a multi-process job every process passes the
+same prompts. The sampled tokens do not depend on the mesh: the random draws of a row depend on
+the seed, the step and the row's index only, whatever the number of padded rows (JAX's
+partitionable threefry, `jax.config.jax_threefry_partitionable`, the default in current JAX;
+with it off, the mesh's row padding changes the draws, and the sampler warns).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import NamedTuple, Sequence
 
@@ -30,17 +45,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uecjax.batch import positions_from_mask
 from uecjax.distributed import to_host
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache
+from uecjax.sharding import BATCH_AXES, batch_shards, global_batch
 from uecjax.vision_inputs import (DEFAULT_PATCH_BUCKETS, PromptImages, patch_bucket, stack_images,
                                   vision_rows)
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_RESPONSE_BUCKETS = DEFAULT_PROMPT_BUCKETS
 STOP_IDS_WIDTH = 8  # stop-token ids are padded to a multiple of this (static shape)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,29 +182,44 @@ def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_to
 
 class Sampler:
     """Generates from an nnx causal LM with `hidden_states`/`logits`/`init_cache` (Qwen2, or
-    Qwen2_5_VL with images)."""
+    Qwen2_5_VL with images).
+
+    mesh: the (data, fsdp, tensor) mesh the model's parameters are placed on; rows are then
+    split over data x fsdp and the KV cache's heads over tensor (module docstring). None: the
+    arrays go where the parameters are and the compiler lays them out (one device: unchanged).
+    """
 
     def __init__(self, model, *, pad_id: int = 0, prompt_buckets=DEFAULT_PROMPT_BUCKETS,
                  response_buckets=DEFAULT_RESPONSE_BUCKETS, cache_dtype=None,
-                 patch_buckets=DEFAULT_PATCH_BUCKETS):
+                 patch_buckets=DEFAULT_PATCH_BUCKETS, mesh: Mesh | None = None):
         self.model = model
+        self.mesh = mesh
+        if mesh is not None and not jax.config.jax_threefry_partitionable:
+            log.warning("jax_threefry_partitionable is off: sampled tokens on this mesh differ from "
+                        "one device's where the mesh pads the rows (set it to True)")
         self.pad_id = pad_id
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.response_buckets = tuple(sorted(response_buckets))
         self.patch_buckets = tuple(sorted(patch_buckets))
         self.cache_dtype = cache_dtype
         self.compile_count = 0  # traces of prefill + decode; grows only on a new bucket
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("graphdef", "num_slots", "n", "mode"))
+        self._prefill = jax.jit(self._prefill_fn,
+                                static_argnames=("graphdef", "num_slots", "n", "mode", "prompt_axes"))
         self._decode = jax.jit(self._decode_fn, static_argnames=("graphdef", "mode"),
                                donate_argnames=("cache",))
 
     # -- jitted pieces ----------------------------------------------------------------------
     def _prefill_fn(self, graphdef, state, tokens, mask, positions, vision, key, temperature,
-                    top_p, stop_ids, *, num_slots, n, mode):
+                    top_p, stop_ids, *, num_slots, n, mode, prompt_axes):
         self.compile_count += 1  # runs at trace time only
         model = nnx.merge(graphdef, state)
         B, P = tokens.shape
+        if positions.ndim == 3:  # M-RoPE positions come row-major [B, 3, P] (rows shard)
+            positions = positions.transpose(1, 0, 2)
         cache = model.init_cache(B, num_slots, self.cache_dtype)
+        # [layers, prompts, kv_heads, slots, head_dim]: prompts as the inputs, heads on tensor.
+        heads = self._kv_axis(cache.k.shape[2])
+        cache = KVCache(*(self._constrain(c, None, prompt_axes, heads) for c in cache))
         key_mask = jnp.pad(mask, ((0, 0), (0, num_slots - P)), constant_values=1)
         # vision: None (text), or (pixel_values, layouts) per prompt row; positions [B, P] or
         # M-RoPE's [3, B, P].
@@ -195,12 +229,13 @@ class Sampler:
         # n samples per prompt share one prefill: repeat the cache, not the computation.
         repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
         # The decode loop takes the cache as per-layer arrays (see Qwen2.hidden_states(layers=)).
-        cache = KVCache(tuple(jnp.repeat(k, n, axis=0) for k in cache.k),
-                        tuple(jnp.repeat(v, n, axis=0) for v in cache.v))
-        logits, key_mask = repeat(logits), repeat(key_mask)
+        # On a mesh the repeated rows split over data x fsdp (each device keeps its own rows).
+        cache = KVCache(tuple(self._rows(jnp.repeat(k, n, axis=0), heads) for k in cache.k),
+                        tuple(self._rows(jnp.repeat(v, n, axis=0), heads) for v in cache.v))
+        logits, key_mask = self._rows(repeat(logits)), self._rows(repeat(key_mask))
         token, logp = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, **mode._asdict())
         done = jnp.isin(token, stop_ids) | (repeat(mask).sum(axis=1) == 0)
-        return cache, key_mask, token, logp, done
+        return cache, key_mask, self._rows(token), self._rows(logp), self._rows(done)
 
     def _decode_fn(self, graphdef, state, cache, key_mask, prompt_mask, position_offset,
                    first_token, first_logp, done, key, temperature, top_p, stop_ids,
@@ -215,6 +250,10 @@ class Sampler:
         tokens = jnp.full((B, R), self.pad_id, jnp.int32).at[:, 0].set(first_token)
         logps = jnp.zeros((B, R), jnp.float32).at[:, 0].set(first_logp)
         valid = jnp.zeros((B, R), bool).at[:, 0].set(True)
+        heads = self._kv_axis(cache.k[0].shape[1])
+        # On a mesh, every carried array keeps its rows split through the loop (no-op without).
+        constrain = lambda cache, *rows: (  # noqa: E731
+            jax.tree.map(lambda c: self._rows(c, heads), cache), *map(self._rows, rows))
         # A new token's position: the real tokens before it, shifted by M-RoPE's rope_deltas
         # after images (0 for text).
         positions = jnp.sum(prompt_mask, axis=1) + position_offset
@@ -239,9 +278,9 @@ class Sampler:
                 logps, jnp.where(done, 0.0, logp)[:, None], step, axis=1)
             valid = jax.lax.dynamic_update_slice_in_dim(valid, ~done[:, None], step, axis=1)
             done = done | jnp.isin(token, stop_ids)
-            return step + 1, cache, tokens, logps, done, valid
+            return step + 1, *constrain(cache, tokens, logps, done, valid)
 
-        carry = (jnp.int32(1), cache, tokens, logps, done, valid)
+        carry = (jnp.int32(1), *constrain(cache, tokens, logps, done, valid))
         _, cache, tokens, logps, done, valid = jax.lax.while_loop(cond, body, carry)
         # The cache is returned (and dropped by the caller) so that its donated buffer aliases
         # the loop's: decoding updates it in place with no copy.
@@ -260,7 +299,7 @@ class Sampler:
         num_prompts = len(prompts)
         P = bucket(max(len(p) for p in prompts), self.prompt_buckets)
         R = bucket(params.max_new_tokens, self.response_buckets)
-        B = bucket(num_prompts, [2**i for i in range(20)])
+        B = self._num_prompt_rows(num_prompts, params.n)
         tokens = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), np.int32)
         for i, p in enumerate(prompts):
@@ -276,13 +315,16 @@ class Sampler:
 
         positions, offset, vision = self._positions_and_vision(tokens, mask, images)
 
+        prompt_axes = self._prompt_axes(B)
+        prompt_in = self._place((tokens, mask, positions, vision), prompt_axes)
         graphdef, state = nnx.split(self.model)
         cache, key_mask, token, logp, done = self._prefill(
-            graphdef, state, tokens, mask, positions, vision, key, temperature, top_p, stop_ids,
-            num_slots=P + R, n=params.n, mode=mode)
+            graphdef, state, *prompt_in, key, temperature, top_p, stop_ids,
+            num_slots=P + R, n=params.n, mode=mode, prompt_axes=prompt_axes)
         prompt_mask = np.repeat(mask, params.n, axis=0)
+        rows_in = self._place((prompt_mask, np.repeat(offset, params.n)), BATCH_AXES)
         out_tokens, out_logps, valid, done, _ = self._decode(
-            graphdef, state, cache, key_mask, prompt_mask, np.repeat(offset, params.n), token, logp,
+            graphdef, state, cache, key_mask, *rows_in, token, logp,
             done, key, temperature, top_p, stop_ids, np.int32(params.max_new_tokens), mode=mode)
 
         rows = num_prompts * params.n
@@ -299,6 +341,48 @@ class Sampler:
             truncated=~done[:rows],
         )
 
+    # -- layout on the mesh -----------------------------------------------------------------
+    def _num_prompt_rows(self, num_prompts: int, n: int) -> int:
+        """Prompt rows: a power of two, then on a mesh the smallest multiple of
+        data x fsdp / gcd(n, data x fsdp) above it, so that the rows (x n) split evenly."""
+        B = bucket(num_prompts, [2**i for i in range(20)])
+        if self.mesh is None:
+            return B
+        shards = batch_shards(self.mesh)
+        unit = shards // math.gcd(n, shards)
+        return -(-B // unit) * unit
+
+    def _prompt_axes(self, num_prompts: int):
+        """Mesh axes of the prefill's prompt axis: data x fsdp, else data, else none."""
+        if self.mesh is None:
+            return None
+        if num_prompts % batch_shards(self.mesh) == 0:
+            return BATCH_AXES
+        if self.mesh.shape["data"] > 1 and num_prompts % self.mesh.shape["data"] == 0:
+            return "data"
+        return None
+
+    def _kv_axis(self, kv_heads: int):
+        """`tensor` for the cache's KV-head axis when the heads divide by it, else None."""
+        if self.mesh is None or self.mesh.shape["tensor"] == 1 or kv_heads % self.mesh.shape["tensor"]:
+            return None
+        return "tensor"
+
+    def _place(self, tree, axes):
+        """Host arrays with a leading row axis -> global arrays with rows on `axes` (a mesh);
+        unchanged without a mesh."""
+        if self.mesh is None:
+            return tree
+        return global_batch(tree, NamedSharding(self.mesh, PartitionSpec(axes)))
+
+    def _constrain(self, x, *spec):
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
+    def _rows(self, x, *rest):
+        """Rows (leading axis) over data x fsdp, the next axes as `rest` (default whole)."""
+        return self._constrain(x, BATCH_AXES, *rest)
 
     def _positions_and_vision(self, tokens, mask, images):
         """Host-side (positions, decode position offsets [B], vision inputs or None)."""
@@ -314,7 +398,9 @@ class Sampler:
         width = patch_bucket(max(im.num_patches for im in images if im is not None), self.patch_buckets)
         stacked = stack_images(padded, config.vision.patch_dim, width)  # already bucket-wide: no copy
         rows = vision_rows(tokens, mask, *stacked, config, self.patch_buckets)
-        return rows.positions.transpose(1, 0, 2), rows.rope_deltas, (rows.pixel_values, rows.layouts)
+        # Positions stay row-major [B, 3, P] (rows lead, so they place like the other inputs);
+        # the prefill transposes them to M-RoPE's [3, B, P].
+        return rows.positions, rows.rope_deltas, (rows.pixel_values, rows.layouts)
 
 
 class _Mode(NamedTuple):

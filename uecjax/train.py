@@ -135,7 +135,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     grader = RewardGrader(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                           format_weight=cfg.reward.format_weight,
                           think_prefilled=cfg.reward.think_prefilled)
-    sampler = Sampler(model, pad_id=tokenizer.pad_token_id or 0)
+    # Rows split over the mesh's data x fsdp devices, as the train step's batches.
+    sampler = Sampler(model, pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
     rollout = Rollout(rcfg, hp, sampler=sampler, prompts=prompts, grade=grader.grade_batch,
                       score=scorer, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
                       stop_token_ids=stops, seed=cfg.seed)
