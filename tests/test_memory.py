@@ -252,7 +252,8 @@ def tiny_vl_run(**kwargs):
 def test_dry_run_tiny_vl_with_trained_and_frozen_tower():
     """A tiny Qwen2.5-VL dry run compiles the step with images in the batch; its vision_params
     are the tower of a concretely built model, the parameter bytes hold the tower, and with
-    freeze_vision the optimizer state drops by exactly the tower's moments."""
+    freeze_vision the optimizer state drops by exactly the tower's moments. With bfloat16
+    compute the reference parameters count in bfloat16, as the loop stores them."""
     import io
     import math
 
@@ -281,9 +282,13 @@ def test_dry_run_tiny_vl_with_trained_and_frozen_tower():
 
     frozen_cfg = tiny_vl_run()
     frozen_cfg.model.freeze_vision = True
+    frozen_cfg.model.dtype = "bfloat16"  # float32 parameters, bfloat16 compute
     frozen = dry_run(frozen_cfg, devices=jax.devices()[:1], out=None)
     fb = frozen["per_device_bytes"]
     assert frozen["vision"]["frozen"] and frozen["vision"]["optimizer_state_bytes"] == 0
     assert fb["params"] == b["params"] and fb["batch"] == b["batch"]
+    # The reference is kept in the compute dtype (uecjax.train): half the float32 parameters.
+    assert fb["reference_params"] == b["params"] // 2 and b["reference_params"] == b["params"]
+    assert frozen["vision"]["reference_bytes"] == v["param_bytes"] // 2
     assert b["optimizer_state"] - fb["optimizer_state"] == v["optimizer_state_bytes"]
     assert math.isclose(fb["optimizer_state"], 2 * 4 * (parameter_count(config) - tower), abs_tol=64)

@@ -8,11 +8,11 @@ builds the model abstractly (`nnx.eval_shape`: shapes, dtypes, shardings), lower
 the train step for the configured batch (B * G rows of max_prompt_len + max_new_tokens tokens,
 micro_batches, method, reference log-probs when beta > 0) on the configured mesh, and prints
 per device: parameter bytes, optimizer-state bytes, reference-parameter bytes (beta > 0 and
-not offloaded), batch bytes, and from `compiled.memory_analysis()` the temporaries
-(activations, gradients, the update) and the generated code, with a total; then the same as
-one JSON line. The shape comes from config.model.preset (uecjax.models.presets), else
-config.model.path (a checkpoint directory or its config.json; weights are not read), else the
-demo's tiny model.
+not offloaded; stored in the compute dtype, as `uecjax.train` keeps it), batch bytes, and from
+`compiled.memory_analysis()` the temporaries (activations, gradients, the update) and the
+generated code, with a total; then the same as one JSON line. The shape comes from
+config.model.preset (uecjax.models.presets), else config.model.path (a checkpoint directory
+or its config.json; weights are not read), else the demo's tiny model.
 
 A Qwen2.5-VL (a `qwen2.5-vl-*` preset, or a config.json of model_type qwen2_5_vl) is built
 whole, vision tower included (replicated on every device, as `uecjax.sharding` lays it out;
@@ -72,13 +72,14 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def device_bytes(tree) -> int:
+def device_bytes(tree, dtype=None) -> int:
     """Bytes of one device's shard of every array in an abstract, sharded tree (the largest
-    shard where the split is uneven: what the fullest device holds)."""
+    shard where the split is uneven: what the fullest device holds); dtype: as if every array
+    were stored in it."""
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        total += math.prod(shape) * jnp.dtype(dtype or x.dtype).itemsize
     return total
 
 
@@ -176,8 +177,10 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     per_device = {
         "params": device_bytes(params),
         "optimizer_state": device_bytes(opt_state),
-        # The KL reference is a second copy of the parameters unless parked in host memory.
-        "reference_params": device_bytes(params) if hp.beta > 0 and not _offloads(cfg, mesh) else 0,
+        # The KL reference: a second copy of the parameters, stored in the compute dtype
+        # (uecjax.train: it is only ever read in it), unless parked in host memory.
+        "reference_params": (device_bytes(params, cfg.model.dtype)
+                             if hp.beta > 0 and not _offloads(cfg, mesh) else 0),
         "batch": device_bytes(batch),
         "temp": int(step.temp_size_in_bytes),
         "generated_code": int(step.generated_code_size_in_bytes),
@@ -204,7 +207,8 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
             "params": _count(params["visual"]), "frozen": bool(frozen),
             "param_bytes": group_bytes(params, "visual"),
             "optimizer_state_bytes": group_bytes(opt_state, "visual"),
-            "reference_bytes": device_bytes(params["visual"]) if per_device["reference_params"] else 0,
+            "reference_bytes": (device_bytes(params["visual"], cfg.model.dtype)
+                                if per_device["reference_params"] else 0),
             "images_per_row": 1, **image},
         "compiler": {"argument_bytes": int(step.argument_size_in_bytes),
                      "output_bytes": int(step.output_size_in_bytes),
