@@ -32,13 +32,28 @@ If it still runs out: --config.rollout.prompts_per_batch=8 (and micro_batches=20
 Qwen2.5-VL-7B-Instruct (--config.model.path=/models/Qwen2.5-VL-7B-Instruct
 --config.model.hub_repo=Qwen/Qwen2.5-VL-7B-Instruct, the paper's model): 8.3B parameters, about
 150 GB of weights, moments and gradients; shard them with FSDP over several GPUs, e.g. 4 x 80 GB
-with --config.mesh.fsdp=4 --config.mesh.data=1.
+with --config.mesh.fsdp=4 --config.mesh.data=1 --config.train.micro_batches=20.
 
-TPU: the same mesh axes. v5e (16 GB HBM per chip): v5e-8 for the 3B with --config.mesh.fsdp=8
---config.mesh.data=1 (about 9 GB of state per chip), --config.train.micro_batches=80 (one row
-per chip per micro-batch); v4 (32 GB per chip): v4-8 (4 chips) with --config.mesh.fsdp=4
---config.mesh.data=1. Larger slices: grow `data` once `fsdp` fits the state. Rows per batch
-must be a multiple of micro_batches x data x fsdp.
+Check a layout before any weights exist (vision tower and one image per row included; see
+uecjax/dry_run.py, --config.vision.dry_run_pixels for larger images):
+
+    python -m uecjax.train --config=configs/geo3k.py --dry_run \
+        --config.model.preset=qwen2.5-vl-3b [--dry_run_devices=8 --config.mesh.fsdp=8 \
+        --config.mesh.data=1 --config.train.micro_batches=10]
+
+Per device it reports (GiB; one 512^2 image per row; "temporaries" are the CPU compiler's
+estimate): 3B on 1 device 14.0 parameters, 28.0 moments, 7.0 reference, 40.7 temporaries;
+3B with fsdp=8 3.9 + 7.8 + 1.9 + 20.1; 7B with fsdp=4 9.6 + 19.1 + 4.8 + 32.3. The vision tower
+(0.67B) is replicated, not split by fsdp: with fsdp=8 it is 2.5 of the 3.9 GiB of parameters
+and 4.9 of the 7.8 GiB of moments; freeze_vision takes the latter away.
+
+TPU: the same mesh axes. Rows per batch must be a multiple of micro_batches x data x fsdp
+(with fsdp=8, --config.train.micro_batches=10 is one row per chip per micro-batch). By the dry
+run the 3B does not fit small chips with the tower trained: v5e-8 (16 GB HBM per chip) holds
+13.6 GiB of state per chip (fsdp=8) before activations; v4-8 (4 chips of 32 GB, fsdp=4,
+micro_batches=20) 18.7 GiB of state and 37.8 GiB with the CPU-estimated temporaries. Freezing
+the tower takes 4.9 GiB of moments off every chip (v5e-8: 8.7 GiB of state); else take a
+larger slice: grow `fsdp` until the state fits, then `data`.
 """
 
 from uecjax.config import base_config

@@ -162,3 +162,133 @@ def test_logprob_pass_keeps_no_activations(tmp_path):
     step = {key: t for key, (t, _) in temps.items()}
     assert step[8, "none"] > step[2, "none"] > temps[2, "none"][1]
     assert step[8, "none"] > step[8, "per_layer"] > step[8, "full"] > temps[8, "full"][1]
+
+
+# ---- dry run of Qwen2.5-VL ----
+
+def test_vl_presets_have_the_hub_parameter_counts():
+    """qwen2.5-vl-3b / -7b are whole VLConfigs whose abstractly built Qwen2_5_VL (no weights
+    allocated) has the parameter counts of the hub checkpoints, vision tower included; text
+    presets stay TextConfigs."""
+    import math
+
+    from flax import nnx
+
+    from uecjax.models import Qwen2_5_VL, TextConfig, VLConfig
+    from uecjax.models.presets import parameter_count, preset, vision_parameter_count
+
+    def count(tree):
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+    # Qwen/Qwen2.5-VL-{3B,7B}-Instruct: total and vision-tower ("visual.*") parameters.
+    for name, total, vision, hidden in (("qwen2.5-vl-3b", 3_754_622_976, 668_684_288, 2048),
+                                        ("qwen2.5-vl-7b", 8_292_166_656, 676_550_144, 3584)):
+        config = preset(name, dtype="bfloat16")
+        assert isinstance(config, VLConfig) and config.vision.dtype == "bfloat16"
+        v = config.vision
+        assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size) == \
+            (32, 1280, 3420, 16, hidden)
+        assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.window_size,
+                v.fullatt_block_indexes, v.tokens_per_second) == (14, 2, 2, 112, (7, 15, 23, 31), 2)
+        assert config.mrope_section == (16, 24, 24)
+        assert (config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                config.vision_end_token_id) == (151655, 151656, 151652, 151653)
+        model = nnx.eval_shape(lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0)))
+        assert count(nnx.state(model, nnx.Param)) == parameter_count(config) == total
+        assert count(nnx.state(model.visual, nnx.Param)) == vision_parameter_count(v) == vision
+        assert preset(name, language_model_only=True) == preset(name).text
+    assert isinstance(preset("qwen2.5-7b"), TextConfig) and isinstance(preset("tiny"), TextConfig)
+
+
+def test_model_config_reads_a_vl_config_json(tmp_path):
+    """model.path to a qwen2_5_vl config.json gives its VLConfig (as the loader reads it), with
+    the run's numerics on the decoder and the tower; an image whose tokens exceed the prompt
+    length is a config error naming the knob."""
+    import json
+
+    from uecjax.config import ConfigValueError
+    from uecjax.dry_run import dry_run_image
+    from uecjax.models.presets import preset
+    from uecjax.run_setup import model_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(preset("tiny-vl").to_hf()))
+    c = tiny_vl_run()
+    c.model.preset, c.model.path, c.model.remat = "", str(path), "per_layer"
+    assert model_config(c) == preset("tiny-vl", dtype="float32", remat="per_layer")
+    image = dry_run_image(model_config(c), c, 32)
+    assert image == dict(pixels=3136, image_hw=[56, 56], grid_thw=[1, 4, 4], patches=16,
+                         patch_bucket=64, image_tokens=4)
+    c.vision.dry_run_pixels = 0  # min_pixels: 28 x 28, one merged token
+    assert dry_run_image(model_config(c), c, 32)["image_tokens"] == 1
+    c.vision.dry_run_pixels = 112 * 112  # 64 patches, 16 tokens + 2 > 16
+    with pytest.raises(ConfigValueError, match=r"vision.dry_run_pixels=12544: an image of 112x112 "
+                                               r"pixels takes 16 image tokens"):
+        dry_run_image(model_config(c), c, 16)
+
+
+def test_resized_size_is_the_processors():
+    """The dry run's image grid follows transformers' smart_resize (what the processor does)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from uecjax.models.presets import preset
+    from uecjax.vision_inputs import resized_size
+
+    vision = preset("qwen2.5-vl-3b").vision
+    for h, w in ((10, 900), (300, 200), (512, 512), (777, 1024), (2048, 2048), (5000, 4000)):
+        for lo, hi in ((262144, 4194304), (784, 12544)):
+            assert resized_size(h, w, vision, min_pixels=lo, max_pixels=hi) == \
+                smart_resize(h, w, 28, min_pixels=lo, max_pixels=hi), (h, w, lo, hi)
+
+
+def tiny_vl_run(**kwargs):
+    """tiny_run with the tiny Qwen2.5-VL: one 56 x 56 image per row (4 x 4 patches, bucket 64)."""
+    c = tiny_run(**kwargs)
+    c.model.preset = "tiny-vl"
+    c.vision.min_pixels, c.vision.max_pixels, c.vision.dry_run_pixels = 28 * 28, 112 * 112, 56 * 56
+    return c
+
+
+def test_dry_run_tiny_vl_with_trained_and_frozen_tower():
+    """A tiny Qwen2.5-VL dry run compiles the step with images in the batch; its vision_params
+    are the tower of a concretely built model, the parameter bytes hold the tower, and with
+    freeze_vision the optimizer state drops by exactly the tower's moments. With bfloat16
+    compute the reference parameters count in bfloat16, as the loop stores them."""
+    import io
+    import math
+
+    from flax import nnx
+
+    from uecjax.dry_run import dry_run
+    from uecjax.models import Qwen2_5_VL
+    from uecjax.models.presets import parameter_count, preset
+
+    config = preset("tiny-vl", dtype="float32")
+    concrete = Qwen2_5_VL(config, rngs=nnx.Rngs(0))
+    tower = sum(x.size for x in jax.tree.leaves(nnx.state(concrete.visual, nnx.Param)))
+
+    out = io.StringIO()
+    trained = dry_run(tiny_vl_run(), devices=jax.devices()[:1], out=out)
+    lines = out.getvalue().splitlines()
+    assert any(line.strip().startswith("vision tower: 0.1M parameters (trained)") for line in lines)
+    assert any("56x56 = 16 patches, padded to 64; 4 image tokens" in line for line in lines)
+    b, v = trained["per_device_bytes"], trained["vision"]
+    assert trained["vision_params"] == v["params"] == tower > 0
+    assert trained["parameters"] == parameter_count(config)
+    assert b["params"] == 4 * parameter_count(config) and v["param_bytes"] == 4 * tower
+    assert v["optimizer_state_bytes"] == 2 * v["param_bytes"]  # Adam's mu and nu
+    rows = trained["batch"]["rows"]
+    assert b["batch"] > rows * 64 * config.vision.patch_dim * 4  # the pixel values are in it
+
+    frozen_cfg = tiny_vl_run()
+    frozen_cfg.model.freeze_vision = True
+    frozen_cfg.model.dtype = "bfloat16"  # float32 parameters, bfloat16 compute
+    frozen = dry_run(frozen_cfg, devices=jax.devices()[:1], out=None)
+    fb = frozen["per_device_bytes"]
+    assert frozen["vision"]["frozen"] and frozen["vision"]["optimizer_state_bytes"] == 0
+    assert fb["params"] == b["params"] and fb["batch"] == b["batch"]
+    # The reference is kept in the compute dtype (uecjax.train): half the float32 parameters.
+    assert fb["reference_params"] == b["params"] // 2 and b["reference_params"] == b["params"]
+    assert frozen["vision"]["reference_bytes"] == v["param_bytes"] // 2
+    assert b["optimizer_state"] - fb["optimizer_state"] == v["optimizer_state_bytes"]
+    assert math.isclose(fb["optimizer_state"], 2 * 4 * (parameter_count(config) - tower), abs_tol=64)

@@ -58,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.vision = ml_collections.ConfigDict()
     c.vision.min_pixels = 262144
     c.vision.max_pixels = 4194304
+    # --dry_run of a Qwen2.5-VL: every row carries one square image of this many pixels,
+    # resized into [min_pixels, max_pixels] as the processor does and padded to its patch
+    # bucket; its image tokens count inside rollout.max_prompt_len. 0: min_pixels (small
+    # images, such as Geometry3K's diagrams, are scaled up to it: 512^2 gives 38 x 38 patches,
+    # bucket 1536, 361 image tokens).
+    c.vision.dry_run_pixels = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "math"  # demo | geometry3k | math | jsonl
@@ -180,3 +186,5 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
     if not isinstance(c.vision.max_pixels, int) or c.vision.max_pixels < c.vision.min_pixels:
         bad("vision.max_pixels", c.vision.max_pixels,
             f"must be an integer >= vision.min_pixels={c.vision.min_pixels}")
+    if not isinstance(c.vision.dry_run_pixels, int) or c.vision.dry_run_pixels < 0:
+        bad("vision.dry_run_pixels", c.vision.dry_run_pixels, "must be an integer >= 0 (0: vision.min_pixels)")

@@ -8,11 +8,20 @@ builds the model abstractly (`nnx.eval_shape`: shapes, dtypes, shardings), lower
 the train step for the configured batch (B * G rows of max_prompt_len + max_new_tokens tokens,
 micro_batches, method, reference log-probs when beta > 0) on the configured mesh, and prints
 per device: parameter bytes, optimizer-state bytes, reference-parameter bytes (beta > 0 and
-not offloaded), batch bytes, and from `compiled.memory_analysis()` the temporaries
-(activations, gradients, the update) and the generated code, with a total; then the same as
-one JSON line. The shape comes from config.model.preset (uecjax.models.presets), else
-config.model.path (a checkpoint directory or its config.json; weights are not read), else the
-demo's tiny model.
+not offloaded; stored in the compute dtype, as `uecjax.train` keeps it), batch bytes, and from
+`compiled.memory_analysis()` the temporaries (activations, gradients, the update) and the
+generated code, with a total; then the same as one JSON line. The shape comes from
+config.model.preset (uecjax.models.presets), else config.model.path (a checkpoint directory
+or its config.json; weights are not read), else the demo's tiny model.
+
+A Qwen2.5-VL (a `qwen2.5-vl-*` preset, or a config.json of model_type qwen2_5_vl) is built
+whole, vision tower included (replicated on every device, as `uecjax.sharding` lays it out;
+frozen with config.model.freeze_vision: no optimizer state), and the batch carries images as
+the loop's does (`uecjax.vision_inputs.vision_rows`): each row one square image of
+config.vision.dry_run_pixels pixels (0: vision.min_pixels), resized into [min_pixels,
+max_pixels] as the processor does, its patches padded to their patch bucket, its image tokens
+inside rollout.max_prompt_len. The report adds the tower's parameter count and its share of
+the parameter and optimizer bytes ("vision" in the JSON line).
 
 On the machine's own devices (e.g. a GPU host, or one TPU host of a slice of that size) the
 figures are the target backend's. `--dry_run_devices=N` compiles instead for N simulated CPU
@@ -33,19 +42,22 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from uecjax.batch import Batch
-from uecjax.config import validate
+from uecjax.config import ConfigValueError, validate
 from uecjax.control import init_control_state
-from uecjax.models import Qwen2
+from uecjax.models import Qwen2, Qwen2_5_VL, VLConfig
 from uecjax.models.presets import parameter_count
+from uecjax.models.vision import VisionLayout, padded_vision_layout
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig
 from uecjax.rollout import rollout_config
 from uecjax.run_setup import model_config, run_mesh
 from uecjax.sharding import check_batch_size, check_model_mesh
 from uecjax.train_step import TrainStep
+from uecjax.vision_inputs import patch_bucket, resized_size
 
 
 def simulate_cpu_devices(n: int) -> None:
@@ -60,53 +72,103 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def device_bytes(tree) -> int:
+def device_bytes(tree, dtype=None) -> int:
     """Bytes of one device's shard of every array in an abstract, sharded tree (the largest
-    shard where the split is uneven: what the fullest device holds)."""
+    shard where the split is uneven: what the fullest device holds); dtype: as if every array
+    were stored in it."""
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        total += math.prod(shape) * jnp.dtype(dtype or x.dtype).itemsize
     return total
 
 
-def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool, sharding) -> Batch:
-    """The loop's batch (`Rows.to_batch`) as ShapeDtypeStructs on the batch sharding."""
+def group_bytes(tree, group: str) -> int:
+    """`device_bytes` of the leaves under a top-level parameter group (e.g. "visual"), in a
+    parameter tree or an optimizer state that mirrors one."""
+    leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(tree)
+              if any(getattr(k, "key", None) == group for k in path)]
+    return device_bytes(leaves)
+
+
+def dry_run_image(config: VLConfig, cfg: ml_collections.ConfigDict, prompt_len: int) -> dict:
+    """The one image each dry-run row carries: config.vision.dry_run_pixels (0: min_pixels) of
+    a square image, resized as the processor does; its grid, patch bucket and image tokens."""
+    vision = config.vision
+    pixels = cfg.vision.dry_run_pixels or cfg.vision.min_pixels
+    side = max(1, round(math.sqrt(pixels)))
+    h, w = resized_size(side, side, vision, min_pixels=cfg.vision.min_pixels,
+                        max_pixels=cfg.vision.max_pixels)
+    grid = (1, h // vision.patch_size, w // vision.patch_size)
+    patches = math.prod(grid)
+    tokens = patches // vision.spatial_merge_size**2
+    if tokens + 2 > prompt_len:  # + <|vision_start|>, <|vision_end|>
+        raise ConfigValueError(
+            f"config.vision.dry_run_pixels={cfg.vision.dry_run_pixels}: an image of {h}x{w} pixels "
+            f"takes {tokens} image tokens (+ 2 around them), more than "
+            f"rollout.max_prompt_len={prompt_len}; every such prompt would be skipped. Raise "
+            "rollout.max_prompt_len or lower the pixels (vision.max_pixels)")
+    return dict(pixels=pixels, image_hw=[h, w], grid_thw=list(grid), patches=patches,
+                patch_bucket=patch_bucket(patches), image_tokens=tokens)
+
+
+def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool, sharding,
+                   vision=None) -> Batch:
+    """The loop's batch (`Rows.to_batch`) as ShapeDtypeStructs on the batch sharding.
+
+    vision: None for text rows, else (VisionConfig, image_grid_thw [k, 3] of each row's images,
+    patch bucket N): M-RoPE positions [rows, 3, T], pixel values [rows, N, patch_dim] and the
+    rows' `padded_vision_layout`s, as `uecjax.vision_inputs.vision_rows` gives them.
+    """
     def sds(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     T = prompt_len + response_len
     tok, resp, seq = (rows, T), (rows, response_len), (rows,)
+    images = {}
+    if vision is not None:
+        config, grid, N = vision
+        layout = padded_vision_layout(np.asarray(grid), config, N)  # shapes depend on N alone
+        images = dict(pixel_values=sds((rows, N, config.patch_dim), jnp.float32),
+                      vision=VisionLayout(*jax.tree.map(lambda x: sds((rows, *x.shape), x.dtype),
+                                                        tuple(layout))))
     return Batch(tokens=sds(tok, jnp.int32), attention_mask=sds(tok, jnp.int32),
-                 positions=sds(tok, jnp.int32), response_mask=sds(resp, jnp.float32),
+                 positions=sds((rows, 3, T) if images else tok, jnp.int32),
+                 response_mask=sds(resp, jnp.float32),
                  advantages=sds(seq, jnp.float32), difficulty=sds(seq, jnp.float32),
                  is_hard=sds(seq, jnp.float32), old_logp=sds(resp, jnp.float32),
                  old_entropy=sds(resp, jnp.float32),
                  ref_logp=sds(resp, jnp.float32) if with_ref else None,
-                 sampler_logp=sds(resp, jnp.float32))
+                 sampler_logp=sds(resp, jnp.float32), **images)
 
 
 def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> dict:
     """Compiles the configured train step abstractly; prints and returns the memory report."""
     validate(cfg, dry_run=True)
-    text = model_config(cfg)
+    config = model_config(cfg)
+    is_vl = isinstance(config, VLConfig)
+    text = config.text if is_vl else config
     mesh = run_mesh(cfg, devices)
-    warnings = check_model_mesh(text, mesh)
+    warnings = check_model_mesh(config, mesh)
     hp = loss_config(cfg.method, **cfg.loss.to_dict())
     rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
+    frozen = ("visual",) if is_vl and cfg.model.freeze_vision else ()  # as uecjax.train
     optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
-                           **cfg.optim.to_dict()})
+                           **cfg.optim.to_dict(), "frozen": frozen})
     check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)
+    image = dry_run_image(config, cfg, rcfg.max_prompt_len) if is_vl else None
 
-    model = nnx.eval_shape(lambda: Qwen2(text, rngs=nnx.Rngs(0)))  # shapes only, no weights
+    cls = Qwen2_5_VL if is_vl else Qwen2
+    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))  # shapes only, no weights
     trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size)
     params = _abstract(nnx.state(model), trainer.param_shardings)
     opt_state = _abstract(jax.eval_shape(trainer.optimizer.init, params), trainer.opt_shardings)
     control = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
                            jax.eval_shape(lambda: init_control_state(hp, cfg.seed)))
+    vision = (config.vision, [image["grid_thw"]], image["patch_bucket"]) if is_vl else None
     batch = abstract_batch(rcfg.batch_rows, rcfg.max_prompt_len, rcfg.max_new_tokens, hp.beta > 0,
-                           trainer.batch_sharding)
+                           trainer.batch_sharding, vision)
 
     step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch)
     step = step_lowered.compile().memory_analysis()
@@ -115,8 +177,10 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     per_device = {
         "params": device_bytes(params),
         "optimizer_state": device_bytes(opt_state),
-        # The KL reference is a second copy of the parameters unless parked in host memory.
-        "reference_params": device_bytes(params) if hp.beta > 0 and not _offloads(cfg, mesh) else 0,
+        # The KL reference: a second copy of the parameters, stored in the compute dtype
+        # (uecjax.train: it is only ever read in it), unless parked in host memory.
+        "reference_params": (device_bytes(params, cfg.model.dtype)
+                             if hp.beta > 0 and not _offloads(cfg, mesh) else 0),
         "batch": device_bytes(batch),
         "temp": int(step.temp_size_in_bytes),
         "generated_code": int(step.generated_code_size_in_bytes),
@@ -125,7 +189,8 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     report = {
         "dry_run": True,
         "model": cfg.model.preset or cfg.model.path or "demo",
-        "parameters": parameter_count(text),
+        "parameters": parameter_count(config),
+        "vision_params": _count(params["visual"]) if is_vl else 0,
         "platform": mesh.devices.flat[0].platform,
         "devices": int(mesh.size),
         "mesh": dict(mesh.shape),
@@ -137,6 +202,14 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         "per_device_bytes": per_device,
         # Forward-only old / reference log-prob pass: what it holds besides params and batch.
         "logprob_pass_temp_bytes": int(logprobs.temp_size_in_bytes),
+        # The tower's share of the per-device figures above, and the dry run's images.
+        "vision": None if not is_vl else {
+            "params": _count(params["visual"]), "frozen": bool(frozen),
+            "param_bytes": group_bytes(params, "visual"),
+            "optimizer_state_bytes": group_bytes(opt_state, "visual"),
+            "reference_bytes": (device_bytes(params["visual"], cfg.model.dtype)
+                                if per_device["reference_params"] else 0),
+            "images_per_row": 1, **image},
         "compiler": {"argument_bytes": int(step.argument_size_in_bytes),
                      "output_bytes": int(step.output_size_in_bytes),
                      "alias_bytes": int(step.alias_size_in_bytes)},
@@ -144,6 +217,10 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     }
     _print(report, out)
     return report
+
+
+def _count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def _offloads(cfg, mesh) -> bool:
@@ -179,9 +256,20 @@ def _print(report: dict, out) -> None:
         print(f"    {label:27s} {_gib(b[key])}", file=out)
     print(f"  log-prob pass (forward only) temporaries {_gib(report['logprob_pass_temp_bytes'])}",
           file=out)
+    v = report["vision"]
+    if v:
+        print(f"  vision tower: {v['params'] / 1e6:.1f}M parameters ({'frozen' if v['frozen'] else 'trained'}); "
+              f"per device {_gib(v['param_bytes']).strip()} of the parameters, "
+              f"{_gib(v['optimizer_state_bytes']).strip()} of the optimizer state, "
+              f"{_gib(v['reference_bytes']).strip()} of the reference", file=out)
+        print(f"  images: {v['images_per_row']} per row, {v['pixels']} px square resized to "
+              f"{v['image_hw'][0]}x{v['image_hw'][1]} = {v['patches']} patches, padded to "
+              f"{v['patch_bucket']}; {v['image_tokens']} image tokens of the "
+              f"{report['batch']['prompt_len']}-token prompt", file=out)
     for w in report["warnings"]:
         print(f"  warning: {w}", file=out)
     print(json.dumps(report), file=out, flush=True)
 
 
-__all__ = ["abstract_batch", "device_bytes", "dry_run", "simulate_cpu_devices"]
+__all__ = ["abstract_batch", "device_bytes", "dry_run", "dry_run_image", "group_bytes",
+           "simulate_cpu_devices"]

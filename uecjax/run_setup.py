@@ -60,10 +60,11 @@ def run_mesh(cfg: ml_collections.ConfigDict, devices=None):
 
 
 def model_config(cfg: ml_collections.ConfigDict):
-    """The decoder's TextConfig without loading weights: model.preset, else model.path (a
-    checkpoint directory or its config.json), else the demo's tiny model; with the run's
-    dtype, param_dtype and remat."""
-    from uecjax.models.config import TextConfig, read_hf_config
+    """The model's config without loading weights: model.preset, else model.path (a
+    checkpoint directory or its config.json, read as `load_policy` reads it: VLConfig for a
+    Qwen2.5-VL, the decoder's TextConfig for other checkpoints), else the demo's tiny model;
+    with the run's dtype, param_dtype and remat."""
+    from uecjax.models.config import TextConfig
     from uecjax.models.presets import preset
 
     numerics = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
@@ -73,13 +74,20 @@ def model_config(cfg: ml_collections.ConfigDict):
         if not os.path.exists(cfg.model.path):
             raise CheckpointError(f"config.model.path={cfg.model.path!r}: not found; give a "
                                   "checkpoint directory or its config.json, or config.model.preset")
-        return TextConfig.from_hf(read_hf_config(cfg.model.path), source=cfg.model.path, **numerics)
+        hf_config = read_hf_config(cfg.model.path)
+        return model_config_from_hf(hf_config, source=cfg.model.path,
+                                    language_model_only=_text_only(hf_config), **numerics)
     from uecjax.demo_model import DEMO_MODEL
     from uecjax.tokenizer import char_tokenizer
 
     demo = cfg.get("demo") or {}
     shape = {**DEMO_MODEL, **dict(demo.get("model_overrides") or {})}
     return TextConfig(vocab_size=len(char_tokenizer()), **{**shape, **numerics})
+
+
+def _text_only(hf_config: dict) -> bool:
+    """Other VL families (Qwen2-VL) train their decoder alone, on the prompts' text."""
+    return hf_config.get("model_type") != "qwen2_5_vl"
 
 
 def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
@@ -109,11 +117,10 @@ def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
     check_inputs(cfg)
     path = cfg.model.path
     hf_config = read_hf_config(path)
-    # Other VL families (Qwen2-VL) train their decoder alone, on the prompts' text.
-    text_only = hf_config.get("model_type") != "qwen2_5_vl"
+    text_only = _text_only(hf_config)
     config = model_config_from_hf(hf_config, source=os.path.join(path, "config.json"),
                                   language_model_only=text_only)
-    for warning in check_model_mesh(config.text if isinstance(config, VLConfig) else config, mesh):
+    for warning in check_model_mesh(config, mesh):
         logger.text(f"warning: {warning}")
     model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, config),

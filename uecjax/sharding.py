@@ -252,12 +252,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> Non
 def check_model_mesh(config, mesh: Mesh, *, where: str = "config.mesh") -> list[str]:
     """Raises ShardingError when the mesh cannot split the model evenly; returns warnings.
 
-    `config` is a `uecjax.models.TextConfig`. Errors: attention heads, KV heads or MLP width
+    `config` is a `uecjax.models.TextConfig`, or a `VLConfig` (its decoder is checked: the
+    vision tower is replicated, see LOGICAL_RULES). Errors: attention heads, KV heads or MLP width
     not divisible by `tensor`, hidden size not divisible by `fsdp` (the parameter would be
     silently replicated, or a head split across devices). Warnings: a vocabulary not divisible
     by `tensor` (the embedding / lm-head are then replicated over `tensor`, see the module
     docstring).
     """
+    if isinstance(config, VLConfig):
+        config = config.text
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     needs = (("tensor", tensor, "num_attention_heads", config.num_attention_heads),
              ("tensor", tensor, "num_key_value_heads", config.num_key_value_heads),

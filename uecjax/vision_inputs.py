@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import NamedTuple, Sequence
 
@@ -244,6 +245,22 @@ def patch_bucket(num_patches: int, buckets: Sequence[int] = DEFAULT_PATCH_BUCKET
             return b
     raise VisionInputError(f"a prompt's images have {num_patches} patches, more than the largest "
                            f"patch bucket {max(buckets)}; lower vision.max_pixels")
+
+
+def resized_size(height: int, width: int, vision: VisionConfig, *, min_pixels: int = DEFAULT_MIN_PIXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) the Qwen2-VL image processor resizes an image to: sides multiples of
+    patch_size * merge_size, pixel count within [min_pixels, max_pixels], aspect ratio kept
+    (transformers' `smart_resize`)."""
+    f = vision.patch_size * vision.spatial_merge_size
+    h, w = round(height / f) * f, round(width / f) * f
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(f, math.floor(height / beta / f) * f), max(f, math.floor(width / beta / f) * f)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    return h, w
 
 
 class VisionRows(NamedTuple):
