@@ -304,7 +304,7 @@ def memory_bandwidth(args, spec):
 def shape_config(name, args):
     from uecjax.models.presets import preset
 
-    real = preset(name, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
+    real = preset(name, language_model_only=True, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
     layers = args.layers or real.num_hidden_layers
     return real.replace(num_hidden_layers=layers), real
 
