@@ -83,17 +83,20 @@ train_step        `uecjax.train_step.TrainStep` (method --method, beta 0, AdamW)
                   mfu = model_flops / step_s / peak (measured peak_matmul; mfu_spec against
                   the spec sheet), hfu the same with hardware_flops. Target (issue 6):
                   mfu_spec >= 0.35 for qwen2.5-1.5b in bfloat16 on GPU.
-dry_run           per-device memory of configs/math.py (method uec, 256 rows x (1024 + 2048)
-                  tokens, bfloat16 compute, float32 parameters, remat full) for
-                  --dry_run_models on --dry_run_devices simulated CPU devices, mesh data=1,
-                  fsdp=-1: each case runs `python -m uecjax.train --config=configs/math.py
-                  --dry_run --config.model.preset=NAME --config.mesh.data=1
+dry_run           per-device memory for --dry_run_models on --dry_run_devices simulated CPU
+                  devices, mesh data=1, fsdp=-1. Text shapes are sized with configs/math.py
+                  (uec, 256 rows x (1024 + 2048) tokens, bfloat16 compute, float32
+                  parameters, remat full), Qwen2.5-VL shapes with configs/geo3k.py (80 rows x
+                  (2048 + 2048) tokens, the vision tower trained, one 512^2 image per row:
+                  config.vision.dry_run_pixels). Each case runs `python -m uecjax.train
+                  --config=CONFIG --dry_run --config.model.preset=NAME --config.mesh.data=1
                   --config.mesh.fsdp=-1 --dry_run_devices=N` and its final JSON line is
-                  re-emitted (uecjax/dry_run.py). Where the config's micro_batches (8) times
-                  N does not divide the 256 rows, micro_batches is halved until it does
-                  (64 devices: 4); the line says which was used. Temporaries are the CPU
-                  compiler's (an estimate for GPU / TPU, see uecjax/dry_run.py). The 64-device
-                  compiles take minutes on a small CPU.
+                  re-emitted (uecjax/dry_run.py). Where N does not divide the config's rows
+                  (geo3k's 80 on 64 devices), prompts_per_batch grows by whole batches until
+                  it does; where micro_batches times N does not, micro_batches is halved
+                  until it does; the line says which were used. Temporaries are the CPU
+                  compiler's (an estimate for GPU / TPU, see uecjax/dry_run.py). The
+                  64-device compiles take minutes on a small CPU.
 
 Spec sheets (bfloat16 dense matmul peak, memory bandwidth), used only for the *_spec ratios;
 peaks only when --dtype is bfloat16:
@@ -304,7 +307,8 @@ def memory_bandwidth(args, spec):
 def shape_config(name, args):
     from uecjax.models.presets import preset
 
-    real = preset(name, language_model_only=True, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
+    real = preset(name, language_model_only=True, dtype=args.dtype, param_dtype=args.param_dtype,
+                  remat=args.remat)
     layers = args.layers or real.num_hidden_layers
     return real.replace(num_hidden_layers=layers), real
 
@@ -443,31 +447,43 @@ def bench_train(model, config, tag, args, refs):
 
 # ---- dry runs ----------------------------------------------------------------------------------
 
-def math_config_rows():
-    """(rows, micro_batches) of configs/math.py."""
+def dry_run_config(name: str) -> str:
+    """The config a shape is sized with: Qwen2.5-VL presets the Geometry3K recipe (vision tower
+    and images included), text presets configs/math.py."""
+    return "configs/geo3k.py" if "-vl-" in name else "configs/math.py"
+
+
+def config_rows(config: str):
+    """(prompts per batch, group size, micro_batches) of a config file."""
     sys.path.insert(0, REPO)
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_math_config", os.path.join(REPO, "configs", "math.py"))
+    spec = importlib.util.spec_from_file_location("_dry_run_config", os.path.join(REPO, config))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    return c.rollout.prompts_per_batch * c.rollout.group_size, c.train.micro_batches
+    return c.rollout.prompts_per_batch, c.rollout.group_size, c.train.micro_batches
 
 
 def dry_runs(args):
-    rows, micro = math_config_rows()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.pop("XLA_FLAGS", None)  # --dry_run_devices sets the device count
     for name in args.dry_run_models.split(","):
+        config = dry_run_config(name)
+        prompts_config, group, micro = config_rows(config)
         for n in (int(d) for d in args.dry_run_devices.split(",")):
+            # The rows must split evenly over the devices: grow the batch by whole batches.
+            prompts = prompts_config
+            while (prompts * group) % n:
+                prompts += prompts_config
             m = micro
-            while m > 1 and rows % (m * n):
+            while m > 1 and (prompts * group) % (m * n):
                 m //= 2
-            cmd = [sys.executable, "-m", "uecjax.train", "--config=configs/math.py", "--dry_run",
+            cmd = [sys.executable, "-m", "uecjax.train", f"--config={config}", "--dry_run",
                    f"--config.model.preset={name}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                   f"--config.train.micro_batches={m}", f"--dry_run_devices={n}"]
+                   f"--config.train.micro_batches={m}", f"--dry_run_devices={n}",
+                   f"--config.rollout.prompts_per_batch={prompts}"]
             start = time.perf_counter()
             result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                                     timeout=args.dry_run_timeout)
@@ -484,7 +500,8 @@ def dry_runs(args):
                      error=(result.stderr or result.stdout)[-2000:])
                 continue
             per = report["per_device_bytes"]
-            emit(figure="dry_run", wall_s=elapsed, micro_batches_config=micro,
+            emit(figure="dry_run", config=config, wall_s=elapsed, micro_batches_config=micro,
+                 prompts_per_batch=prompts, prompts_per_batch_config=prompts_config,
                  per_device_gib={k: round(v / 2**30, 3) for k, v in per.items()},
                  **{k: v for k, v in report.items() if k != "dry_run"})
 
@@ -558,7 +575,8 @@ def run_models(args):
     spec = spec_sheet(device.device_kind)
     emit(figure="setup", platform=device.platform, device_kind=device.device_kind,
          devices=jax.device_count(), jax=jax.__version__, flax=flax.__version__,
-         spec=None if spec is None else dict(name=spec[0], bf16_flops_per_s=spec[1], bytes_per_s=spec[2]),
+         spec=None if spec is None else dict(name=spec[0], bf16_flops_per_s=spec[1],
+                                             bytes_per_s=spec[2]),
          args=vars(args))
 
     refs = dict(flops=peak_matmul(args, jnp.dtype(args.dtype), spec),
