@@ -56,12 +56,14 @@ LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
-    # The Qwen2.5-VL vision tower (uecjax.models.vision) is small next to the decoder: replicated.
+    # The Qwen2.5-VL vision tower (uecjax.models.vision): stored FSDP-style along its hidden
+    # axes (0.67B parameters: replicated, its float32 weights and Adam moments would take
+    # 7.5 GiB on every device); heads and MLP stay whole, the tower's compute is small.
     "vision_patch": None,
-    "vision_embed": None,
+    "vision_embed": "fsdp",
     "vision_heads": None,
     "vision_mlp": None,
-    "vision_merge": None,
+    "vision_merge": "fsdp",
 }
 
 

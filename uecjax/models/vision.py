@@ -34,8 +34,8 @@ from uecjax.models.qwen2 import NEG_INF, rms_norm
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 
-# Logical axes of the vision parameters (see uecjax.sharding): "layers" is the stacked block
-# axis; the tower is small next to the decoder and stays replicated ("vision_*" -> None).
+# Logical axes of the vision parameters (see uecjax.sharding.LOGICAL_RULES): "layers" is the
+# stacked block axis; the hidden axes split over fsdp, heads and MLP stay whole.
 BLOCK_PARAM_AXES = {
     "norm1": ("layers", "norm"),
     "qkv_w": ("layers", "vision_embed", "vision_heads"),
