@@ -19,41 +19,45 @@ policy with the k3 ("low_var_kl") estimator, beta 0.01; the vision tower trains
 (freeze_vision_tower: false there; `--config.model.freeze_vision=True` freezes it). The method
 is `uec`; `--config.method=grpo` gives the GRPO baseline on the same settings.
 
-Memory on one 80 GB GPU (H100 / A100-80G), bf16 compute, float32 master weights:
-parameters 3.75B x 4 B = 15 GB, Adam moments 30 GB, gradient accumulator 15 GB, reference
-policy 7.5 GB (stored in the bf16 compute dtype, which is exact: it is only ever read in it),
-about 68 GB before activations. Micro-batches of 2 rows (micro_batches = rows / 2) with
-per-layer remat keep the step's activations near 5 GB at 4096 tokens (the [heads, T, T]
-attention scores dominate); the sampler's bf16 KV cache for 80 rows x 4096 slots is 12 GB,
-when the gradients are gone. Let XLA take the whole GPU: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95.
-If it still runs out: --config.rollout.prompts_per_batch=8 (and micro_batches=20), or
---config.model.freeze_vision=True (no moments for the tower, -5 GB).
-
-Qwen2.5-VL-7B-Instruct (--config.model.path=/models/Qwen2.5-VL-7B-Instruct
---config.model.hub_repo=Qwen/Qwen2.5-VL-7B-Instruct, the paper's model): 8.3B parameters, about
-150 GB of weights, moments and gradients; shard them with FSDP over several GPUs, e.g. 4 x 80 GB
-with --config.mesh.fsdp=4 --config.mesh.data=1 --config.train.micro_batches=20.
-
-Check a layout before any weights exist (vision tower and one image per row included; see
-uecjax/dry_run.py, --config.vision.dry_run_pixels for larger images):
+Memory. The defaults are sized for one 80 GB GPU (H100 / A100-80G) with the 3B: bf16 compute,
+float32 master weights (lr 1e-6 updates vanish in bfloat16), bfloat16 Adam moments
+(optim.state_dtype), the reference policy stored in bf16 (exact: it is only ever read in
+bf16), full remat, one row per micro-batch (micro_batches = 80), and the vision tower trained.
+Let XLA take the whole GPU: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95. Check a layout before any
+weights exist (vision tower and one 512^2 image per row included; uecjax/dry_run.py,
+--config.vision.dry_run_pixels for larger images):
 
     python -m uecjax.train --config=configs/geo3k.py --dry_run \
         --config.model.preset=qwen2.5-vl-3b [--dry_run_devices=8 --config.mesh.fsdp=8 \
         --config.mesh.data=1 --config.train.micro_batches=10]
 
-Per device it reports (GiB; one 512^2 image per row; "temporaries" are the CPU compiler's
-estimate): 3B on 1 device 14.0 parameters, 28.0 moments, 7.0 reference, 40.7 temporaries;
-3B with fsdp=8 3.9 + 7.8 + 1.9 + 20.1; 7B with fsdp=4 9.6 + 19.1 + 4.8 + 32.3. The vision tower
-(0.67B) is replicated, not split by fsdp: with fsdp=8 it is 2.5 of the 3.9 GiB of parameters
-and 4.9 of the 7.8 GiB of moments; freeze_vision takes the latter away.
+Measured that way (GiB per device: parameters + moments + reference + temporaries = total;
+temporaries are the CPU compiler's estimate, an approximation of the GPU / TPU compilers'):
 
-TPU: the same mesh axes. Rows per batch must be a multiple of micro_batches x data x fsdp
-(with fsdp=8, --config.train.micro_batches=10 is one row per chip per micro-batch). By the dry
-run the 3B does not fit small chips with the tower trained: v5e-8 (16 GB HBM per chip) holds
-13.6 GiB of state per chip (fsdp=8) before activations; v4-8 (4 chips of 32 GB, fsdp=4,
-micro_batches=20) 18.7 GiB of state and 37.8 GiB with the CPU-estimated temporaries. Freezing
-the tower takes 4.9 GiB of moments off every chip (v5e-8: 8.7 GiB of state); else take a
-larger slice: grow `fsdp` until the state fits, then `data`.
+    3B, 1 device, defaults                          14.0 + 14.0 + 7.0 + 37.5 = 73.0
+    3B, 1 device, float32 moments, micro_batches=40 14.0 + 28.0 + 7.0 + 40.7 = 90.2
+    3B, fsdp=4, micro_batches=20                     3.5 +  3.5 + 1.7 + 16.7 = 25.6
+    3B, fsdp=8, micro_batches=10                     1.8 +  1.8 + 0.9 + 16.3 = 20.7
+    7B, fsdp=8, micro_batches=10                     3.9 +  3.9 + 1.9 + 29.2 = 38.9
+    7B, 1 device, defaults                          30.9 + 30.9 + 15.4 + 81.1 = 158.8
+
+(batch arrays, 0.07-0.55 GiB, are in the totals). The vision tower (0.67B) is split over fsdp
+like the decoder; `--config.model.freeze_vision=True` drops its moments and gradients. The
+sampler's KV cache is not in these figures: it lives while the train step's buffers do not.
+
+Qwen2.5-VL-7B-Instruct (--config.model.path=/models/Qwen2.5-VL-7B-Instruct
+--config.model.hub_repo=Qwen/Qwen2.5-VL-7B-Instruct, the paper's model): 8.3B parameters; it
+needs several GPUs with FSDP, e.g. 8 x 80 GB with --config.mesh.fsdp=8 --config.mesh.data=1
+--config.train.micro_batches=10.
+
+TPU: the same mesh axes. Rows per batch (80) must be a multiple of micro_batches x data x fsdp
+(with fsdp=8, micro_batches=10 is one row per chip per micro-batch). v4-8 (4 chips of 32 GB):
+fsdp=4, micro_batches=20 (25.6 GiB above). v5e-8 (16 GB per chip): 20.7 GiB per chip by the
+estimate above, over its HBM; v5e-16 (fsdp=16, micro_batches=5) 24.9 GiB by the same estimate,
+whose temporaries do not shrink with more chips. On a TPU VM, `--dry_run` without
+--dry_run_devices gives the TPU compiler's own figures: check there, and shorten
+rollout.max_new_tokens or freeze the tower if it does not fit. Grow `fsdp` until the state
+fits, then `data`.
 """
 
 from uecjax.config import base_config
@@ -67,9 +71,9 @@ def get_config():
     c.model.hub_repo = "Qwen/Qwen2.5-VL-3B-Instruct"
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"  # master weights: lr 1e-6 updates vanish in bfloat16
-    c.model.remat = True
+    c.model.remat = "full"
     c.model.freeze_vision = False  # EasyR1: freeze_vision_tower false
-    c.vision.min_pixels = 262144  # 512^2: about 1340 image tokens per diagram at least
+    c.vision.min_pixels = 262144  # 512^2: about 1340 patches, 340 image tokens per diagram at least
     c.vision.max_pixels = 4194304  # 2048^2
 
     c.data.kind = "geometry3k"
@@ -95,9 +99,10 @@ def get_config():
     c.optim.learning_rate = 1e-6
     c.optim.weight_decay = 0.01
     c.optim.max_grad_norm = 1.0
+    c.optim.state_dtype = "bfloat16"  # Adam moments: 14 GiB less than float32 for the 3B
 
     c.train.steps = 400  # about 3 epochs of the 2101 training problems
-    c.train.micro_batches = 40  # 2 rows per micro-batch (see the memory note above)
+    c.train.micro_batches = 80  # one row per micro-batch (see the memory note above)
     c.train.chunk_size = 1024
     c.train.eval_every = 50
     c.train.checkpoint_every = 25
