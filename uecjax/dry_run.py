@@ -17,8 +17,7 @@ or its config.json; weights are not read), else the demo's tiny model.
 A Qwen2.5-VL (a `qwen2.5-vl-*` preset, or a config.json of model_type qwen2_5_vl) is built
 whole, vision tower included (split over fsdp along its hidden axes, as `uecjax.sharding`
 lays it out; frozen with config.model.freeze_vision: no optimizer state), and the batch
-carries images as
-the loop's does (`uecjax.vision_inputs.vision_rows`): each row one square image of
+carries images as the loop's does (`uecjax.vision_inputs.vision_rows`): each row one square image of
 config.vision.dry_run_pixels pixels (0: vision.min_pixels), resized into [min_pixels,
 max_pixels] as the processor does, its patches padded to their patch bucket, its image tokens
 inside rollout.max_prompt_len. The report adds the tower's parameter count and its share of
