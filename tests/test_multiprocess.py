@@ -1,7 +1,8 @@
 """Two processes on one CPU machine (2 simulated devices each, gloo collectives) run
 `python -m uecjax.train` exactly as one process with the same 4 devices does: same metrics at
 every step, same final parameters; the checkpoint is written once and a second two-process
-launch resumes from it.
+launch resumes from it. Each process reads only its half of every prompt batch (the prompts
+are exchanged) and the checkpoint holds both processes' data iterator states.
 
 The mesh is fsdp=4 (data=1), so every parameter is split across both processes: the batch is
 assembled from per-process rows, gradients are reduced across processes, and the checkpoint
@@ -83,6 +84,12 @@ def test_two_processes_equal_one_and_resume(policy_dir, tmp_path):
     cfg = fsdp_config(policy_dir, steps=2)
     cfg.mesh.num_devices = 4  # the same 4 devices (of the suite's 8), one process
     train(cfg, str(single), log_console=None)
+
+    # Each process read its own prompt per step (prompts_per_batch=2 over 2 processes) and
+    # restored its own iterator state; the one-process run read both.
+    meta = lambda run: json.load(open(run / "checkpoints" / "2" / "meta" / "metadata"))  # noqa: E731
+    assert meta(multi)["data_iterators"] == [{"next_index": 2}, {"next_index": 2}]
+    assert meta(single)["data_iterator"] == {"next_index": 4} and "data_iterators" not in meta(single)
 
     a, b = step_rows(single), step_rows(multi)
     assert sorted(a) == sorted(b) == [1, 2]

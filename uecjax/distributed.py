@@ -21,8 +21,9 @@ processes, and does nothing otherwise:
 
 `--distributed=off` skips all of this (a single process, whatever the environment says).
 
-Every process then runs the same program: the same config, the same data stream, the same
-jitted steps over the global mesh. `host_array` / `to_host` read a global array on every host
+Every process then runs the same program: the same config, the same jitted steps over the
+global mesh; each reads its own block of every prompt batch and `allgather_objects` hands
+all of them to every process (see `uecjax.train`). `host_array` / `to_host` read a global array on every host
 (a collective when the array spans other hosts' devices, so every process must call them in
 the same order).
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 from typing import Mapping
 
 import jax
@@ -160,6 +162,24 @@ def host_array(x) -> np.ndarray:
 def to_host(tree):
     """`host_array` over a pytree."""
     return jax.tree.map(host_array, tree)
+
+
+def allgather_objects(obj) -> list:
+    """[obj of process 0, obj of process 1, ...] on every process (a collective: all call).
+
+    For small host data (prompts, iterator states): each process pickles its object into a
+    uint8 buffer, the lengths are all-gathered, then the buffers padded to the longest.
+    With one process: [obj], no collective.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
+    sizes = sizes.reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    buffers = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [pickle.loads(buffers[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]
 
 
 def is_main_process() -> bool:

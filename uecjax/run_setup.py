@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
 
+from uecjax import distributed
 from uecjax.data import (DataNotFoundError, Fields, demo_source, geometry3k_source, load_source,
-                         make_dataset, make_iterator, math_source)
+                         make_dataset, make_iterator, math_source, shard_batches)
 from uecjax.data.records import SkipCounter
 from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
 from uecjax.models import CheckpointError, VLConfig, from_pretrained
@@ -157,11 +160,19 @@ def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
     return load_source(cfg.data.path, split, fields=fields, name="jsonl")
 
 
-def make_records(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
-    """Training: (source, checkpointable endless shuffled iterator); eval: a list of records."""
+def make_records(cfg: ml_collections.ConfigDict, split: str, *, train: bool,
+                 shard: tuple[int, int] | None = None):
+    """Training: (source, checkpointable endless shuffled iterator); eval: a list of records.
+
+    The training iterator reads only this process's block of every global batch of
+    config.rollout.prompts_per_batch records (`shard` = (index, count), by default
+    (jax.process_index(), jax.process_count())); with one process, the whole stream.
+    """
     source = _source(cfg, split, train=train)
     if train:
+        index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
         dataset = make_dataset(source, seed=cfg.seed, shuffle=cfg.data.shuffle, num_epochs=None)
+        dataset = shard_batches(dataset, cfg.rollout.prompts_per_batch, index, count)
         return source, make_iterator(dataset)
     records = list(make_dataset(source, shuffle=False, num_epochs=1))
     return records[: cfg.eval.num_prompts] if cfg.eval.num_prompts else records
@@ -186,3 +197,59 @@ def prompt_stream(records, tokenizer, cfg: ml_collections.ConfigDict, max_prompt
                          f"{len(ids)} tokens > rollout.max_prompt_len={max_prompt_len}")
             continue
         yield Prompt(ids=ids, answer=record.answer, choices=tuple(record.choices), images=images)
+
+
+class GlobalPrompts:
+    """The global prompt stream from each process's own block of it.
+
+    Every `batch_size` draws, each process takes batch_size // process_count prompts from its
+    own `local` stream and `exchange` (a collective: `distributed.allgather_objects`) hands
+    every process the blocks of all processes, in process order; the batch is then served
+    from them. With one process the local stream passes through unchanged, no collective.
+    Draw whole batches only (`Rollout` draws prompts_per_batch per step): the buffer is then
+    empty between steps, so the local iterator's state is the whole stream position.
+    """
+
+    def __init__(self, local: Iterator[Prompt], batch_size: int, process_count: int = 1,
+                 exchange: Callable[[list], list[list]] = distributed.allgather_objects):
+        if batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} is not a multiple of "
+                             f"process_count={process_count}")
+        self.local, self.process_count, self.exchange = local, process_count, exchange
+        self.block = batch_size // process_count
+        self.pending: collections.deque = collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Prompt:
+        if self.process_count == 1:
+            return next(self.local)
+        if not self.pending:
+            mine = [next(self.local) for _ in range(self.block)]
+            for block in self.exchange(mine):
+                self.pending.extend(block)
+        return self.pending.popleft()
+
+
+def iterator_states(state) -> list:
+    """Every process's data iterator state, in process order (a collective when several)."""
+    return distributed.allgather_objects(state)
+
+
+def own_iterator_state(meta: dict, process_index: int, process_count: int):
+    """This process's data iterator state from a checkpoint's meta (`data_iterators` saved by
+    multi-process runs, one per process; `data_iterator`, process 0's, otherwise)."""
+    states = meta.get("data_iterators")
+    if states is None:
+        if process_count > 1:
+            raise CheckpointError(
+                f"the checkpoint holds one data iterator state, this run has {process_count} "
+                "processes: resume it with one process (it was written before per-process "
+                "data shards, or by a one-process run)")
+        return meta["data_iterator"]
+    if len(states) != process_count:
+        raise CheckpointError(
+            f"the checkpoint holds data iterator states of {len(states)} processes, this run "
+            f"has {process_count}: resume with {len(states)} processes")
+    return states[process_index]

@@ -11,14 +11,38 @@ on the records' images through this same loop (`configs/geo3k.py`), a text polic
 
 Multi-process runs (`uecjax.distributed`: TPU slices, SLURM, or --coordinator_address /
 --num_processes / --process_id) run this same loop on every process over one global mesh.
-Every process reads the same prompt stream and computes the same rollout rows (the sampler
-and scorer are single SPMD programs over all devices; grading and advantages are cheap host
-work repeated on each host); each process then contributes only the rows its own devices
-hold to the global batch (`TrainStep.place_batch`). Per-host rollouts of B * G / processes
-rows would need every host to agree on the number of sampling rounds and on the exploration
-batch shapes (both depend on the rewards), so they are left for later. Process 0 writes the
-logs and the export; every process takes part in checkpoint saves (orbax writes each array
-shard once, from the process that holds it) and in gathers of sharded arrays.
+
+Prompts, per host (issue 6, step one). The training records are one seeded stream: the
+source shuffled (reshuffled every epoch) and repeated, the same on every host. Each global
+batch of B = rollout.prompts_per_batch consecutive records is cut into process_count blocks
+of B / process_count (B must divide evenly), and process p reads, renders and length-checks
+only block p of every batch (`uecjax.data.shard_batches`, a grain MapDataset view, so the
+other blocks are never read or decoded on p). After rendering, `run_setup.GlobalPrompts`
+all-gathers the rendered prompts of every process (`distributed.allgather_objects`: pickled
+into padded uint8 buffers; token ids, answers, choices and, for a VL policy, the processed
+pixels) and serves them in process order, so every process sees the same global list of B
+prompts per step. Without skipped prompts that list is exactly the one-process stream (the
+blocks in process order are the batch), so a run gives the same prompts whatever its process
+count; a prompt skipped as too long (or with a bad image) is replaced by the next record of
+the same process's blocks, which makes the streams differ from then on but keeps them
+disjoint. With one process nothing changes: the whole stream, no collective.
+
+Each process's grain iterator then has its own state: a checkpoint's meta holds
+`data_iterator` (process 0's, as before) and, in multi-process runs, `data_iterators`, every
+process's state in process order (all-gathered at save time, written by process 0 with the
+rest of meta); on resume each process restores its own entry. Resuming needs the same
+process count (and prompts_per_batch) as the run that saved; a checkpoint with a single
+state resumes on one process only.
+
+Everything after the prompts is unchanged: the sampler and scorer are single SPMD programs
+over all devices computing every rollout row; grading and advantages are cheap host work
+repeated on each host; each process then contributes only the rows its own devices hold to
+the global batch (`TrainStep.place_batch`). Per-host rollouts of B * G / processes rows
+(step two) would need every host to agree on the number of sampling rounds and on the
+exploration batch shapes (both depend on the rewards), so they are left for later. The
+`data/skipped*` metrics count process 0's skips only. Process 0 writes the logs and the
+export; every process takes part in checkpoint saves (orbax writes each array shard once,
+from the process that holds it) and in gathers of sharded arrays.
 
 `--dry_run` builds the model abstractly (no weights), compiles the train step for the
 configured batch on the configured mesh and prints what it needs per device
@@ -52,7 +76,8 @@ from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rewards import RewardGrader
 from uecjax.rollout import Rollout, rollout_config
-from uecjax.run_setup import image_processor, load_policy, make_records, prompt_stream, run_mesh
+from uecjax.run_setup import (GlobalPrompts, image_processor, iterator_states, load_policy,
+                              make_records, own_iterator_state, prompt_stream, run_mesh)
 from uecjax.sampler import Sampler
 from uecjax.sharding import ShardingError, check_batch_size
 from uecjax.tokenizer import TokenizerError, stop_token_ids
@@ -116,6 +141,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
                            **cfg.optim.to_dict(), "frozen": frozen})
     check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)  # clear error up front
+    if rcfg.prompts_per_batch % jax.process_count():
+        raise ConfigValueError(
+            f"config.rollout.prompts_per_batch={rcfg.prompts_per_batch}: must be a multiple of "
+            f"the {jax.process_count()} processes (each reads an equal share of every batch)")
     trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size)
     params, opt_state, control = trainer.init(nnx.state(model), seed=cfg.seed)
@@ -131,7 +160,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True)
     eval_records = make_records(cfg, cfg.data.eval_split, train=False)
     skipped = train_records.skipped  # malformed rows, and prompts too long for the batch
-    prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor)
+    # This process's share of every batch, then all processes' shares (module docstring).
+    prompts = GlobalPrompts(
+        prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor),
+        rcfg.prompts_per_batch, jax.process_count())
     grader = RewardGrader(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                           format_weight=cfg.reward.format_weight,
                           think_prefilled=cfg.reward.think_prefilled)
@@ -165,7 +197,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         params, opt_state, control = restored["params"], restored["opt_state"], restored["control"]
         meta = restored["meta"]
         start, history = meta["step"], meta["history"]
-        train_iter.set_state(meta["data_iterator"])
+        train_iter.set_state(own_iterator_state(meta, jax.process_index(), jax.process_count()))
         rollout.calls = meta["rollout_calls"]
         buffers = restored["buffers"] or {}
         rollout.buffer.load(buffers.get("buffer"))
@@ -176,8 +208,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     def save(step: int, force: bool = False) -> None:
         buffers = {k: v for k, v in (("buffer", rollout.buffer.state()),
                                      ("replay", rollout.replay.state())) if v is not None}
-        meta = dict(step=step, history=history, data_iterator=train_iter.get_state(),
+        states = iterator_states(train_iter.get_state())  # a collective with several processes
+        meta = dict(step=step, history=history, data_iterator=states[0],
                     rollout_calls=rollout.calls, method=cfg.method, config=cfg.to_json())
+        if len(states) > 1:
+            meta["data_iterators"] = states
         checkpointer.save(step, params=params, opt_state=opt_state, control=control, meta=meta,
                           buffers=buffers or None, force=force)
 

@@ -8,7 +8,7 @@ the grain pipeline over them (per-host shard, seeded shuffle, epochs, checkpoint
 
 from uecjax.data.demo import demo_records, demo_source
 from uecjax.data.files import DataNotFoundError, DownloadHint, resolve_files
-from uecjax.data.pipeline import decode_images, make_dataset, make_iterator
+from uecjax.data.pipeline import decode_images, make_dataset, make_iterator, shard_batches
 from uecjax.data.records import Record, SkipCounter
 from uecjax.data.sources import (
     GEOMETRY3K_FIELDS,
@@ -38,4 +38,5 @@ __all__ = [
     "make_iterator",
     "math_source",
     "resolve_files",
+    "shard_batches",
 ]

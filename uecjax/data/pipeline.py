@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Sequence
 
 import grain
 
@@ -72,6 +73,63 @@ def make_dataset(source, *, seed: int = 0, shuffle: bool = True, num_epochs: int
     if decode:
         ds = ds.map(decode_images)
     return ds
+
+
+class BatchShardMapDataset(grain.MapDataset):
+    """Host `shard_index`'s block of every global batch of `parent`.
+
+    With k = batch_size // shard_count, element j of this view is parent element
+    (j // k) * batch_size + shard_index * k + j % k: each global batch of `batch_size`
+    consecutive elements is cut into `shard_count` blocks of k, one per host, in host order.
+    Only this host's elements are ever read (and decoded) from the parent.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, shard_index: int, shard_count: int):
+        super().__init__(parent)
+        if shard_count < 1 or not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index={shard_index}, shard_count={shard_count}: need "
+                             "0 <= shard_index < shard_count")
+        if batch_size < 1 or batch_size % shard_count:
+            raise ValueError(f"batch_size={batch_size} is not a positive multiple of "
+                             f"shard_count={shard_count}")
+        self.batch_size, self.shard_index, self.shard_count = batch_size, shard_index, shard_count
+        self.block = batch_size // shard_count
+        n = len(parent)
+        full, rest = divmod(n, batch_size)  # a last partial batch is cut in host order too
+        self._length = full * self.block + min(self.block, max(0, rest - shard_index * self.block))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        batch, offset = divmod(index, self.block)
+        return batch * self.batch_size + self.shard_index * self.block + offset
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        with self._stats.record_self_time():
+            parent_index = self._parent_index(index)
+        return self._parent[parent_index]
+
+    def _getitems(self, indices: Sequence[int]):
+        return self._parent._getitems([self._parent_index(i) for i in indices])  # noqa: SLF001
+
+    def __str__(self) -> str:
+        return (f"BatchShardMapDataset(batch_size={self.batch_size}, "
+                f"shard={self.shard_index}/{self.shard_count})")
+
+
+def shard_batches(dataset: grain.MapDataset, batch_size: int, shard_index: int,
+                  shard_count: int) -> grain.MapDataset:
+    """`dataset` as host `shard_index` of `shard_count` reads it: its block of
+    batch_size // shard_count elements of every global batch (`BatchShardMapDataset`);
+    the dataset itself when shard_count == 1."""
+    if shard_count == 1:
+        return dataset
+    return BatchShardMapDataset(dataset, batch_size, shard_index, shard_count)
 
 
 def make_iterator(dataset: grain.MapDataset, *, num_threads: int = 2,
