@@ -168,7 +168,8 @@ def allgather_objects(obj) -> list:
     """[obj of process 0, obj of process 1, ...] on every process (a collective: all call).
 
     For small host data (prompts, iterator states): each process pickles its object into a
-    uint8 buffer, the lengths are all-gathered, then the buffers padded to the longest.
+    uint8 buffer, the lengths are all-gathered, then the buffers padded to the next power of
+    two of the longest.
     With one process: [obj], no collective.
     """
     if jax.process_count() == 1:
@@ -176,7 +177,8 @@ def allgather_objects(obj) -> list:
     data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
     sizes = sizes.reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
+    # A power-of-two length: process_allgather compiles once per shape, not once per step.
+    padded = np.zeros(1 << max(int(sizes.max()) - 1, 1).bit_length(), np.uint8)
     padded[: data.size] = data
     buffers = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [pickle.loads(buffers[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]
