@@ -46,10 +46,10 @@ def write_policy(path):
     return str(path)
 
 
-def fsdp_config(policy_dir, steps):
+def fsdp_config(policy_dir, steps, method="entropy_reg"):
     """tiny_config on all devices as one fsdp axis, with non-zero gradients (entropy bonus)
     and a reference model: the multi-process test's run."""
-    c = tiny_config(policy_dir, "entropy_reg", steps=steps)
+    c = tiny_config(policy_dir, method, steps=steps)
     c.loss.beta = 0.01
     c.mesh.num_devices = 0
     c.mesh.data, c.mesh.fsdp = 1, -1

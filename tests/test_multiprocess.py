@@ -73,6 +73,8 @@ def test_two_processes_equal_one_and_resume(policy_dir, tmp_path):
 
     out = launch(config_file, multi, cache, steps=1)
     assert "step 1/1" in out[0] and "step 1/1" not in out[1]  # only process 0 logs
+    # Each process samples, grades and trains on its own half of every batch.
+    assert "2 processes, 2 row shares: each samples, grades and trains on 2 of 4 rows" in out[0]
     checkpoints = multi / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["1"]  # one commit, no tmp directory left
     out = launch(config_file, multi, cache, steps=2)
@@ -104,6 +106,28 @@ def test_two_processes_equal_one_and_resume(policy_dir, tmp_path):
     # by ~1e-3 and the two runs agree to 1% of one step.
     for name in wa:
         assert wb[name] == pytest.approx(wa[name], rel=1e-5, abs=1e-5), name
+
+
+def test_two_processes_agree_on_selective_rollouts(policy_dir, tmp_path):
+    """uec keeps a different number of rows on each process (retention, exploration of hard
+    prompts, padding after max_rounds): the processes still agree on every collective call
+    (sampling rounds, exploration batches, replay, checkpoint), log merged metrics once, and
+    a second launch resumes."""
+    config_file = tmp_path / "config.py"
+    config_file.write_text(
+        "from loop_helpers import fsdp_config\n"
+        f"def get_config():\n    return fsdp_config({policy_dir!r}, steps=1, method='uec')\n")
+    multi, cache = tmp_path / "multi", tmp_path / "cache"
+    launch(config_file, multi, cache, steps=1)
+    out = launch(config_file, multi, cache, steps=2)
+    assert f"resumed from {multi / 'checkpoints'} at step 1" in out[0]
+    rows = step_rows(multi)
+    assert sorted(rows) == [1, 2]
+    for row in rows.values():
+        # The tiny random policy fails every prompt: both processes' prompts are hard (4 of
+        # them), explored, and the batch is padded after max_rounds=2 rounds.
+        assert row["rollout/rounds"] == 2 and row["explore/hard_prompts"] == 4
+        assert row["explore/responses"] == 8 and row["rollout/padded_rows"] == 4
 
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",

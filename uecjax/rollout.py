@@ -13,6 +13,18 @@ One call of `Rollout.collect` returns exactly `batch_rows = B * G` rows for one 
 
 Without retention or dynamic sampling a round yields exactly one batch. The log-probs of the
 kept responses are the trainer's, at temperature 1 (no importance correction for T').
+
+Several processes (`share`, a `uecjax.sharding.RowShare` with count > 1): each process draws
+B / count prompts of its own, samples them inside one SPMD sampler call and gets back only
+its own rows, grades and scores them, and fills its own buffer with batch_rows / count rows;
+the train step assembles the processes' rows into the global batch. Groups never span
+processes, so advantages, difficulty and retention are computed where the rows are. The
+processes agree, through `exchange` (an all-gather of small host values, one entry per share),
+on the prompts of every sampler call (the call is collective), on whether another round is
+needed (any share short of its rows), on the exploration batch (each share's hard prompts
+padded to the largest count; the padding's rows are dropped), on replay, and on the step's
+metrics (summed over shares). Without retention, dynamic sampling or exploration every round
+fills every share exactly, and the round needs no exchange.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from uecjax.objectives.entropy_control import per_sequence, success_rate
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.rows import RowBuffer, Rows, left_pad
 from uecjax.sampler import SamplingParams
+from uecjax.sharding import RowShare
 from uecjax.vision_inputs import PromptImages, stack_images
 
 
@@ -91,6 +104,16 @@ def rollout_config(method: str, **overrides) -> RolloutConfig:
     return RolloutConfig(**{**ROLLOUT_PRESETS.get(method, {}), **overrides})
 
 
+def merge_share_stats(shares: list[dict]) -> dict:
+    """The row shares' statistics as one: counts and sums added, times the slowest share's."""
+    out: dict[str, float] = {}
+    for stats in shares:
+        for key, value in stats.items():
+            out[key] = max(out.get(key, value), value) if key.startswith("time/") \
+                else out.get(key, 0) + value
+    return out
+
+
 @dataclasses.dataclass
 class Prompt:
     ids: list[int]  # with each image's tokens when `images` is set
@@ -109,11 +132,21 @@ class Rollout:
         asynchronously so that grading in the worker processes overlaps it. images: None, or
         the rows' (pixel_values, image_grid_thw) as `Rows` stores them.
     decode: response token ids (stop token stripped) -> text.
+    share, exchange: this process's share of the rows and the all-gather (obj -> [obj of each
+        share]) that the shares agree through (module docstring); with one share, unused.
+    prompts: this process's prompts (its block of every batch, `uecjax.data.shard_batches`).
     """
 
     def __init__(self, cfg: RolloutConfig, hp: LossConfig, *, sampler, prompts: Iterator[Prompt],
                  grade: Callable, score: Callable, decode: Callable[[Sequence[int]], str],
-                 stop_token_ids: tuple[int, ...], seed: int = 0):
+                 stop_token_ids: tuple[int, ...], seed: int = 0, share: RowShare = RowShare(),
+                 exchange: Callable[[object], list] | None = None):
+        if cfg.prompts_per_batch % share.count:
+            raise ValueError(f"rollout.prompts_per_batch={cfg.prompts_per_batch} is not a multiple "
+                             f"of the {share.count} row shares")
+        if share.count > 1 and exchange is None:
+            raise ValueError("several row shares need an exchange (an all-gather)")
+        self.share, self.exchange = share, exchange
         self.cfg = cfg
         self.hp = hp
         self.sampler = sampler
@@ -123,55 +156,71 @@ class Rollout:
         self.decode = decode
         self.stop_ids = tuple(stop_token_ids)
         self.seed = seed
+        self.rows_per_batch = cfg.batch_rows // share.count  # this process's rows of a batch
         self.buffer = RowBuffer()
-        self.replay = RowBuffer(cfg.replay_capacity or 2 * cfg.batch_rows)
+        self.replay = RowBuffer((cfg.replay_capacity or 2 * cfg.batch_rows) // share.count)
+        # Rounds fill every share exactly unless rows are dropped or added by selection.
+        self.selective = (cfg.explore or cfg.retention or cfg.drop_overlong_positive
+                          or hp.dynamic_sampling)
         self.calls = 0  # sampler calls, for distinct seeds
         self.stats: dict[str, float] = {}
 
+    # -- collectives over the shares --------------------------------------------------------
+    def _all(self, value) -> list:
+        """[value of each share] (no collective with one share)."""
+        return [value] if self.share.count == 1 else self.exchange(value)
+
     # -- one sampling round ----------------------------------------------------------------
-    def _sample(self, prompts: list[Prompt], n: int, temperature: float):
+    def _sample(self, prompts: list[Prompt], n: int, temperature: float, real: int | None = None):
+        """Rows of this process's `prompts` (every share passes as many); only the first
+        `real` prompts' rows are graded and returned (the rest pad a collective call)."""
         cfg = self.cfg
         self.calls += 1
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                                 top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=self.stop_ids,
                                 n=n, seed=self.seed * 1_000_003 + self.calls)
         t = time.perf_counter()
-        images = [p.images for p in prompts] if any(p.images is not None for p in prompts) else None
-        out = self.sampler([p.ids for p in prompts], params, images=images)
+        everyone = [q for block in self._all(prompts) for q in block]  # the call is collective
+        images = [p.images for p in everyone] if any(p.images is not None for p in everyone) else None
+        out = self.sampler([p.ids for p in everyone], params, images=images, share=self.share)
         self._add("time/sampling", time.perf_counter() - t)
-        self._add("sampled_tokens", float(out.response_mask.sum()))
+        keep = slice(0, n * (len(prompts) if real is None else real))
+        sampled, prompts = prompts, prompts[:real]
+        self._add("sampled_tokens", float(out.response_mask[keep].sum()))
         tokens, mask = left_pad(out.prompt_tokens, out.prompt_mask, cfg.max_prompt_len)
         texts = [self.decode([t for t, m in zip(row, mrow) if m and t not in self.stop_ids])
-                 for row, mrow in zip(out.response_tokens, out.response_mask)]
+                 for row, mrow in zip(out.response_tokens[keep], out.response_mask[keep])]
         answers = [p.answer for p in prompts for _ in range(n)]
         choices = [p.choices for p in prompts for _ in range(n)]
         future = self.grade(texts, answers, choices)
         row_images = None  # each sample row carries its prompt's images
         if images is not None:
             patch_dim = next(im for im in images if im is not None).pixel_values.shape[1]
-            row_images = stack_images([im for im in images for _ in range(n)], patch_dim)
+            row_images = stack_images([p.images for p in sampled for _ in range(n)], patch_dim)
+        # Scoring is collective too: every share scores all its sampled rows.
         scored = self.score(tokens, mask, out.response_tokens, out.response_mask, images=row_images)
         t = time.perf_counter()
         rewards = future.result()
         self._add("time/grading_wait", time.perf_counter() - t)
         reward = np.array([r.reward for r in rewards], np.float32)
         accuracy = np.array([r.accuracy for r in rewards], np.float32)
-        old_logp, old_entropy, ref_logp = (None if x is None else np.asarray(x, np.float32)
+        old_logp, old_entropy, ref_logp = (None if x is None else np.asarray(x, np.float32)[keep]
                                            for x in scored)
-        rows = Rows(prompt_tokens=tokens, prompt_mask=mask,
-                    response_tokens=out.response_tokens,
-                    response_mask=out.response_mask.astype(np.float32),
-                    sampler_logp=out.logprobs, old_logp=old_logp, old_entropy=old_entropy,
+        row_images = None if row_images is None else tuple(x[: len(reward)] for x in row_images)
+        rows = Rows(prompt_tokens=tokens[keep], prompt_mask=mask[keep],
+                    response_tokens=out.response_tokens[keep],
+                    response_mask=out.response_mask[keep].astype(np.float32),
+                    sampler_logp=out.logprobs[keep], old_logp=old_logp, old_entropy=old_entropy,
                     ref_logp=ref_logp, advantage=np.zeros(len(reward), np.float32),
                     difficulty=np.zeros(len(reward), np.float32), reward=reward,
-                    accuracy=accuracy, truncated=out.truncated.astype(bool),
+                    accuracy=accuracy, truncated=out.truncated[keep].astype(bool),
                     explore=np.zeros(len(reward), bool),
                     pixel_values=None if row_images is None else row_images[0],
                     image_grid_thw=None if row_images is None else row_images[1])
         return rows
 
     def _next_prompts(self) -> list[Prompt]:
-        return [next(self.prompts) for _ in range(self.cfg.prompts_per_batch)]
+        return [next(self.prompts) for _ in range(self.cfg.prompts_per_batch // self.share.count)]
 
     def _round(self) -> None:
         cfg = self.cfg
@@ -196,13 +245,17 @@ class Rollout:
             score = rows.reward if cfg.hard_on == "reward" else rows.accuracy
             hard = np.flatnonzero((score.reshape(-1, G) < cfg.hard_reward).all(axis=1))
             self._add("explore/hard_prompts", len(hard))
-            if len(hard):
-                self._explore([prompts[i] for i in hard], p_q[hard])
+            # One exploration call for all shares, each padded to the most hard prompts.
+            most = max(self._all(len(hard)))
+            if most:
+                chosen = [prompts[i] for i in hard]
+                padding = [chosen[0] if chosen else prompts[0]] * (most - len(hard))
+                self._explore(chosen + padding, p_q[hard], real=len(hard))
 
-    def _explore(self, prompts: list[Prompt], p_q: np.ndarray) -> None:
+    def _explore(self, prompts: list[Prompt], p_q: np.ndarray, real: int) -> None:
         cfg = self.cfg
         G2 = cfg.explore_samples
-        rows = self._sample(prompts, G2, cfg.explore_temperature)
+        rows = self._sample(prompts, G2, cfg.explore_temperature, real=real)
         rows.advantage = np.asarray(group_advantages(rows.reward, G2, "grpo"), np.float32)
         rows.difficulty = per_sequence(p_q, G2).astype(np.float32)
         rows.explore[:] = True
@@ -219,18 +272,27 @@ class Rollout:
         """Exactly `batch_rows` rows for one update, and the rollout's metrics."""
         cfg = self.cfg
         self.stats = {}
+        need = self.rows_per_batch
         rounds = 0
-        while len(self.buffer) < cfg.batch_rows and rounds < cfg.max_rounds:
+        while rounds < cfg.max_rounds and self._short(need):
             self._round()
             rounds += 1
-        rows = self.buffer.pop(cfg.batch_rows)
-        missing = cfg.batch_rows - (0 if rows is None else len(rows))
+        rows = self.buffer.pop(need)
+        missing = need - (0 if rows is None else len(rows))
         if missing:  # still short after max_rounds: pad with rows that weigh nothing
             rows = Rows.concat([rows, Rows.empty(missing, cfg.max_prompt_len, cfg.max_new_tokens,
                                                  self.hp.beta > 0)])
-        self.stats.update({"rollout/rounds": rounds, "rollout/padded_rows": missing,
-                           "rollout/buffered_rows": len(self.buffer)})
+        self._add("rollout/padded_rows", missing)
+        self._add("rollout/buffered_rows", len(self.buffer))
+        self.stats = merge_share_stats(self._all(self.stats))
+        self.stats["rollout/rounds"] = rounds
         return rows, self._summary()
+
+    def _short(self, need: int) -> bool:
+        """Does any share hold fewer than `need` rows? (The same answer on every process.)"""
+        if not self.selective:  # every round fills every share exactly
+            return len(self.buffer) < need
+        return any(self._all(len(self.buffer) < need))
 
     def after_update(self, rows: Rows) -> None:
         """Replay stabilizer: rows with A > A_0 go to the FIFO (with their stored log-probs)."""
@@ -238,11 +300,14 @@ class Rollout:
             self.replay.push(rows.select(rows.advantage > self.cfg.replay_min_advantage))
 
     def replay_batch(self, step: int, rng: np.random.Generator) -> Rows | None:
-        """Every f steps, a batch drawn from the replay FIFO (None when not due or not full)."""
+        """Every f steps, a batch drawn from the replay FIFO (None when not due or when any
+        share's FIFO holds less than its share of a batch). rng: this share's own."""
         cfg = self.cfg
-        if not cfg.replay or step % cfg.replay_every or len(self.replay) < cfg.batch_rows:
+        if not cfg.replay or step % cfg.replay_every:
             return None
-        return self.replay.sample(cfg.batch_rows, rng)
+        if not all(self._all(len(self.replay) >= self.rows_per_batch)):
+            return None
+        return self.replay.sample(self.rows_per_batch, rng)
 
     # -- metrics ---------------------------------------------------------------------------
     def _add(self, key: str, value: float) -> None:

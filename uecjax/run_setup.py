@@ -18,7 +18,8 @@ from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
 from uecjax.models import CheckpointError, VLConfig, from_pretrained
 from uecjax.models.config import model_config_from_hf, read_hf_config
 from uecjax.rollout import Prompt
-from uecjax.sharding import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
+from uecjax.sharding import (RowShare, ShardingError, check_model_mesh, make_mesh,
+                             model_sharding_fn)
 from uecjax.tokenizer import load_tokenizer
 from uecjax.vision_inputs import (ImageError, ImageProcessor, load_image_processor, render_record,
                                   vl_chat_template)
@@ -230,6 +231,18 @@ class GlobalPrompts:
             for block in self.exchange(mine):
                 self.pending.extend(block)
         return self.pending.popleft()
+
+
+def share_exchange(share: RowShare) -> Callable[[object], list]:
+    """obj -> [obj of each row share, in block order] (`Rollout`'s exchange): an all-gather
+    over the processes, one entry kept per block (from the first process holding it). With
+    one share, [obj] without a collective: every process holds the same values then."""
+    def exchange(obj) -> list:
+        if share.count == 1:
+            return [obj]
+        everyone = distributed.allgather_objects(obj)
+        return [everyone[p] for p in share.owners]
+    return exchange
 
 
 def iterator_states(state) -> list:

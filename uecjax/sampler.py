@@ -27,7 +27,8 @@ are empty and finish at once. The prefill splits the prompts over data x fsdp wh
 divides by it, else over `data` alone when that divides, else runs every prompt on every
 device; its cache is repeated to the n samples and split by rows before decoding. Host arrays
 enter with `uecjax.sharding.global_batch`, so in a multi-process job every process passes the
-same prompts. The sampled tokens do not depend on the mesh: the random draws of a row depend on
+same prompts; with `share=` (`uecjax.sharding.RowShare`) they are the processes' blocks, and
+each process gets back only its own block of rows. The sampled tokens do not depend on the mesh: the random draws of a row depend on
 the seed, the step and the row's index only, whatever the number of padded rows (JAX's
 partitionable threefry, `jax.config.jax_threefry_partitionable`, the default in current JAX;
 with it off, the mesh's row padding changes the draws, and the sampler warns).
@@ -48,10 +49,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uecjax.batch import positions_from_mask
-from uecjax.distributed import to_host
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache
-from uecjax.sharding import BATCH_AXES, batch_shards, global_batch
+from uecjax.sharding import BATCH_AXES, RowShare, batch_shards, global_batch, share_rows
 from uecjax.vision_inputs import (DEFAULT_PATCH_BUCKETS, PromptImages, patch_bucket, stack_images,
                                   vision_rows)
 
@@ -288,23 +288,40 @@ class Sampler:
 
     # -- host API -------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 images: Sequence[PromptImages | None] | None = None) -> SamplerOutput:
+                 images: Sequence[PromptImages | None] | None = None,
+                 share: RowShare = RowShare()) -> SamplerOutput:
         """Samples `params.n` responses per prompt. images: one entry per prompt (None for a
-        prompt without images); the prompt must hold each image's tokens."""
+        prompt without images); the prompt must hold each image's tokens.
+
+        share: with `share.count` > 1 (a multi-process run, `uecjax.sharding.row_share`), the
+        prompts are `count` equal blocks, block b the prompts of the processes holding rows
+        block b; each block is padded on its own so that its rows land on those processes'
+        devices, and only this process's block of rows comes back (no gather across hosts).
+        """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts: give one "
                              "per prompt (None where a prompt has no images)")
-        num_prompts = len(prompts)
+        if len(prompts) % share.count:
+            raise ValueError(f"{len(prompts)} prompts do not make {share.count} equal blocks")
+        num_prompts = len(prompts) // share.count  # this process's block
         P = bucket(max(len(p) for p in prompts), self.prompt_buckets)
         R = bucket(params.max_new_tokens, self.response_buckets)
-        B = self._num_prompt_rows(num_prompts, params.n)
+        block = self._num_prompt_rows(num_prompts, params.n, share.count)
+        B = block * share.count
+        # Block b of the prompts starts at row b * block (its padding after it).
+        slot = [b * block + i for b in range(share.count) for i in range(num_prompts)]
         tokens = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), np.int32)
-        for i, p in enumerate(prompts):
+        for i, p in zip(slot, prompts):
             tokens[i, P - len(p):] = p
             mask[i, P - len(p):] = 1
+        if images is not None:
+            placed = [None] * B
+            for i, im in zip(slot, images):
+                placed[i] = im
+            images = placed
         width = -(-max(len(params.stop_token_ids), 1) // STOP_IDS_WIDTH) * STOP_IDS_WIDTH
         stop_ids = np.full((width,), -1, np.int32)
         stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
@@ -329,26 +346,30 @@ class Sampler:
 
         rows = num_prompts * params.n
         T = params.max_new_tokens
-        # Whole arrays on every host (a gather if the compiler left them sharded across hosts).
-        out_tokens, out_logps, valid, done = to_host((out_tokens, out_logps, valid, done))
-        valid = valid[:rows, :T]
+        # This process's block of rows (with one share: whole arrays on every host, a gather
+        # where they are split across hosts), then its real rows.
+        out_tokens, out_logps, valid, done = (share_rows(x, share)[:rows]
+                                              for x in (out_tokens, out_logps, valid, done))
+        own = slice(share.index * block * params.n, share.index * block * params.n + rows)
+        valid = valid[:, :T]
         return SamplerOutput(
-            prompt_tokens=np.repeat(tokens, params.n, axis=0)[:rows],
-            prompt_mask=prompt_mask[:rows],
-            response_tokens=np.where(valid, out_tokens[:rows, :T], self.pad_id).astype(np.int32),
+            prompt_tokens=np.repeat(tokens, params.n, axis=0)[own],
+            prompt_mask=prompt_mask[own],
+            response_tokens=np.where(valid, out_tokens[:, :T], self.pad_id).astype(np.int32),
             response_mask=valid.astype(np.int32),
-            logprobs=np.where(valid, out_logps[:rows, :T], 0.0).astype(np.float32),
-            truncated=~done[:rows],
+            logprobs=np.where(valid, out_logps[:, :T], 0.0).astype(np.float32),
+            truncated=~done,
         )
 
     # -- layout on the mesh -----------------------------------------------------------------
-    def _num_prompt_rows(self, num_prompts: int, n: int) -> int:
-        """Prompt rows: a power of two, then on a mesh the smallest multiple of
-        data x fsdp / gcd(n, data x fsdp) above it, so that the rows (x n) split evenly."""
+    def _num_prompt_rows(self, num_prompts: int, n: int, blocks: int = 1) -> int:
+        """Prompt rows of one of `blocks` blocks: a power of two, then on a mesh the smallest
+        multiple of s / gcd(n, s) above it, s = data x fsdp / blocks (a block's devices), so
+        that the rows (x n) split evenly."""
         B = bucket(num_prompts, [2**i for i in range(20)])
         if self.mesh is None:
             return B
-        shards = batch_shards(self.mesh)
+        shards = batch_shards(self.mesh) // blocks
         unit = shards // math.gcd(n, shards)
         return -(-B // unit) * unit
 

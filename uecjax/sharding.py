@@ -28,6 +28,7 @@ Host batches become global arrays with `global_batch`: each process passes the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
@@ -223,6 +224,118 @@ def global_batch(tree, sharding: NamedSharding):
         local = np.concatenate([x[rows] for rows in process_rows(sharding, x.shape[0])])
         return jax.make_array_from_process_local_data(sharding, local, x.shape)
     return jax.tree.map(one, tree)
+
+
+# ---- each process's share of the batch rows ----
+
+@dataclasses.dataclass(frozen=True)
+class RowShare:
+    """This process's block of every batch split over the batch axes (data x fsdp).
+
+    The rows of a batch fall into `count` equal, consecutive blocks; this process's devices
+    hold block `index`. Processes whose devices hold the same rows (e.g. a tensor axis that
+    spans processes) share a block; `owners[b]` is the first process holding block b. A
+    process samples, grades and keeps only its block (`uecjax.rollout`), so per-row host
+    work does not grow with the process count. One process: RowShare() = the whole batch.
+    """
+
+    index: int = 0
+    count: int = 1
+    owners: tuple[int, ...] = (0,)
+
+    def block(self, num_rows: int) -> slice:
+        size = num_rows // self.count
+        return slice(self.index * size, (self.index + 1) * size)
+
+
+def row_share(mesh: Mesh, process_index: int | None = None,
+              process_of=lambda device: device.process_index) -> RowShare:
+    """The RowShare of `process_index` (default: this process) on `mesh`.
+
+    Each process's devices must hold one consecutive block of the batch rows, the blocks of
+    distinct processes equal in size and disjoint (a mesh built from `jax.devices()`, whose
+    order keeps a process's devices together, does); otherwise every process takes the whole
+    batch (count 1), as a single process does: correct, with repeated host work.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    shards = batch_shards(mesh)
+    index_map = NamedSharding(mesh, P(BATCH_AXES)).devices_indices_map((shards,))
+    rows: dict[int, set[int]] = {}
+    for device, index in index_map.items():
+        start = index[0].start or 0
+        stop = shards if index[0].stop is None else index[0].stop
+        rows.setdefault(process_of(device), set()).update(range(start, stop))
+    blocks = sorted({(min(r), max(r) + 1) for r in rows.values()})
+    size = blocks[0][1] - blocks[0][0]
+    consecutive = all(len(r) == max(r) + 1 - min(r) for r in rows.values())
+    if not consecutive or blocks != [(i * size, (i + 1) * size) for i in range(shards // size)] \
+            or size * len(blocks) != shards:
+        return RowShare(0, 1, (min(rows),))
+    owners = tuple(min(p for p, r in rows.items() if min(r) == start) for start, _ in blocks)
+    mine = min(rows[process_index])
+    return RowShare(index=mine // size, count=len(blocks), owners=owners)
+
+
+def share_batch(tree, share: RowShare, sharding: NamedSharding):
+    """This process's rows (numpy, the same count on every process) -> global jax Arrays with
+    `share.count` times as many rows, block b from the processes holding block b. With one
+    share the rows are the whole batch (`global_batch`). jax Arrays and None pass through."""
+    if share.count == 1:
+        return global_batch(tree, sharding)
+
+    def one(x):
+        if x is None or isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * share.count,) + x.shape[1:])
+    return jax.tree.map(one, tree)
+
+
+def share_rows(x, share: RowShare) -> np.ndarray:
+    """This process's block of a global array's rows, as numpy, read from its own devices.
+
+    With one share: the whole array (`distributed.host_array`). If this array's layout does not
+    put each block whole on its processes' devices (the same test on every process, from the
+    global layout), the array is all-gathered and sliced: slower, still correct.
+    """
+    from uecjax.distributed import host_array
+
+    if share.count == 1 or not isinstance(x, jax.Array):
+        return host_array(x)[share.block(x.shape[0])]
+    block = share.block(x.shape[0])
+    if not _blocks_local(x.sharding, x.shape, share):
+        return host_array(x)[block]
+    pieces = {}
+    for s in x.addressable_shards:
+        start = s.index[0].start or 0
+        if block.start <= start < block.stop:
+            pieces.setdefault(start, s.data)
+    out = np.concatenate([np.asarray(pieces[k]) for k in sorted(pieces)])
+    if min(pieces, default=-1) != block.start or len(out) != block.stop - block.start:
+        raise RuntimeError(f"rows {block} of a {x.shape} array are not on process "
+                           f"{jax.process_index()}'s devices ({x.sharding})")
+    return out
+
+
+def _blocks_local(sharding, shape, share: RowShare) -> bool:
+    """Every process's devices hold its block's rows whole (full trailing axes), in shards that
+    tile the block without overlap: the same answer on every process."""
+    size = shape[0] // share.count
+    by_process: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        if any((i.start or 0) != 0 or (i.stop is not None and i.stop != n)
+               for i, n in zip(index[1:], shape[1:])):
+            return False
+        start = index[0].start or 0
+        by_process.setdefault(device.process_index, set()).add(
+            (start, shape[0] if index[0].stop is None else index[0].stop))
+    for spans in by_process.values():
+        lo = min(a for a, _ in spans)
+        covered = sorted((a, b) for a, b in spans if lo // size * size <= a < lo // size * size + size)
+        if lo % size or any(b0 != a1 for (_, b0), (a1, _) in zip(covered, covered[1:])) \
+                or covered[-1][1] != lo + size:
+            return False
+    return True
 
 
 def put_replicated(tree, sharding: NamedSharding):

@@ -12,37 +12,37 @@ on the records' images through this same loop (`configs/geo3k.py`), a text polic
 Multi-process runs (`uecjax.distributed`: TPU slices, SLURM, or --coordinator_address /
 --num_processes / --process_id) run this same loop on every process over one global mesh.
 
-Prompts, per host (issue 6, step one). The training records are one seeded stream: the
-source shuffled (reshuffled every epoch) and repeated, the same on every host. Each global
-batch of B = rollout.prompts_per_batch consecutive records is cut into process_count blocks
-of B / process_count (B must divide evenly), and process p reads, renders and length-checks
-only block p of every batch (`uecjax.data.shard_batches`, a grain MapDataset view, so the
-other blocks are never read or decoded on p). After rendering, `run_setup.GlobalPrompts`
-all-gathers the rendered prompts of every process (`distributed.allgather_objects`: pickled
-into padded uint8 buffers; token ids, answers, choices and, for a VL policy, the processed
-pixels) and serves them in process order, so every process sees the same global list of B
-prompts per step. Without skipped prompts that list is exactly the one-process stream (the
-blocks in process order are the batch), so a run gives the same prompts whatever its process
-count; a prompt skipped as too long (or with a bad image) is replaced by the next record of
-the same process's blocks, which makes the streams differ from then on but keeps them
-disjoint. With one process nothing changes: the whole stream, no collective.
+Rollouts, per host. `sharding.row_share` finds this process's share of every batch: the rows
+its devices hold along data x fsdp, one of `count` equal blocks (count = the process count
+on the usual meshes; processes whose devices hold the same rows, e.g. a tensor axis across
+hosts, share a block). The training records are one seeded stream, the same on every host:
+the source shuffled (reshuffled every epoch) and repeated. Each global batch of
+B = rollout.prompts_per_batch consecutive records is cut into `count` blocks (B must divide
+evenly), and the process reads, renders and length-checks only its block
+(`uecjax.data.shard_batches`, a grain MapDataset view: other blocks are never read). The
+rollout (`uecjax.rollout`) then samples, grades, scores and selects that block's rows alone:
+each sampler and scoring call is one SPMD program over all devices, into which every process
+brings its own block and from which it takes back its own rows (`sharding.share_batch`,
+`sharding.share_rows`: no gather across hosts); grading and advantages run where the rows
+are; the processes agree on the number of rounds, the exploration batch and replay through
+small all-gathers, and their step metrics and `data/skipped*` counts are summed. Each process
+gives its B * G / count rows to the global batch of the train step. Without selective rows
+(retention, dynamic sampling, exploration) the run equals the one-process run: the blocks in
+process order are the one-process batch.
 
-Each process's grain iterator then has its own state: a checkpoint's meta holds
-`data_iterator` (process 0's, as before) and, in multi-process runs, `data_iterators`, every
-process's state in process order (all-gathered at save time, written by process 0 with the
-rest of meta); on resume each process restores its own entry. Resuming needs the same
-process count (and prompts_per_batch) as the run that saved; a checkpoint with a single
-state resumes on one process only.
+A Qwen2.5-VL policy keeps one share on every process (partial): its per-row image layouts
+take shapes from the rows' images, which would have to agree across processes. Each process
+then reads its own block of prompts, `run_setup.GlobalPrompts` all-gathers the rendered
+prompts (processed pixels included), and every process computes every row.
 
-Everything after the prompts is unchanged: the sampler and scorer are single SPMD programs
-over all devices computing every rollout row; grading and advantages are cheap host work
-repeated on each host; each process then contributes only the rows its own devices hold to
-the global batch (`TrainStep.place_batch`). Per-host rollouts of B * G / processes rows
-(step two) would need every host to agree on the number of sampling rounds and on the
-exploration batch shapes (both depend on the rewards), so they are left for later. The
-`data/skipped*` metrics count process 0's skips only. Process 0 writes the logs and the
-export; every process takes part in checkpoint saves (orbax writes each array shard once,
-from the process that holds it) and in gathers of sharded arrays.
+Each process's grain iterator has its own state: a checkpoint's meta holds `data_iterator`
+(process 0's) and, in multi-process runs, `data_iterators`, every process's state in process
+order; rows that a share keeps for a later step are saved per share (`buffer_<b>`,
+`replay_<b>`). On resume each process restores its own. Resuming needs the same process count
+(and prompts_per_batch) as the run that saved; a checkpoint with a single state resumes on
+one process only. Process 0 writes the logs and the export; every process takes part in
+checkpoint saves (orbax writes each array shard once, from the process that holds it) and in
+gathers of sharded arrays.
 
 `--dry_run` builds the model abstractly (no weights), compiles the train step for the
 configured batch on the configured mesh and prints what it needs per device
@@ -75,11 +75,13 @@ from uecjax.objectives.loss_config import LossConfigError
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rewards import RewardGrader
-from uecjax.rollout import Rollout, rollout_config
+from uecjax.rollout import Rollout, merge_share_stats, rollout_config
 from uecjax.run_setup import (GlobalPrompts, image_processor, iterator_states, load_policy,
+                              share_exchange,
                               make_records, own_iterator_state, prompt_stream, run_mesh)
 from uecjax.sampler import Sampler
-from uecjax.sharding import ShardingError, check_batch_size
+from uecjax.sharding import (RowShare, ShardingError, check_batch_size, row_share, share_batch,
+                             share_rows)
 from uecjax.tokenizer import TokenizerError, stop_token_ids
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import VisionInputError
@@ -89,13 +91,14 @@ class Scorer:
     """Old (and reference) log-probs of sampled rows with the trainer's current parameters.
 
     Row counts vary (regular rounds, exploration rounds); they are padded to a multiple of
-    `row_bucket` so the jitted pass compiles for a few shapes only.
+    `row_bucket` so the jitted pass compiles for a few shapes only. With several row shares
+    the rows are this process's (the same count on every process) and so are the results.
     """
 
     def __init__(self, trainer: TrainStep, row_bucket: int, ref_params: HostParams | None = None,
-                 vl_config: VLConfig | None = None):
+                 vl_config: VLConfig | None = None, share: RowShare = RowShare()):
         self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
-        self.vl_config = vl_config
+        self.vl_config, self.share = vl_config, share
         self.params = None  # set by the loop before every rollout
 
     def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
@@ -110,12 +113,15 @@ class Scorer:
                       response_mask=pad(response_mask.astype(np.float32)),
                       advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
                       is_hard=np.zeros(rows, np.float32))
-        # Back on the host as whole arrays (a gather where rows live on other hosts' devices).
-        logp, entropy = distributed.to_host(self.trainer.compute_logprobs(self.params, batch))
+        batch = share_batch(batch, self.share, self.trainer.batch_sharding)
+        # This process's rows back on the host (with one share: whole arrays, a gather where
+        # rows live on other hosts' devices).
+        logp, entropy = (share_rows(x, self.share)
+                         for x in self.trainer.compute_logprobs(self.params, batch))
         ref = None
         if self.ref_params is not None:
-            ref = distributed.host_array(
-                self.trainer.compute_logprobs(self.ref_params.on_device(), batch)[0])[:n]
+            ref = share_rows(self.trainer.compute_logprobs(self.ref_params.on_device(), batch)[0],
+                             self.share)[:n]
         return logp[:n], entropy[:n], ref
 
 
@@ -141,10 +147,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
                            **cfg.optim.to_dict(), "frozen": frozen})
     check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)  # clear error up front
-    if rcfg.prompts_per_batch % jax.process_count():
+    # This process's rows of every batch (module docstring); a VL policy keeps whole batches.
+    share = row_share(mesh) if vl_config is None else RowShare()
+    readers = share.count if share.count > 1 else jax.process_count()
+    if rcfg.prompts_per_batch % readers:
         raise ConfigValueError(
             f"config.rollout.prompts_per_batch={rcfg.prompts_per_batch}: must be a multiple of "
-            f"the {jax.process_count()} processes (each reads an equal share of every batch)")
+            f"{readers}, the processes holding distinct batch rows (each reads, samples and "
+            "grades an equal share of every batch)")
     trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size)
     params, opt_state, control = trainer.init(nnx.state(model), seed=cfg.seed)
@@ -155,15 +165,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
         ref_params = HostParams(jax.jit(to_compute, out_shardings=trainer.param_shardings)(params),
                                 trainer.param_shardings, offload=cfg.model.offload_reference)
-    scorer = Scorer(trainer, rcfg.batch_rows, ref_params, vl_config)
+    scorer = Scorer(trainer, rcfg.batch_rows // share.count, ref_params, vl_config, share)
 
-    train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True)
+    block = (share.index, share.count) if share.count > 1 else (jax.process_index(), readers)
+    train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True, shard=block)
     eval_records = make_records(cfg, cfg.data.eval_split, train=False)
     skipped = train_records.skipped  # malformed rows, and prompts too long for the batch
-    # This process's share of every batch, then all processes' shares (module docstring).
-    prompts = GlobalPrompts(
-        prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor),
-        rcfg.prompts_per_batch, jax.process_count())
+    # This process's block of every batch; with one share, all processes' blocks.
+    prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor)
+    if share.count == 1:
+        prompts = GlobalPrompts(prompts, rcfg.prompts_per_batch, readers)
+    exchange = share_exchange(share)
+    if jax.process_count() > 1:
+        logger.text(f"{jax.process_count()} processes, {share.count} row shares: each samples, "
+                    f"grades and trains on {rcfg.batch_rows // share.count} of {rcfg.batch_rows} "
+                    "rows per batch")
+    source_skips = skipped.as_dict()  # malformed rows: every process checked the whole source
+
+    def skip_counts() -> dict:
+        """Skipped rows of the run: the source's once, plus every share's skipped prompts."""
+        own = {k: v - source_skips.get(k, 0) for k, v in skipped.as_dict().items()}
+        return merge_share_stats([source_skips] + exchange(own))
     grader = RewardGrader(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
                           format_weight=cfg.reward.format_weight,
                           think_prefilled=cfg.reward.think_prefilled)
@@ -171,7 +193,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     sampler = Sampler(model, pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
     rollout = Rollout(rcfg, hp, sampler=sampler, prompts=prompts, grade=grader.grade_batch,
                       score=scorer, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                      stop_token_ids=stops, seed=cfg.seed)
+                      stop_token_ids=stops, seed=cfg.seed, share=share, exchange=exchange)
 
     def run_eval(step: int) -> dict:
         t = time.perf_counter()
@@ -200,14 +222,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         train_iter.set_state(own_iterator_state(meta, jax.process_index(), jax.process_count()))
         rollout.calls = meta["rollout_calls"]
         buffers = restored["buffers"] or {}
-        rollout.buffer.load(buffers.get("buffer"))
-        rollout.replay.load(buffers.get("replay"))
+        suffix = f"_{share.index}" if share.count > 1 else ""
+        rollout.buffer.load(buffers.get("buffer" + suffix))
+        rollout.replay.load(buffers.get("replay" + suffix))
         logger.text(f"resumed from {checkpointer.directory} at step {start}")
     nnx.update(model, params)
 
     def save(step: int, force: bool = False) -> None:
-        buffers = {k: v for k, v in (("buffer", rollout.buffer.state()),
-                                     ("replay", rollout.replay.state())) if v is not None}
+        # Rows kept for later steps: every share's (all-gathered; a collective with several).
+        buffers = {}
+        for b, held in enumerate(exchange((rollout.buffer.state(), rollout.replay.state()))):
+            suffix = f"_{b}" if share.count > 1 else ""
+            for name, state in zip(("buffer", "replay"), held):
+                if state is not None:
+                    buffers[name + suffix] = state
         states = iterator_states(train_iter.get_state())  # a collective with several processes
         meta = dict(step=step, history=history, data_iterator=states[0],
                     rollout_calls=rollout.calls, method=cfg.method, config=cfg.to_json())
@@ -215,6 +243,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             meta["data_iterators"] = states
         checkpointer.save(step, params=params, opt_state=opt_state, control=control, meta=meta,
                           buffers=buffers or None, force=force)
+
+    def place(rows):
+        """This process's rows -> the global batch of the train step."""
+        return share_batch(rows.to_batch(hp.tau_hard, vl_config), share, trainer.batch_sharding)
 
     restore_handler = ckpt.install_sigterm_handler()
     if "initial" not in history:
@@ -226,21 +258,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             scorer.params = params
             rows, roll_stats = rollout.collect()
             t1 = time.perf_counter()
-            params, opt_state, control, metrics = trainer.step(params, opt_state, control,
-                                                               rows.to_batch(hp.tau_hard, vl_config))
+            params, opt_state, control, metrics = trainer.step(params, opt_state, control, place(rows))
             control = trainer.update_control(control, metrics)
             nnx.update(model, params)
             rollout.after_update(rows)
             values = _host(metrics)
-            replay = rollout.replay_batch(step, np.random.default_rng((cfg.seed, step)))
+            rng = np.random.default_rng((cfg.seed, step) + ((share.index,) if share.count > 1 else ()))
+            replay = rollout.replay_batch(step, rng)
             if replay is not None:  # the replay stabilizer's extra update (section 8)
                 params, opt_state, control, replay_metrics = trainer.step(
-                    params, opt_state, control, replay.to_batch(hp.tau_hard, vl_config))
+                    params, opt_state, control, place(replay))
                 nnx.update(model, params)
                 values.update({f"replay/{k}": v for k, v in _host(replay_metrics).items()})
             t2 = time.perf_counter()
             values.update(roll_stats)
-            values.update({f"data/{k}": v for k, v in skipped.as_dict().items()})
+            values.update({f"data/{k}": v for k, v in skip_counts().items()})
             values.update({"time/rollout": t1 - t0, "time/train": t2 - t1,
                            "tokens_per_s": roll_stats.get("sampled_tokens", 0.0) / max(t2 - t0, 1e-9),
                            "pass@1": roll_stats["accuracy"]})
