@@ -56,3 +56,32 @@ def fsdp_config(policy_dir, steps, method="entropy_reg"):
     c.train.export_hf = True
     c.eval.num_prompts = 2
     return c
+
+
+def geo3k_config(policy_dir, data_dir, steps):
+    """configs/geo3k.py with a tiny Qwen2.5-VL, the real samples and small sizes, on all
+    devices as one fsdp axis: the multi-process VL run. Images of 112-140 patches, so rows
+    fall in patch buckets of 128 and 256."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "geo3k.py")
+    spec = importlib.util.spec_from_file_location("geo3k_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.method = "grpo"
+    c.model.path, c.data.path = policy_dir, data_dir
+    c.data.train_split = c.data.eval_split = "samples"
+    c.model.dtype, c.model.remat = "float32", "none"
+    c.vision.min_pixels, c.vision.max_pixels = 28 * 28 * 4, 168 * 168
+    c.rollout.prompts_per_batch, c.rollout.group_size = 2, 2
+    c.rollout.max_prompt_len, c.rollout.max_new_tokens = 512, 8
+    c.rollout.max_rounds = 1
+    c.train.steps, c.train.micro_batches = steps, 1
+    c.train.checkpoint_every, c.train.eval_every, c.train.export_hf = 1, 0, False
+    c.eval.num_prompts, c.eval.n, c.eval.max_new_tokens, c.eval.batch_prompts = 2, 2, 8, 2
+    c.reward.num_workers = 1
+    c.mesh.num_devices = 0
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    return c

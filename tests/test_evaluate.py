@@ -19,6 +19,7 @@ from uecjax.models import Qwen2, TextConfig, save_pretrained
 from uecjax.rewards import Reward, extract_boxed, format_reward
 from uecjax.sampler import Sampler, SamplerOutput
 from uecjax.tokenizer import char_tokenizer, render_prompt, stop_token_ids, load_tokenizer
+from uecjax.sharding import RowShare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,10 +60,10 @@ class StubSampler:
         text = self.tok.decode(ids, skip_special_tokens=True)
         return next(k for k in self.greedy if k in text)
 
-    def __call__(self, prompts, params, images=None):
+    def __call__(self, prompts, params, images=None, share=RowShare()):
         self.calls.append((len(prompts), params))
         texts = []
-        for p in prompts:
+        for p in prompts[share.block(len(prompts))]:
             key = self._key(p)
             if params.temperature == 0:
                 texts.append(self.greedy[key])
@@ -131,6 +132,44 @@ def test_matches_hand_computation_on_stub_sampler(tok):
     with pytest.raises(ValueError, match="ks"):
         evaluate(sampler, tok, records, grader, n=4, max_new_tokens=24, ks=[8],
                  prompt_template="plain", progress=False)
+
+
+def test_row_shares_grade_their_own_prompts_and_agree(tok):
+    """Two row shares (threads standing in for processes, all-gathering through a barrier):
+    each grades only its block of every batch (3 prompts a batch: blocks of 2, the second
+    padded), and both return the one-share metrics."""
+    import threading
+
+    from test_row_share import BarrierExchange
+
+    good = "<think>x</think>\\boxed{%s}"
+    names = "ABCDE"
+    records = [Record(prompt=f"problem {q}", answer=str(q)) for q in names]
+    greedy = {f"problem {q}": good % (q if q in "AC" else "x") for q in names}
+    samples = {f"problem {q}": [good % q] * i + [good % "x"] * (2 - i)
+               for q, i in zip(names, (0, 1, 2, 1, 0))}
+    kw = dict(n=2, max_new_tokens=24, batch_prompts=3, prompt_template="plain", progress=False)
+    whole = evaluate(StubSampler(tok, greedy, samples), tok, records, FakeGrader(), **kw)
+    exchange, out, graded = BarrierExchange(2), [None, None], [0, 0]
+
+    def run(b):
+        grader = FakeGrader()
+        grade = grader.grade_batch
+        grader.grade_batch = lambda r, a, c=None: (graded.__setitem__(b, graded[b] + len(r)), grade(r, a, c))[1]
+        out[b] = evaluate(StubSampler(tok, greedy, samples), tok, records, grader,
+                          share=RowShare(b, 2, (0, 1)), exchange=exchange.of(b), **kw)
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for m in out:
+        assert {k: v for k, v in m.items() if k != "seconds"} == \
+            pytest.approx({k: v for k, v in whole.items() if k != "seconds"})
+    # Batches (A, B, C) and (D, E): share 0 grades A, B, D; share 1 grades C, E; 3 rows each.
+    assert graded == [3 * 3, 2 * 3]
+    assert whole["pass@1"] == pytest.approx(4 / 10) and whole["greedy_pass@1"] == pytest.approx(2 / 5)
 
 
 def test_decode_strips_only_the_final_stop_token(tok):

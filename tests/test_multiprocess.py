@@ -18,7 +18,7 @@ import sys
 import pytest
 from safetensors.numpy import load_file
 
-from loop_helpers import fsdp_config, write_policy
+from loop_helpers import fsdp_config, geo3k_config, write_policy
 from uecjax import checkpoint as ckpt
 from uecjax.distributed import DistributedError, Launch, detect
 from uecjax.train import train
@@ -99,6 +99,16 @@ def test_two_processes_equal_one_and_resume(policy_dir, tmp_path):
     for step in (1, 2):
         for key in METRICS:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # Held-out evaluation (initial and final): each process grades its own prompts, and the
+    # gathered metrics equal the one-process evaluation's.
+    evals = lambda run: {r["step"]: r for r in (json.loads(line) for line in open(run / "metrics.jsonl"))  # noqa: E731
+                         if "eval/pass@1" in r}
+    ea, eb = evals(single), evals(multi)
+    assert sorted(ea) == [0, 2] and sorted(eb) == [0, 1, 2]  # the first launch ended at step 1
+    for step in ea:
+        for key in ("eval/pass@1", "eval/greedy_pass@1", "eval/response_length",
+                    "eval/greedy_response_length", "eval/num_prompts"):
+            assert eb[step][key] == pytest.approx(ea[step][key]), (step, key)
     wa = load_file(str(single / "export" / "model.safetensors"))
     wb = load_file(str(multi / "export" / "model.safetensors"))
     assert wa.keys() == wb.keys()
@@ -128,6 +138,35 @@ def test_two_processes_agree_on_selective_rollouts(policy_dir, tmp_path):
         # them), explored, and the batch is padded after max_rounds=2 rounds.
         assert row["rollout/rounds"] == 2 and row["explore/hard_prompts"] == 4
         assert row["explore/responses"] == 8 and row["rollout/padded_rows"] == 4
+
+
+def test_two_processes_train_a_vl_policy_as_one(tmp_path):
+    """Geometry3K with a tiny Qwen2.5-VL: each process samples, scores and trains its own
+    rows with their images; the processes agree on one patch width for the image arrays (step
+    1's two prompts have 120 and 140 patches: buckets 128 and 256), and the metrics equal the
+    one-process run's."""
+    from tiny_hf import write_tiny_vl
+
+    policy = tmp_path / "tiny-vl"
+    write_tiny_vl(policy, seed=1)
+    data = os.path.join(REPO, "tests", "data", "geometry3k")
+    config_file = tmp_path / "config.py"
+    config_file.write_text(
+        "from loop_helpers import geo3k_config\n"
+        f"def get_config():\n    return geo3k_config({str(policy)!r}, {data!r}, steps=2)\n")
+    multi = tmp_path / "multi"
+    out = launch(config_file, multi, tmp_path / "cache", steps=2)
+    assert "2 processes, 2 row shares" in out[0] and "vision tower" in out[0]
+
+    single = tmp_path / "single"
+    cfg = geo3k_config(str(policy), data, steps=2)
+    cfg.mesh.num_devices = 4
+    train(cfg, str(single), log_console=None)
+    a, b = step_rows(single), step_rows(multi)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in (1, 2):
+        for key in ("loss", "entropy", "grad_norm", "reward", "response_length", "sampled_tokens"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",

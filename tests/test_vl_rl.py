@@ -27,7 +27,8 @@ from uecjax.rows import RowBuffer, Rows
 from uecjax.sampler import Sampler, SamplingParams
 from uecjax.sharding import make_mesh, param_shardings
 from uecjax.train_step import TrainStep
-from uecjax.vision_inputs import PromptImages, load_image_processor, stack_images, vision_rows
+from uecjax.vision_inputs import (PromptImages, load_image_processor, row_patches, stack_images,
+                                  vision_rows)
 
 IMG, VS, VE = (TINY_VL_TOKENS[k] for k in ("image_token_id", "vision_start_token_id", "vision_end_token_id"))
 PATCH_DIM = 3 * 2 * 14 * 14
@@ -310,6 +311,12 @@ def test_rows_with_images_concat_select_and_checkpoint(vl, tmp_path):
     assert batch.pixel_values.shape == (5, 128, PATCH_DIM) and batch.positions.shape == (5, 3, P + R)
     with pytest.raises(ValueError, match="need the model's VLConfig"):
         joined.to_batch(0.0)
+    # Processes that batch rows together agree on a patch width: at least min_patches.
+    assert row_patches(joined.image_grid_thw) == 96
+    wide = joined.to_batch(0.0, model.config, min_patches=200)
+    assert wide.pixel_values.shape == (5, 256, PATCH_DIM) and wide.vision.patch_order.shape == (5, 256)
+    np.testing.assert_array_equal(wide.pixel_values[:, :128], batch.pixel_values)
+    np.testing.assert_array_equal(wide.positions, batch.positions)
 
     buffer = RowBuffer()
     buffer.push(joined.select(np.array([0, 2, 3])))

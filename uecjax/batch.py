@@ -70,17 +70,19 @@ def positions_from_mask(mask) -> np.ndarray:
 
 
 def sequence_inputs(tokens, mask, prompt_len: int, images=None, vl_config: VLConfig | None = None,
-                    patch_buckets=DEFAULT_PATCH_BUCKETS) -> dict:
+                    patch_buckets=DEFAULT_PATCH_BUCKETS, min_patches: int = 0) -> dict:
     """The Batch fields that depend on where the sequences' images are: positions, and with
     images (pixel_values [B, N', patch_dim], image_grid_thw [B, K, 3] per row, as
     `uecjax.vision_inputs.stack_images` stores them; the images in the first prompt_len
-    columns) M-RoPE positions, padded pixel_values and the per-row patch layouts."""
+    columns) M-RoPE positions, padded pixel_values and the per-row patch layouts (patches padded to a
+    bucket of at least min_patches)."""
     if images is None:
         return dict(positions=positions_from_mask(mask))
     if vl_config is None:
         raise ValueError("rows with images need the model's VLConfig (model.config of a "
                          "Qwen2_5_VL) to lay out their patches and M-RoPE positions")
-    rows = vision_rows(tokens, mask, *images, vl_config, patch_buckets, prompt_len=prompt_len)
+    rows = vision_rows(tokens, mask, *images, vl_config, patch_buckets, prompt_len=prompt_len,
+                       min_patches=min_patches)
     return dict(positions=rows.positions, pixel_values=rows.pixel_values, vision=rows.layouts)
 
 

@@ -18,7 +18,9 @@ The checkpoint loads onto the config's mesh (config.mesh, as in training: parame
 out by `uecjax.sharding`), and the sampler splits its rows over the mesh's data x fsdp devices.
 Launched as part of a multi-process job (`uecjax.distributed`: TPU slice, SLURM, or the
 --coordinator_address / --num_processes / --process_id flags) it joins the job first; every
-process then runs the same evaluation over the global mesh and process 0 prints and writes.
+process then runs the same evaluation over the global mesh, grading its own block of every
+batch's prompts (`uecjax.sharding.row_share`), the per-prompt results are all-gathered, and
+process 0 prints and writes.
 
 Metrics. Every prompt gets one greedy response (temperature 0) and `n` sampled responses
 (`temperature`, `top_p`), graded by the reward function (`uecjax.rewards`):
@@ -90,13 +92,14 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from uecjax.config import DATA_KINDS
 from uecjax.metrics import pass_at_k_table
 from uecjax.sampler import SamplingParams
+from uecjax.sharding import RowShare
 from uecjax.tokenizer import load_tokenizer, stop_token_ids
 from uecjax.vision_inputs import ImageError, render_record, vl_chat_template
 
@@ -141,7 +144,8 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
              temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 32,
              prompt_template: str = "think_boxed", use_chat_template: bool = True,
              seed: int = 0, ks: Sequence[int] | None = None, progress: bool = True,
-             greedy: bool = True, image_processor=None) -> dict:
+             greedy: bool = True, image_processor=None, share: RowShare = RowShare(),
+             exchange: Callable[[object], list] | None = None) -> dict:
     """Greedy Pass@1 and sampled Pass@k of `sampler`'s model on `records` (module docstring).
 
     sampler: a `uecjax.sampler.Sampler` (reads the model's current parameters at each call).
@@ -153,7 +157,12 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
     greedy: also the greedy response per prompt (greedy_* metrics).
     image_processor: a `uecjax.vision_inputs.ImageProcessor` for a Qwen2.5-VL policy: records
       with images are prompted with them; None prompts every record as text.
+    share, exchange: with several row shares (`uecjax.sharding.row_share`, a multi-process
+      run) each process keeps, grades and reports its block of every batch's prompts, and the
+      per-prompt results are all-gathered (`exchange`) so every process returns the same metrics.
     """
+    if share.count > 1 and exchange is None:
+        raise ValueError("evaluate: several row shares need an exchange (an all-gather)")
     records = list(records)
     if not records:
         raise ValueError("evaluate: no records")
@@ -184,8 +193,9 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
     if not records:
         raise ValueError(f"evaluate: all {skipped} records were skipped (their images failed)")
     num_batches = -(-len(records) // batch_prompts)
-    futures = []
-    greedy_len, greedy_trunc, sample_len, sample_trunc = [], [], [], []
+    # Per prompt index: greedy (reward, length, truncated) and the n samples' (rewards,
+    # lengths, truncated); with several row shares, of this process's prompts only.
+    futures, results = [], {}
     try:
         from tqdm import tqdm
 
@@ -193,64 +203,88 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
                   disable=not progress, leave=False) as bar:
             for b in range(num_batches):
                 lo, hi = b * batch_prompts, min(len(records), (b + 1) * batch_prompts)
-                batch = prompts[lo:hi]
-                batch_images = images[lo:hi] if any(im is not None for im in images[lo:hi]) else None
-                responses = []
+                # `share.count` equal blocks (the last padded with the batch's first prompt);
+                # this process samples all of them in one collective call, keeps its block.
+                k = -(-(hi - lo) // share.count)
+                index = list(range(lo, hi)) + [lo] * (k * share.count - (hi - lo))
+                batch = [prompts[i] for i in index]
+                batch_images = ([images[i] for i in index]
+                                if any(im is not None for im in images[lo:hi]) else None)
+                mine = [i for j, i in enumerate(index[share.index * k:(share.index + 1) * k])
+                        if share.index * k + j < hi - lo]
+                responses, lengths = [], {}
                 if greedy:
                     out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
                                                         temperature=0.0, stop_token_ids=stops),
-                                  images=batch_images)
-                    responses += decode_responses(tokenizer, out.response_tokens,
-                                                  out.response_mask, stops)
-                    greedy_len.append(out.response_lengths)
-                    greedy_trunc.append(out.truncated)
+                                  images=batch_images, share=share)
+                    rows = slice(0, len(mine))
+                    responses += decode_responses(tokenizer, out.response_tokens[rows],
+                                                  out.response_mask[rows], stops)
+                    lengths["greedy"] = (out.response_lengths[rows], out.truncated[rows])
                 out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
                                                     temperature=temperature, top_p=top_p, n=n,
                                                     stop_token_ids=stops, seed=_seed(seed, b)),
-                              images=batch_images)
-                responses += decode_responses(tokenizer, out.response_tokens, out.response_mask,
-                                              stops)
-                sample_len.append(out.response_lengths)
-                sample_trunc.append(out.truncated)
-                recs = records[lo:hi]
+                              images=batch_images, share=share)
+                rows = slice(0, len(mine) * n)
+                responses += decode_responses(tokenizer, out.response_tokens[rows],
+                                              out.response_mask[rows], stops)
+                lengths["sampled"] = (out.response_lengths[rows], out.truncated[rows])
+                recs = [records[i] for i in mine]
                 copies = ([1] if greedy else []) + [n]  # greedy rows first, then samples
                 answers = [r.answer for c in copies for r in recs for _ in range(c)]
                 choices = [tuple(getattr(r, "choices", ()) or ()) for c in copies for r in recs
                            for _ in range(c)]
-                futures.append(grader.grade_batch(responses, answers, choices))
+                futures.append((mine, lengths, grader.grade_batch(responses, answers, choices)))
                 bar.update(hi - lo)
-        greedy_rewards, sample_rewards = [], []
-        for b, future in enumerate(futures):
+        for mine, lengths, future in futures:
             rewards = future.result()
-            g = min(len(records), (b + 1) * batch_prompts) - b * batch_prompts if greedy else 0
-            greedy_rewards += rewards[:g]
-            sample_rewards += rewards[g:]
+            g = len(mine) if greedy else 0
+            for j, i in enumerate(mine):
+                one = {"sampled": _graded(rewards[g + j * n: g + (j + 1) * n],
+                                          *(x[j * n:(j + 1) * n] for x in lengths["sampled"]))}
+                if greedy:
+                    one["greedy"] = _graded(rewards[j:j + 1], *(x[j:j + 1] for x in lengths["greedy"]))
+                results[i] = one
     finally:
         if own_grader:
             grader.close()
+    if share.count > 1:  # every process's prompts, so that all compute the same metrics
+        for part in exchange(results):
+            results.update(part)
 
     num = len(records)
-    acc = np.array([r.accuracy for r in sample_rewards], np.float64).reshape(num, n)
+    per_prompt = [results[i] for i in range(num)]
+    sampled = {key: np.stack([r["sampled"][key] for r in per_prompt]) for key in per_prompt[0]["sampled"]}
+    acc = sampled["accuracy"]
     metrics = {}
     if greedy:
-        metrics["greedy_pass@1"] = float(np.mean([r.accuracy for r in greedy_rewards]))
+        greedy_rows = {key: np.stack([r["greedy"][key] for r in per_prompt]) for key in per_prompt[0]["greedy"]}
+        metrics["greedy_pass@1"] = float(greedy_rows["accuracy"].mean())
     metrics.update(pass_at_k_table(acc > 0.5, ks))
     metrics.update(
         accuracy=float(acc.mean()),
-        reward=float(np.mean([r.reward for r in sample_rewards])),
-        format=float(np.mean([r.format for r in sample_rewards])),
-        response_length=float(np.concatenate(sample_len).mean()),
-        truncated=float(np.concatenate(sample_trunc).mean()),
+        reward=float(sampled["reward"].mean()),
+        format=float(sampled["format"].mean()),
+        response_length=float(sampled["length"].mean()),
+        truncated=float(sampled["truncated"].mean()),
     )
     if greedy:
         metrics.update(
-            greedy_reward=float(np.mean([r.reward for r in greedy_rewards])),
-            greedy_format=float(np.mean([r.format for r in greedy_rewards])),
-            greedy_response_length=float(np.concatenate(greedy_len).mean()),
-            greedy_truncated=float(np.concatenate(greedy_trunc).mean()),
+            greedy_reward=float(greedy_rows["reward"].mean()),
+            greedy_format=float(greedy_rows["format"].mean()),
+            greedy_response_length=float(greedy_rows["length"].mean()),
+            greedy_truncated=float(greedy_rows["truncated"].mean()),
         )
     metrics.update(num_prompts=num, n=n, skipped_prompts=skipped, seconds=time.perf_counter() - start)
     return metrics
+
+
+def _graded(rewards, lengths, truncated) -> dict:
+    """One prompt's responses as arrays: accuracy, reward, format, length, truncated."""
+    return {"accuracy": np.array([r.accuracy for r in rewards], np.float64),
+            "reward": np.array([r.reward for r in rewards], np.float64),
+            "format": np.array([r.format for r in rewards], np.float64),
+            "length": np.asarray(lengths, np.float64), "truncated": np.asarray(truncated, np.float64)}
 
 
 # ----------------------------------------------------------------------------- CLI helpers
@@ -379,6 +413,10 @@ def main(argv) -> None:
                           format_weight=_get(config, "reward.format_weight", 0.1),
                           timeout_s=_get(config, "reward.timeout_s", 5.0),
                           think_prefilled=_get(config, "reward.think_prefilled", False))
+    from uecjax.run_setup import share_exchange
+    from uecjax.sharding import row_share
+
+    share = row_share(mesh)  # each process grades its own block of every batch
     with grader:
         metrics = evaluate(
             Sampler(model, pad_id=pad_id, mesh=mesh), tokenizer, records, grader, n=n,
@@ -388,7 +426,8 @@ def main(argv) -> None:
             batch_prompts=_get(config, "eval.batch_prompts", 32),
             prompt_template=_get(config, "prompt.template", "think_boxed"),
             use_chat_template=_get(config, "prompt.use_chat_template", True),
-            seed=_get(config, "seed", 0), progress=True, image_processor=processor)
+            seed=_get(config, "seed", 0), progress=distributed.is_main_process(),
+            image_processor=processor, share=share, exchange=share_exchange(share))
     metrics = {"checkpoint": os.path.abspath(checkpoint), "split": split, **metrics}
     line = json.dumps(metrics)
     if not distributed.is_main_process():  # every process computed the same metrics

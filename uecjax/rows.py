@@ -69,16 +69,18 @@ class Rows:
             advantage=z(n), difficulty=np.ones(n, np.float32), reward=z(n), accuracy=z(n),
             truncated=np.zeros(n, bool), explore=np.zeros(n, bool))
 
-    def to_batch(self, tau_hard: float, vl_config: VLConfig | None = None) -> Batch:
+    def to_batch(self, tau_hard: float, vl_config: VLConfig | None = None,
+                 min_patches: int = 0) -> Batch:
         """The train step's Batch; rows with images need the model's VLConfig (positions and
-        patch layouts are computed here, on the host)."""
+        patch layouts are computed here, on the host, with at least min_patches patches)."""
         mask = np.concatenate([self.prompt_mask, self.response_mask.astype(np.int32)], axis=1)
         tokens = np.concatenate([self.prompt_tokens, self.response_tokens], axis=1)
         images = None if self.pixel_values is None else (self.pixel_values, self.image_grid_thw)
         return Batch(
             tokens=tokens,
             attention_mask=mask,
-            **sequence_inputs(tokens, mask, self.prompt_tokens.shape[1], images, vl_config),
+            **sequence_inputs(tokens, mask, self.prompt_tokens.shape[1], images, vl_config,
+                              min_patches=min_patches),
             response_mask=self.response_mask.astype(np.float32),
             advantages=self.advantage.astype(np.float32),
             difficulty=self.difficulty.astype(np.float32),

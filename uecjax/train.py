@@ -30,10 +30,12 @@ gives its B * G / count rows to the global batch of the train step. Without sele
 (retention, dynamic sampling, exploration) the run equals the one-process run: the blocks in
 process order are the one-process batch.
 
-A Qwen2.5-VL policy keeps one share on every process (partial): its per-row image layouts
-take shapes from the rows' images, which would have to agree across processes. Each process
-then reads its own block of prompts, `run_setup.GlobalPrompts` all-gathers the rendered
-prompts (processed pixels included), and every process computes every row.
+A Qwen2.5-VL policy's rows carry their images: the prompts that enter a sampler call carry
+their processed pixels to every process (the call is collective), and the shares agree on one
+patch width for the rows' image arrays before scoring and training (an all-gather of a count).
+On a mesh where no process holds a block of its own (one share), each process reads its block
+of prompts, `run_setup.GlobalPrompts` all-gathers the rendered prompts, and every process
+computes every row.
 
 Each process's grain iterator has its own state: a checkpoint's meta holds `data_iterator`
 (process 0's) and, in multi-process runs, `data_iterators`, every process's state in process
@@ -51,6 +53,7 @@ configured batch on the configured mesh and prints what it needs per device
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -84,7 +87,8 @@ from uecjax.sharding import (RowShare, ShardingError, check_batch_size, row_shar
                              share_rows)
 from uecjax.tokenizer import TokenizerError, stop_token_ids
 from uecjax.train_step import TrainStep
-from uecjax.vision_inputs import VisionInputError
+from uecjax.rows import Rows
+from uecjax.vision_inputs import VisionInputError, row_patches
 
 
 class Scorer:
@@ -92,13 +96,16 @@ class Scorer:
 
     Row counts vary (regular rounds, exploration rounds); they are padded to a multiple of
     `row_bucket` so the jitted pass compiles for a few shapes only. With several row shares
-    the rows are this process's (the same count on every process) and so are the results.
+    the rows are this process's (the same count on every process) and so are the results;
+    `agree_patches` turns this process's most patches per row into the shares' (their image
+    arrays must have one shape).
     """
 
     def __init__(self, trainer: TrainStep, row_bucket: int, ref_params: HostParams | None = None,
-                 vl_config: VLConfig | None = None, share: RowShare = RowShare()):
+                 vl_config: VLConfig | None = None, share: RowShare = RowShare(),
+                 agree_patches=lambda patches: patches):
         self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
-        self.vl_config, self.share = vl_config, share
+        self.vl_config, self.share, self.agree_patches = vl_config, share, agree_patches
         self.params = None  # set by the loop before every rollout
 
     def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
@@ -108,8 +115,10 @@ class Scorer:
         mask = pad(np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1))
         tokens = pad(np.concatenate([prompt_tokens, response_tokens], axis=1))
         images = None if images is None else tuple(pad(x) for x in images)  # padded rows: none
+        patches = 0 if images is None else self.agree_patches(row_patches(images[1]))
         batch = Batch(tokens=tokens, attention_mask=mask,
-                      **sequence_inputs(tokens, mask, prompt_tokens.shape[1], images, self.vl_config),
+                      **sequence_inputs(tokens, mask, prompt_tokens.shape[1], images, self.vl_config,
+                                        min_patches=patches),
                       response_mask=pad(response_mask.astype(np.float32)),
                       advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
                       is_hard=np.zeros(rows, np.float32))
@@ -147,8 +156,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
                            **cfg.optim.to_dict(), "frozen": frozen})
     check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)  # clear error up front
-    # This process's rows of every batch (module docstring); a VL policy keeps whole batches.
-    share = row_share(mesh) if vl_config is None else RowShare()
+    # This process's rows of every batch (module docstring).
+    share = row_share(mesh)
     readers = share.count if share.count > 1 else jax.process_count()
     if rcfg.prompts_per_batch % readers:
         raise ConfigValueError(
@@ -165,7 +174,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
         ref_params = HostParams(jax.jit(to_compute, out_shardings=trainer.param_shardings)(params),
                                 trainer.param_shardings, offload=cfg.model.offload_reference)
-    scorer = Scorer(trainer, rcfg.batch_rows // share.count, ref_params, vl_config, share)
+    exchange = share_exchange(share)
+    agree_patches = lambda n: max(exchange(n))  # noqa: E731  (one shape for all shares' images)
+    scorer = Scorer(trainer, rcfg.batch_rows // share.count, ref_params, vl_config, share,
+                    agree_patches)
 
     block = (share.index, share.count) if share.count > 1 else (jax.process_index(), readers)
     train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True, shard=block)
@@ -175,7 +187,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor)
     if share.count == 1:
         prompts = GlobalPrompts(prompts, rcfg.prompts_per_batch, readers)
-    exchange = share_exchange(share)
     if jax.process_count() > 1:
         logger.text(f"{jax.process_count()} processes, {share.count} row shares: each samples, "
                     f"grades and trains on {rcfg.batch_rows // share.count} of {rcfg.batch_rows} "
@@ -202,7 +213,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                           batch_prompts=cfg.eval.batch_prompts, prompt_template=cfg.prompt.template,
                           use_chat_template=cfg.prompt.use_chat_template, seed=cfg.seed,
                           progress=log_console is not None and distributed.is_main_process(),
-                          image_processor=processor)
+                          image_processor=processor, share=share, exchange=exchange)
         result["time_s"] = time.perf_counter() - t
         logger.scalars(step, result, prefix="eval/")
         logger.text(f"eval @ step {step}: " + ", ".join(
@@ -244,9 +255,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         checkpointer.save(step, params=params, opt_state=opt_state, control=control, meta=meta,
                           buffers=buffers or None, force=force)
 
-    def place(rows):
-        """This process's rows -> the global batch of the train step."""
-        return share_batch(rows.to_batch(hp.tau_hard, vl_config), share, trainer.batch_sharding)
+    def place(rows: Rows):
+        """This process's rows -> the global batch of the train step. With several shares a
+        VL batch always has image arrays (padding rows may have none), of one patch width."""
+        patches = 0
+        if vl_config is not None and share.count > 1:
+            if rows.pixel_values is None:
+                rows = dataclasses.replace(
+                    rows, pixel_values=np.zeros((len(rows), 0, vl_config.vision.patch_dim), np.float32),
+                    image_grid_thw=np.zeros((len(rows), 1, 3), np.int32))
+            patches = agree_patches(row_patches(rows.image_grid_thw))
+        return share_batch(rows.to_batch(hp.tau_hard, vl_config, patches), share,
+                           trainer.batch_sharding)
 
     restore_handler = ckpt.install_sigterm_handler()
     if "initial" not in history:

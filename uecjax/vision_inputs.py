@@ -272,21 +272,28 @@ class VisionRows(NamedTuple):
     layouts: VisionLayout  # per-row layouts stacked on a leading n axis
 
 
+def row_patches(grids) -> int:
+    """The most patches any row's images have (grids: [B, K, 3] as `stack_images` stores them)."""
+    return max([0] + [int(real_grids(g).prod(axis=1).sum()) for g in np.asarray(grids)])
+
+
 def vision_rows(tokens, mask, pixels, grids, config: VLConfig,
                 buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
-                prompt_len: int | None = None) -> VisionRows:
+                prompt_len: int | None = None, min_patches: int = 0) -> VisionRows:
     """Vision inputs of rows [n, T] (left-padded tokens) from their `stack_images` arrays.
 
     The images belong to the first prompt_len columns (default: all), the prompt; the rest
     (responses) is text, even where a sampled token happens to be an image token, as in
     transformers' generate. Positions are M-RoPE's over the prompt (get_rope_index) and
     continue as text after it: real tokens before + rope_delta.
+    Patches are padded to the bucket of the largest row's (`row_patches`) or of min_patches,
+    whichever is larger: processes that batch rows together agree on it that way.
     """
     tokens, mask = np.asarray(tokens), np.asarray(mask)
     n, T = tokens.shape
     P = T if prompt_len is None else prompt_len
     per_row = [real_grids(g) for g in grids]
-    N = patch_bucket(max([0] + [int(g.prod(axis=1).sum()) for g in per_row]), buckets)
+    N = patch_bucket(max([min_patches] + [int(g.prod(axis=1).sum()) for g in per_row]), buckets)
     for i, g in enumerate(per_row):  # a readable error before the positions' own checks
         check_grid(g, config.vision)
         want = int(g.prod(axis=1).sum()) // config.vision.spatial_merge_size**2
