@@ -28,8 +28,8 @@ divides by it, else over `data` alone when that divides, else runs every prompt 
 device; its cache is repeated to the n samples and split by rows before decoding. Host arrays
 enter with `uecjax.sharding.global_batch`, so in a multi-process job every process passes the
 same prompts; with `share=` (`uecjax.sharding.RowShare`) they are the processes' blocks, and
-each process gets back only its own block of rows. The sampled tokens do not depend on the mesh: the random draws of a row depend on
-the seed, the step and the row's index only, whatever the number of padded rows (JAX's
+each process gets back only its own block of rows. The sampled tokens do not depend on the
+mesh: the random draws of a row depend on the seed, the step and the row's index only, whatever the number of padded rows (JAX's
 partitionable threefry, `jax.config.jax_threefry_partitionable`, the default in current JAX;
 with it off, the mesh's row padding changes the draws, and the sampler warns).
 """

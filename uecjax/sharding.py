@@ -29,6 +29,7 @@ Host batches become global arrays with `global_batch`: each process passes the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -259,17 +260,11 @@ def row_share(mesh: Mesh, process_index: int | None = None,
     """
     process_index = jax.process_index() if process_index is None else process_index
     shards = batch_shards(mesh)
-    index_map = NamedSharding(mesh, P(BATCH_AXES)).devices_indices_map((shards,))
-    rows: dict[int, set[int]] = {}
-    for device, index in index_map.items():
-        start = index[0].start or 0
-        stop = shards if index[0].stop is None else index[0].stop
-        rows.setdefault(process_of(device), set()).update(range(start, stop))
+    rows = _rows_by_process(NamedSharding(mesh, P(BATCH_AXES)), (shards,), process_of)
     blocks = sorted({(min(r), max(r) + 1) for r in rows.values()})
     size = blocks[0][1] - blocks[0][0]
     consecutive = all(len(r) == max(r) + 1 - min(r) for r in rows.values())
-    if not consecutive or blocks != [(i * size, (i + 1) * size) for i in range(shards // size)] \
-            or size * len(blocks) != shards:
+    if not consecutive or blocks != [(i * size, (i + 1) * size) for i in range(shards // size)]:
         return RowShare(0, 1, (min(rows),))
     owners = tuple(min(p for p, r in rows.items() if min(r) == start) for start, _ in blocks)
     mine = min(rows[process_index])
@@ -303,7 +298,7 @@ def share_rows(x, share: RowShare) -> np.ndarray:
     if share.count == 1 or not isinstance(x, jax.Array):
         return host_array(x)[share.block(x.shape[0])]
     block = share.block(x.shape[0])
-    if not _blocks_local(x.sharding, x.shape, share):
+    if not _blocks_local(x.sharding, x.shape, share.count):
         return host_array(x)[block]
     pieces = {}
     for s in x.addressable_shards:
@@ -317,25 +312,27 @@ def share_rows(x, share: RowShare) -> np.ndarray:
     return out
 
 
-def _blocks_local(sharding, shape, share: RowShare) -> bool:
-    """Every process's devices hold its block's rows whole (full trailing axes), in shards that
-    tile the block without overlap: the same answer on every process."""
-    size = shape[0] // share.count
-    by_process: dict[int, set[tuple[int, int]]] = {}
-    for device, index in sharding.devices_indices_map(shape).items():
-        if any((i.start or 0) != 0 or (i.stop is not None and i.stop != n)
-               for i, n in zip(index[1:], shape[1:])):
-            return False
-        start = index[0].start or 0
-        by_process.setdefault(device.process_index, set()).add(
-            (start, shape[0] if index[0].stop is None else index[0].stop))
-    for spans in by_process.values():
-        lo = min(a for a, _ in spans)
-        covered = sorted((a, b) for a, b in spans if lo // size * size <= a < lo // size * size + size)
-        if lo % size or any(b0 != a1 for (_, b0), (a1, _) in zip(covered, covered[1:])) \
-                or covered[-1][1] != lo + size:
-            return False
-    return True
+def _rows_by_process(sharding, shape, process_of=lambda device: device.process_index):
+    """Process -> the set of row indices its devices hold of an array of `shape` on
+    `sharding` (from the global layout: the same on every process); None when some device
+    holds only part of the other axes."""
+    rows: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map(tuple(shape)).items():
+        if any(i.indices(n)[:2] != (0, n) for i, n in zip(index[1:], shape[1:])):
+            return None
+        start, stop, _ = index[0].indices(shape[0])
+        rows.setdefault(process_of(device), set()).update(range(start, stop))
+    return rows
+
+
+@functools.lru_cache(maxsize=256)
+def _blocks_local(sharding, shape, count: int) -> bool:
+    """Each process's devices hold exactly one whole block of the rows (one of `count`), full
+    in the other axes. Cached: the sampler and scorer ask for every output array."""
+    rows = _rows_by_process(sharding, shape)
+    size = shape[0] // count
+    return rows is not None and all(
+        len(r) == size and min(r) % size == 0 and max(r) == min(r) + size - 1 for r in rows.values())
 
 
 def put_replicated(tree, sharding: NamedSharding):
