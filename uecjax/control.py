@@ -1,8 +1,10 @@
 """Controller state of the train step: H_0, AER's coefficient, step counter, rng (sections 6, 9).
 
 A pytree of plain arrays, so it is checkpointed with the parameters. H_0 starts as NaN
-("unset"); the first train step sets it to the token-mean entropy of its batch under the
-old policy (section 6: "the token-mean entropy of the first batch") and keeps it from then on.
+("unset"). The training loop sets it before the first update from the initial policy's own
+samples: the token-mean entropy of the first rollout's regular groups before any selection
+(`uecjax.train`); a step that still finds it unset takes its own batch's token-mean entropy
+under the old policy, but only from a batch with tokens. It is kept from then on.
 AER's coefficient moves on the host after each step (`update_control`, section 9).
 """
 
@@ -50,6 +52,8 @@ def update_control(control: ControlState, metrics, hp: LossConfig) -> ControlSta
     if hp.method != "aer":
         return control
     h0 = float(jax.device_get(control.h0))
+    if np.isnan(h0):  # no token seen yet: no target to move towards
+        return control
     alpha = aer_update(float(jax.device_get(control.aer_alpha)), float(jax.device_get(metrics["entropy"])),
                        aer_target(h0, hp.aer_rho), hp.aer_eta, hp.aer_alpha_max)
     return control.replace(aer_alpha=jnp.float32(alpha))

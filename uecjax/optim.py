@@ -141,10 +141,18 @@ def _state_in(tx: optax.GradientTransformation, dtype: str) -> optax.GradientTra
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, *, external_lr: bool = False) -> optax.GradientTransformation:
     """clip_by_global_norm(max_grad_norm) -> AdamW(schedule, weight_decay on matrices), with the
-    moments in `cfg.state_dtype`; frozen groups get zero updates and no optimizer state."""
-    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+    moments in `cfg.state_dtype`; frozen groups get zero updates and no optimizer state.
+
+    external_lr: AdamW at learning rate 1 (the update's direction, sign included); the caller
+    multiplies it by the schedule at a step it counts itself (`scale_updates`). The train step
+    does this so that replay updates (ALGORITHMS.md section 8) do not advance the schedule;
+    optax's own schedule counts every update. The result is bit-identical: optax scales by
+    -lr in one multiply, and x * -1 * lr == x * -lr exactly in IEEE arithmetic.
+    """
+    lr = 1.0 if external_lr else make_schedule(cfg)
+    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.frozen:
         frozen = frozenset(cfg.frozen)
@@ -153,3 +161,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     if cfg.max_grad_norm > 0:
         adamw = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
     return _state_in(adamw, cfg.state_dtype)
+
+
+def scale_updates(updates, lr):
+    """The updates of `make_optimizer(external_lr=True)` times the learning rate, cast to each
+    update's dtype as optax's scale_by_schedule does."""
+    return jax.tree.map(lambda u: jax.numpy.asarray(lr, u.dtype) * u, updates)

@@ -48,9 +48,10 @@ from uecjax.control import ControlState, init_control_state, update_control
 from uecjax.objectives.advantages import broadcast_to_tokens
 from uecjax.objectives.aggregation import batch_counts
 from uecjax.objectives.loss_config import LossConfig
-from uecjax.objectives.methods import LossInputs, get_method, loss_terms, uec_gate
+from uecjax.objectives.methods import LossInputs, get_method, loss_terms
 from uecjax.objectives.policy_loss import kl_penalty
-from uecjax.optim import OptimConfig, check_frozen, make_optimizer, make_schedule, stop_gradient_frozen
+from uecjax.optim import (OptimConfig, check_frozen, make_optimizer, make_schedule, scale_updates,
+                          stop_gradient_frozen)
 from uecjax.scoring import compute_logprobs, constrain, response_logprobs, split_micro
 
 
@@ -91,15 +92,21 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
     adv = batch.advantages.astype(jnp.float32)
     adv = adv * mask if adv.ndim == 2 else broadcast_to_tokens(adv, mask)
     old_entropy_mean = jnp.sum(mask * batch.old_entropy) / n
-    # H_0: the first batch's token-mean entropy, kept from then on (section 6).
-    h0 = jnp.where(jnp.isnan(control.h0), old_entropy_mean, control.h0)
+    # H_0 (section 6) is normally set by the loop from the initial policy's regular samples
+    # before any selection (`uecjax.train`); a step that finds it unset takes its own batch's
+    # token-mean entropy, and only from a batch that has tokens (an all-padding batch would
+    # fix H_0 = 0 for good).
+    h0 = jnp.where(jnp.isnan(control.h0) & (num_tokens > 0), old_entropy_mean, control.h0)
+    # Still unset (no tokens yet): an infinite bound keeps the stabilizer inactive, not NaN.
+    h0_bound = jnp.where(jnp.isnan(h0), jnp.inf, h0)
     key, select_key = jax.random.split(jax.random.wrap_key_data(control.rng))
     select = None if method.select is None else method.select(batch.old_logp, adv, mask, select_key, hp)
 
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
                 images=batch.images, mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
                 ref_logp=batch.ref_logp, difficulty=batch.difficulty.astype(jnp.float32),
-                hard=batch.is_hard.astype(jnp.float32), select=select)
+                hard=batch.is_hard.astype(jnp.float32), select=select,
+                token_weight=None if batch.token_weight is None else batch.token_weight.astype(jnp.float32))
     micro = constrain(split_micro(rows, M), micro_sharding) if M > 1 else rows
 
     def forward(p, mb):
@@ -121,9 +128,9 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
         x = LossInputs(
             logp=logp, entropy=entropy, old_logp=mb["old_logp"], ref_logp=mb["ref_logp"],
             adv=mb["adv"], mask=m, difficulty=mb["difficulty"], hard=mb["hard"], select=mb["select"],
-            num_tokens=num_tokens, num_seqs=num_seqs, max_len=hp.agg_max_len or R, h0=h0,
+            num_tokens=num_tokens, num_seqs=num_seqs, max_len=hp.agg_max_len or R, h0=h0_bound,
             h_anchor=jax.lax.stop_gradient(ent_sum / n) if anchor is None else anchor,
-            aer_alpha=control.aer_alpha)
+            aer_alpha=control.aer_alpha, token_weight=mb["token_weight"])
         parts, stats = loss_terms(x, hp)
         hard_tok = m * mb["hard"][:, None]
         stats.update(entropy=ent_sum, entropy_hard=jnp.sum(hard_tok * entropy),
@@ -166,35 +173,42 @@ def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp):
         "entropy": entropy,
         "entropy_hard": ent_hard / jnp.maximum(tok_hard, 1.0),
         "entropy_easy": (entropy * n - ent_hard) / jnp.maximum(num_tokens - tok_hard, 1.0),
-        "gate_mean": jnp.mean(uec_gate(batch.difficulty, hp)) if hp.explore else 0.0,
-        "hard_frac": jnp.mean(batch.is_hard.astype(jnp.float32)),
         "h0": h0, "h_max": h_max, "stabilizer_penalty": penalty,
         "aer_alpha": control.aer_alpha, "aer_target": hp.aer_rho * h0,
         "tokens": num_tokens, "seqs": num_seqs,
     }
     metrics.update({k: v / n for k, v in stats.items()})  # token fractions and token means
     if batch.sampler_logp is not None:
+        # Sampler-vs-trainer parity: rows sampled at another temperature (UEC's t' exploration
+        # rows) differ by design, so only the regular rows count.
+        regular = mask if batch.explore is None else mask * (1.0 - batch.explore.astype(jnp.float32))[:, None]
         gap = jnp.abs(batch.sampler_logp.astype(jnp.float32) - batch.old_logp.astype(jnp.float32))
-        metrics["logp_gap"] = jnp.sum(mask * gap) / n
+        metrics["logp_gap"] = jnp.sum(regular * gap) / jnp.maximum(jnp.sum(regular), 1.0)
     return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
 def train_step(params, opt_state, control: ControlState, batch: Batch, *,
-               optimizer: optax.GradientTransformation, schedule: Callable, **grad_kwargs):
+               optimizer: optax.GradientTransformation, schedule: Callable,
+               advance_schedule: bool = True, **grad_kwargs):
     """One optimizer update on `batch` (module docstring); grad_kwargs go to `batch_gradients`.
 
+    The learning rate is schedule(control.step), and control.step counts the updates that
+    advance the schedule: advance_schedule=False (replay updates, ALGORITHMS.md section 8)
+    updates at the current rate and leaves the count (the optimizer is built with
+    `external_lr`, so its own update counter, Adam's bias correction, still counts it).
+
     Returns (params, opt_state, control, metrics); metrics are float32 scalars: loss and
-    loss/<part>, entropy (all, hard, easy prompts), gate_mean, hard_frac, h0, h_max,
+    loss/<part>, entropy (all, hard, easy prompts), h0, h_max,
     stabilizer_penalty, aer_alpha, aer_target, clip_frac_low/high/dual, kl_old, kl_ref (with a
     reference), logp_gap (sampler vs trainer, with sampler log-probs), grad_norm (before
     clipping), lr, tokens, seqs, and cov_selected for clip_cov / kl_cov.
     """
     grads, metrics, control = batch_gradients(params, control, batch, **grad_kwargs)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics.update(grad_norm=optax.global_norm(grads),
-                   lr=jnp.asarray(schedule(control.step), jnp.float32))
-    return params, opt_state, control.replace(step=control.step + 1), metrics
+    lr = schedule(control.step)
+    params = optax.apply_updates(params, scale_updates(updates, lr))
+    metrics.update(grad_norm=optax.global_norm(grads), lr=jnp.asarray(lr, jnp.float32))
+    return params, opt_state, control.replace(step=control.step + int(advance_schedule)), metrics
 
 
 class TrainStep:
@@ -208,7 +222,7 @@ class TrainStep:
         self.graphdef, params = nnx.split(model)
         self.loss, self.optim, self.mesh = loss, optim, mesh
         self.micro_batches, self.chunk_size = micro_batches, chunk_size
-        self.optimizer = make_optimizer(optim)
+        self.optimizer = make_optimizer(optim, external_lr=True)
         self.schedule = make_schedule(optim)
         abstract = jax.eval_shape(lambda p: p, params)
         self.param_shardings = shd.param_shardings(mesh, abstract)
@@ -222,11 +236,14 @@ class TrainStep:
                                 micro_sharding=micro_sharding, frozen=tuple(optim.frozen))
         self.pure_step = functools.partial(train_step, optimizer=self.optimizer, schedule=self.schedule,
                                            **self.grad_kwargs)
-        self._step = jax.jit(
-            self.pure_step,
+        step_shardings = dict(
             in_shardings=(self.param_shardings, self.opt_shardings, self.replicated, self.batch_sharding),
             out_shardings=(self.param_shardings, self.opt_shardings, self.replicated, self.replicated),
             donate_argnums=(0, 1))
+        self._step = jax.jit(self.pure_step, **step_shardings)
+        # Replay updates (section 8): same step, the learning-rate schedule stays where it is.
+        self._replay_step = jax.jit(functools.partial(self.pure_step, advance_schedule=False),
+                                    **step_shardings)
         self._grads = jax.jit(
             functools.partial(batch_gradients, **self.grad_kwargs),
             in_shardings=(self.param_shardings, self.replicated, self.batch_sharding),
@@ -256,9 +273,12 @@ class TrainStep:
         shd.check_batch_size(batch.tokens.shape[0], self.mesh, self.micro_batches)
         return shd.global_batch(batch, self.batch_sharding)
 
-    def step(self, params, opt_state, control: ControlState, batch: Batch):
-        """One update; params and opt_state are donated (do not reuse the arguments)."""
-        return self._step(params, opt_state, control, self.place_batch(batch))
+    def step(self, params, opt_state, control: ControlState, batch: Batch, *,
+             advance_schedule: bool = True):
+        """One update; params and opt_state are donated (do not reuse the arguments).
+        advance_schedule=False: a replay update, at the current learning rate (`train_step`)."""
+        fn = self._step if advance_schedule else self._replay_step
+        return fn(params, opt_state, control, self.place_batch(batch))
 
     def gradients(self, params, control: ControlState, batch: Batch):
         """(grads, metrics, control) of `batch_gradients`, jitted; nothing is donated."""
