@@ -27,6 +27,10 @@ def get_config():
     c.rollout.explore_samples = 20
     c.optim.learning_rate = 1e-6
     c.train.steps = 500
-    c.train.micro_batches = 8
+    # Four PPO updates per rollout batch, one epoch: verl's and EasyR1's GRPO examples (e.g.
+    # 512 rollout prompts, 128 per update); DAPO's recipe takes 16 (512 / 32).
+    c.train.updates_per_rollout = 4
+    c.train.epochs = 1
+    c.train.micro_batches = 8  # 8 rows per micro-batch of an update's 64
     c.eval.max_new_tokens = 2048
     return c

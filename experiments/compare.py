@@ -36,6 +36,9 @@ from absl import app, flags, logging
 VARIANTS = {
     "grpo": dict(method="grpo"),
     "dapo": dict(method="dapo"),
+    "gspo": dict(method="gspo"),
+    "clip_cov": dict(method="clip_cov"),
+    "kl_cov": dict(method="kl_cov"),
     "entropy_reg": dict(method="entropy_reg"),
     "aer": dict(method="aer"),
     "uec": dict(method="uec"),

@@ -155,7 +155,8 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     frozen = ("visual",) if is_vl and cfg.model.freeze_vision else ()  # as uecjax.train
     optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
                            **cfg.optim.to_dict(), "frozen": frozen})
-    check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)
+    rows = rcfg.batch_rows // cfg.train.updates_per_rollout  # one update's mini-batch (uecjax.updates)
+    check_batch_size(rows, mesh, cfg.train.micro_batches)
     image = dry_run_image(config, cfg, rcfg.max_prompt_len) if is_vl else None
 
     cls = Qwen2_5_VL if is_vl else Qwen2
@@ -167,7 +168,7 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     control = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
                            jax.eval_shape(lambda: init_control_state(hp, cfg.seed)))
     vision = (config.vision, [image["grid_thw"]], image["patch_bucket"]) if is_vl else None
-    batch = abstract_batch(rcfg.batch_rows, rcfg.max_prompt_len, rcfg.max_new_tokens, hp.beta > 0,
+    batch = abstract_batch(rows, rcfg.max_prompt_len, rcfg.max_new_tokens, hp.beta > 0,
                            trainer.batch_sharding, vision)
 
     step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch)
@@ -194,7 +195,7 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         "platform": mesh.devices.flat[0].platform,
         "devices": int(mesh.size),
         "mesh": dict(mesh.shape),
-        "batch": {"rows": rcfg.batch_rows, "prompt_len": rcfg.max_prompt_len,
+        "batch": {"rows": rows, "prompt_len": rcfg.max_prompt_len,
                   "response_len": rcfg.max_new_tokens, "micro_batches": cfg.train.micro_batches},
         "dtype": text.dtype, "param_dtype": text.param_dtype,
         "state_dtype": optim.state_dtype or text.param_dtype, "remat": text.remat,

@@ -86,8 +86,10 @@ from uecjax.sampler import Sampler
 from uecjax.sharding import (RowShare, ShardingError, check_batch_size, row_share, share_batch,
                              share_rows)
 from uecjax.tokenizer import TokenizerError, stop_token_ids
+from uecjax import sharding as shd
 from uecjax.train_step import TrainStep
-from uecjax.rows import Rows
+from uecjax.rows import RowBuffer, Rows
+from uecjax.updates import UpdatePlan, mean_metrics
 from uecjax.vision_inputs import VisionInputError, row_patches
 
 
@@ -138,6 +140,18 @@ def _host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in distributed.to_host(metrics).items()}
 
 
+def _set_h0(control, roll_stats: dict, trainer: TrainStep):
+    """H_0 (section 6) from the first rollout with tokens: the token-mean entropy of the initial
+    policy's regular samples before any selection (retention, exploration), as the rollout
+    measured them. Once set, it is kept (and checkpointed)."""
+    if not np.isnan(float(jax.device_get(control.h0))):
+        return control
+    if roll_stats.get("rollout/regular_tokens", 0.0) <= 0:
+        return control  # no token yet: the step keeps it unset too
+    h0 = np.float32(roll_stats["rollout/regular_entropy"])
+    return shd.put_replicated(control.replace(h0=jax.numpy.asarray(h0)), trainer.replicated)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdout) -> dict:
     """Runs (or resumes) a training run; returns the closing summary."""
     validate(cfg)
@@ -153,9 +167,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     hp = loss_config(cfg.method, **cfg.loss.to_dict())
     rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
     frozen = ("visual",) if vl_config is not None and cfg.model.freeze_vision else ()
-    optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
+    plan = UpdatePlan(cfg.train.updates_per_rollout, cfg.train.epochs, cfg.seed)
+    # The schedule counts optimizer updates on fresh rollouts (replay updates do not advance it).
+    scheduled = cfg.train.steps * plan.total
+    optim = OptimConfig(**{"total_steps": max(scheduled, cfg.optim.warmup_steps + 1),
                            **cfg.optim.to_dict(), "frozen": frozen})
-    check_batch_size(rcfg.batch_rows, mesh, cfg.train.micro_batches)  # clear error up front
+    # Each update trains on one mini-batch: a clear error up front if it does not split.
+    check_batch_size(rcfg.batch_rows // plan.updates_per_rollout, mesh, cfg.train.micro_batches)
     # This process's rows of every batch (module docstring).
     share = row_share(mesh)
     readers = share.count if share.count > 1 else jax.process_count()
@@ -222,7 +240,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
 
     checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=cfg.train.keep_checkpoints)
-    start, history = 0, {}
+    start, history, pending = 0, {}, None
+    suffix = f"_{share.index}" if share.count > 1 else ""
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(
             params_target=ckpt.abstract_like(params), opt_state_target=ckpt.abstract_like(opt_state),
@@ -233,27 +252,43 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         train_iter.set_state(own_iterator_state(meta, jax.process_index(), jax.process_count()))
         rollout.calls = meta["rollout_calls"]
         buffers = restored["buffers"] or {}
-        suffix = f"_{share.index}" if share.count > 1 else ""
         rollout.buffer.load(buffers.get("buffer" + suffix))
         rollout.replay.load(buffers.get("replay" + suffix))
-        logger.text(f"resumed from {checkpointer.directory} at step {start}")
+        if meta.get("pending"):  # saved between two updates of rollout step start + 1
+            held = RowBuffer()
+            held.load(buffers.get("pending" + suffix))
+            pending = dict(meta["pending"], rows=held.rows)
+        where = f" (rollout {start + 1}, after update {pending['done']} of {plan.total})" if pending else ""
+        logger.text(f"resumed from {checkpointer.directory} at step {start}{where}")
     nnx.update(model, params)
 
-    def save(step: int, force: bool = False) -> None:
+    def save(step: int, force: bool = False, pending: dict | None = None) -> None:
+        """Checkpoint after `step` rollouts, or inside rollout step + 1 with `pending` (its rows,
+        rollout metrics and the updates done so far). Checkpoints are numbered by scheduled
+        updates (= rollout steps when each rollout gives one update)."""
         # Rows kept for later steps: every share's (all-gathered; a collective with several).
+        held_rows = None
+        if pending is not None:
+            held = RowBuffer()
+            held.push(pending["rows"])
+            held_rows = held.state()
         buffers = {}
-        for b, held in enumerate(exchange((rollout.buffer.state(), rollout.replay.state()))):
-            suffix = f"_{b}" if share.count > 1 else ""
-            for name, state in zip(("buffer", "replay"), held):
+        for b, held in enumerate(exchange((rollout.buffer.state(), rollout.replay.state(), held_rows))):
+            name_suffix = f"_{b}" if share.count > 1 else ""
+            for name, state in zip(("buffer", "replay", "pending"), held):
                 if state is not None:
-                    buffers[name + suffix] = state
+                    buffers[name + name_suffix] = state
         states = iterator_states(train_iter.get_state())  # a collective with several processes
         meta = dict(step=step, history=history, data_iterator=states[0],
                     rollout_calls=rollout.calls, method=cfg.method, config=cfg.to_json())
         if len(states) > 1:
             meta["data_iterators"] = states
-        checkpointer.save(step, params=params, opt_state=opt_state, control=control, meta=meta,
-                          buffers=buffers or None, force=force)
+        done = 0
+        if pending is not None:
+            done = pending["done"]
+            meta["pending"] = {k: pending[k] for k in ("done", "roll_stats", "metrics", "t_rollout")}
+        checkpointer.save(step * plan.total + done, params=params, opt_state=opt_state,
+                          control=control, meta=meta, buffers=buffers or None, force=force)
 
     def place(rows: Rows):
         """This process's rows -> the global batch of the train step. With several shares a
@@ -275,33 +310,61 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            scorer.params = params
-            rows, roll_stats = rollout.collect()
+            if pending is not None:  # resumed between two updates of this rollout
+                rows, roll_stats, done = pending["rows"], pending["roll_stats"], pending["done"]
+                updates, t_rollout = pending["metrics"], pending["t_rollout"]
+                pending = None
+            else:
+                scorer.params = params
+                rows, roll_stats = rollout.collect()
+                done, updates, t_rollout = 0, [], time.perf_counter() - t0
+                control = _set_h0(control, roll_stats, trainer)
             t1 = time.perf_counter()
-            params, opt_state, control, metrics = trainer.step(params, opt_state, control, place(rows))
-            control = trainer.update_control(control, metrics)
+            stop = False
+            # The rollout batch's updates: mini-batches x epochs (uecjax.updates), each a full
+            # train step on its own rows; pi_old stays the rollout's.
+            for k in range(done, plan.total):
+                minibatch = rows.select(plan.rows_of(step, k, len(rows), share.index))
+                params, opt_state, control, metrics = trainer.step(params, opt_state, control,
+                                                                   place(minibatch))
+                control = trainer.update_control(control, metrics)
+                updates.append(_host(metrics))
+                # Polled after every update (a multi-host sync point needs every update count).
+                stop = ckpt.preemption_requested((step - 1) * plan.total + k + 1)
+                if stop and k + 1 < plan.total:
+                    break
+            if stop and k + 1 < plan.total:
+                save(step - 1, force=True, pending=dict(rows=rows, roll_stats=roll_stats, done=k + 1,
+                                                        metrics=updates, t_rollout=t_rollout))
+                preempted = True
+                logger.text(f"preemption: saved rollout step {step}, update {k + 1} of {plan.total}, "
+                            f"to {checkpointer.directory}; exiting")
+                break
             nnx.update(model, params)
             rollout.after_update(rows)
-            values = _host(metrics)
+            values = mean_metrics(updates)
+            values["updates"] = float(len(updates))
             rng = np.random.default_rng((cfg.seed, step) + ((share.index,) if share.count > 1 else ()))
+            scorer.params = params  # replay may recompute its rows' old log-probs
             replay = rollout.replay_batch(step, rng)
             if replay is not None:  # the replay stabilizer's extra update (section 8)
                 params, opt_state, control, replay_metrics = trainer.step(
-                    params, opt_state, control, place(replay))
+                    params, opt_state, control, place(replay), advance_schedule=False)
                 nnx.update(model, params)
                 values.update({f"replay/{k}": v for k, v in _host(replay_metrics).items()})
             t2 = time.perf_counter()
             values.update(roll_stats)
             values.update({f"data/{k}": v for k, v in skip_counts().items()})
-            values.update({"time/rollout": t1 - t0, "time/train": t2 - t1,
-                           "tokens_per_s": roll_stats.get("sampled_tokens", 0.0) / max(t2 - t0, 1e-9),
+            t_step = t_rollout + (t2 - t1)
+            values.update({"time/rollout": t_rollout, "time/train": t2 - t1,
+                           "tokens_per_s": roll_stats.get("sampled_tokens", 0.0) / max(t_step, 1e-9),
                            "pass@1": roll_stats["accuracy"]})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 values.update({f"eval/{k}": v for k, v in run_eval(step).items()})
             logger.scalars(step, values)
             if step % cfg.train.log_every == 0:
                 logger.progress(step, cfg.train.steps, values)
-            if ckpt.preemption_requested(step):
+            if stop:
                 save(step, force=True)
                 preempted = True
                 logger.text(f"preemption: saved step {step} to {checkpointer.directory}; exiting")

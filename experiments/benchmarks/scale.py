@@ -454,7 +454,8 @@ def dry_run_config(name: str) -> str:
 
 
 def config_rows(config: str):
-    """(prompts per batch, group size, micro_batches) of a config file."""
+    """(prompts per batch, group size x 1 / updates per rollout, micro_batches) of a config file:
+    the second factor gives an update's rows (uecjax.updates) as prompts * it."""
     sys.path.insert(0, REPO)
     import importlib.util
 
@@ -462,7 +463,8 @@ def config_rows(config: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    return c.rollout.prompts_per_batch, c.rollout.group_size, c.train.micro_batches
+    return (c.rollout.prompts_per_batch, c.rollout.group_size / c.train.updates_per_rollout,
+            c.train.micro_batches)
 
 
 def dry_runs(args):
@@ -473,12 +475,12 @@ def dry_runs(args):
         config = dry_run_config(name)
         prompts_config, group, micro = config_rows(config)
         for n in (int(d) for d in args.dry_run_devices.split(",")):
-            # The rows must split evenly over the devices: grow the batch by whole batches.
+            # An update's rows must split evenly over the devices: grow the batch by whole batches.
             prompts = prompts_config
-            while (prompts * group) % n:
+            while int(prompts * group) % n:
                 prompts += prompts_config
             m = micro
-            while m > 1 and (prompts * group) % (m * n):
+            while m > 1 and int(prompts * group) % (m * n):
                 m //= 2
             cmd = [sys.executable, "-m", "uecjax.train", f"--config={config}", "--dry_run",
                    f"--config.model.preset={name}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
