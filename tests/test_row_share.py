@@ -177,9 +177,10 @@ def test_shares_agree_on_exploration_rounds_and_replay():
     the same merged metrics; each returns its half of the batch."""
     # retain_gated=False: hard prompts' regular rows are dropped, so rounds and FIFO lengths
     # differ between the shares (the gated default is test_gated_rows_and_prompt_metrics_...).
+    # replay_recompute: the rescoring of a replay draw agrees between the shares too.
     cfg = rollout_config("uec", prompts_per_batch=4, group_size=4, max_prompt_len=4,
                          max_new_tokens=6, explore_samples=8, replay=True, replay_every=1,
-                         replay_min_advantage=0.5, retain_gated=False)
+                         replay_min_advantage=0.5, retain_gated=False, replay_recompute=True)
 
     def success(i, j, T):  # block 0 holds prompts 1, 2 of each batch of 4
         hard = (i - 1) % 4 < 2 and i % 2 == 1

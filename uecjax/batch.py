@@ -45,7 +45,7 @@ class Batch:
     ref_logp: jax.Array | None = None  # [B, R] log pi_ref; None when beta == 0
     sampler_logp: jax.Array | None = None  # [B, R] the sampler's own log-probs (parity metric)
     # [B] float32, 1 on UEC's exploration rows (section 8: sampled at T' for hard prompts),
-    # 0 on regular and padding rows; None where the builder does not know (build_batch).
+    # 0 on regular and padding rows; None = no exploration rows (build_batch, hand-made batches).
     explore: jax.Array | None = None
     # [B, R] float32 per-token weight of the policy loss: the truncated importance weight
     # min(pi_1 / pi_T', C) on exploration rows' response tokens, 1 elsewhere (section 8's

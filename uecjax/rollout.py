@@ -162,7 +162,8 @@ class Rollout:
     score: (prompt_tokens, prompt_mask, response_tokens, response_mask, images=) -> (old_logp,
         old_entropy, ref_logp or None), the trainer's log-probs at temperature 1, dispatched
         asynchronously so that grading in the worker processes overlaps it. images: None, or
-        the rows' (pixel_values, image_grid_thw) as `Rows` stores them.
+        the rows' (pixel_values, image_grid_thw) as `Rows` stores them. Also called by
+        `replay_batch` with replay_recompute (its reference log-probs are then unused).
     decode: response token ids (stop token stripped) -> text.
     share, exchange: this process's share of the rows and the all-gather (obj -> [obj of each
         share]) that the shares agree through (module docstring); with one share, unused.
@@ -338,7 +339,10 @@ class Rollout:
 
     def replay_batch(self, step: int, rng: np.random.Generator) -> Rows | None:
         """Every f steps, a batch drawn from the replay FIFO (None when not due or when any
-        share's FIFO holds less than its share of a batch). rng: this share's own."""
+        share's FIFO holds less than its share of a batch). rng: this share's own. With
+        replay_recompute the drawn rows are rescored with `score`, which reads the trainer's
+        current parameters: set them before calling (every share calls, as `score` is
+        collective); the FIFO keeps the stored values."""
         cfg = self.cfg
         if not cfg.replay or step % cfg.replay_every:
             return None
