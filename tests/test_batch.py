@@ -1,11 +1,15 @@
-"""The host-side batch builder against numpy formulas (ALGORITHMS.md sections 2, 5, 7)."""
+"""The host-side batch builder against numpy formulas (ALGORITHMS.md sections 2, 5, 7, 8)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from uecjax.batch import build_batch, informative_groups
 from uecjax.objectives.methods import loss_config
+from uecjax.rows import Rows
 from uecjax.sampler import SamplerOutput
+from uecjax.sharding import RowShare, batch_sharding, make_mesh, share_batch
 
 
 def fake_output():
@@ -56,3 +60,63 @@ def test_dapo_overlong_shaping_and_dynamic_sampling():
     adv = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(b.advantages, adv.reshape(-1), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(informative_groups([1, 0, 1, 1, 1, 1], 3), [True, False])
+
+
+def explore_rows(rng):
+    """4 rows (2 regular, 2 exploration) of response width 5, then 4 padding rows."""
+    n, R = 4, 5
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], np.float32)
+    rows = Rows(prompt_tokens=np.ones((n, 2), np.int32), prompt_mask=np.ones((n, 2), np.int32),
+                response_tokens=np.ones((n, R), np.int32), response_mask=mask,
+                sampler_logp=rng.uniform(-3, 0, (n, R)).astype(np.float32),
+                old_logp=rng.uniform(-3, 0, (n, R)).astype(np.float32),
+                old_entropy=np.ones((n, R), np.float32), ref_logp=None,
+                advantage=np.zeros(n, np.float32), difficulty=np.zeros(n, np.float32),
+                reward=np.zeros(n, np.float32), accuracy=np.zeros(n, np.float32),
+                truncated=np.zeros(n, bool), explore=np.array([False, True, False, True]))
+    rows.sampler_logp[3, 4] = -np.inf  # off the mask: whatever the sampler left there
+    return Rows.concat([rows, Rows.empty(4, 2, R, with_ref=False)])
+
+
+def test_exploration_flag_and_truncated_importance_weights():
+    """token_weight = min(pi_1 / pi_T', C) on exploration rows' response tokens, else 1."""
+    rows = explore_rows(np.random.default_rng(0))
+    batch = rows.to_batch(0.0)
+    np.testing.assert_array_equal(batch.explore, [0, 1, 0, 1, 0, 0, 0, 0])
+    assert batch.explore.dtype == np.float32 and batch.token_weight is None
+    for cap in (0.5, 2.0, 1e6):
+        w = rows.to_batch(0.0, explore_is_cap=cap).token_weight
+        ref = np.ones(rows.response_mask.shape)
+        for i in np.flatnonzero(rows.explore):
+            for t in np.flatnonzero(rows.response_mask[i]):
+                ref[i, t] = min(np.exp(float(rows.old_logp[i, t]) - float(rows.sampler_logp[i, t])), cap)
+        assert w.dtype == np.float32 and w.shape == (8, 5)
+        np.testing.assert_allclose(w, ref, rtol=1e-6)
+        assert (w <= max(cap, 1.0)).all() and (w[~rows.explore] == 1).all()
+    on = rows.explore[:, None] & (rows.response_mask > 0)
+    w = rows.to_batch(0.0, explore_is_cap=0.5).token_weight
+    assert (w[on] <= 0.5).all() and (w[~on] == 1).all() and (w[on] == 0.5).any()  # cap binds
+    with pytest.raises(ValueError, match="C > 0"):
+        rows.importance_weight(0.0)
+
+
+def test_new_fields_shard_with_the_batch_and_trace_under_jit():
+    mesh = make_mesh((8, 1, 1))
+    rows = explore_rows(np.random.default_rng(1))
+    sharding = batch_sharding(mesh)
+
+    @jax.jit
+    def total(batch):
+        weight = 1.0 if batch.token_weight is None else batch.token_weight
+        return jnp.sum(batch.explore[:, None] * weight * batch.response_mask)
+
+    for cap in (0.0, 2.0):
+        host = rows.to_batch(0.0, explore_is_cap=cap)
+        placed = share_batch(host, RowShare(), sharding)
+        assert (placed.token_weight is None) == (cap == 0)
+        for leaf in (placed.explore, placed.token_weight, placed.advantages):
+            if leaf is not None:
+                assert leaf.sharding == sharding
+        weight = 1.0 if host.token_weight is None else host.token_weight
+        np.testing.assert_allclose(total(placed), np.sum(host.explore[:, None] * weight
+                                                         * host.response_mask), rtol=1e-6)

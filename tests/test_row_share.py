@@ -175,9 +175,12 @@ def test_shares_agree_on_exploration_rounds_and_replay():
     """Only share 0's prompts are hard: both shares make the same sampler calls (share 1
     pads the exploration call and keeps none of its rows), the same number of rounds, and
     the same merged metrics; each returns its half of the batch."""
+    # retain_gated=False: hard prompts' regular rows are dropped, so rounds and FIFO lengths
+    # differ between the shares (the gated default is test_gated_rows_and_prompt_metrics_...).
+    # replay_recompute: the rescoring of a replay draw agrees between the shares too.
     cfg = rollout_config("uec", prompts_per_batch=4, group_size=4, max_prompt_len=4,
                          max_new_tokens=6, explore_samples=8, replay=True, replay_every=1,
-                         replay_min_advantage=0.5)
+                         replay_min_advantage=0.5, retain_gated=False, replay_recompute=True)
 
     def success(i, j, T):  # block 0 holds prompts 1, 2 of each batch of 4
         hard = (i - 1) % 4 < 2 and i % 2 == 1
@@ -199,6 +202,31 @@ def test_shares_agree_on_exploration_rounds_and_replay():
     assert [n for n, _ in a_replays] == [2, 6, 8, 12] and [n for n, _ in b_replays] == [3, 5, 6, 9]
     assert [r is None for _, r in a_replays] == [r is None for _, r in b_replays] == [True] * 3 + [False]
     assert len(a_replays[3][1]) == len(b_replays[3][1]) == 8
+
+
+def test_gated_rows_and_prompt_metrics_of_two_shares_are_the_one_share_ones():
+    """UEC with the section-6 gate: every fourth prompt fails every sample (hard, w_q = 1),
+    the others are mixed, so every regular row stays and one round fills every share; the
+    merged per-prompt metrics and the regular rows' entropy are the one-share values."""
+    cfg = rollout_config("uec", prompts_per_batch=4, group_size=4, max_prompt_len=4,
+                         max_new_tokens=6, explore_samples=8)
+    success = lambda i, j, T: j == 3 if T > 1.0 else j < i % 4  # noqa: E731
+    (whole,) = run_shares(cfg, success, "uec", 1)
+    halves = run_shares(cfg, success, "uec", 2)
+    rows, stats = whole[0][0]
+    assert stats["rollout/rounds"] == 1 and not rows.explore.any()  # exploration rows wait
+    assert ((rows.advantage == 0) == (rows.difficulty == 0)).all()  # the hard rows stayed
+    joined = Rows.concat([h[0][0][0] for h in halves])
+    np.testing.assert_array_equal(joined.response_tokens, rows.response_tokens)
+    for h in halves:
+        got = h[0][0][1]
+        for key in ("rollout/gate_mean", "rollout/hard_prompt_fraction", "rollout/regular_entropy",
+                    "rollout/regular_tokens", "rollout/rounds", "explore/hard_prompts"):
+            assert got[key] == pytest.approx(stats[key]), key
+    # Prompts 1..4: p_q = 1/4, 2/4, 3/4, 0 -> linear gate (tau 0.5) 0.5, 0, 0, 1.
+    assert stats["rollout/hard_prompt_fraction"] == 0.25
+    assert stats["rollout/gate_mean"] == pytest.approx(1.5 / 4)
+    assert stats["rollout/regular_tokens"] == 16 * 6 and stats["explore/hard_prompts"] == 1
 
 
 def test_merged_statistics_add_counts_and_take_the_slowest_time():

@@ -2,8 +2,10 @@
 
 Layout: row i is one sequence, `tokens = [prompt (P, left-padded) | response (R)]`, rows
 prompt-major in groups of G (row q * G + j is response j of prompt q), as the sampler emits
-them. Everything the step needs per sequence (advantage, difficulty, hard flag) is computed
-here on the host (ALGORITHMS.md sections 2, 5, 7) and enters the step as arrays.
+them. Everything the step needs per sequence (advantage, difficulty, hard flag, exploration
+flag) or per token (the optional importance weight) is computed on the host (ALGORITHMS.md
+sections 2, 5, 7, 8) and enters the step as arrays; every field has the batch as its leading
+axis, so one batch sharding places them all (None fields are absent leaves).
 
     batch = build_batch(sampler_out, rewards, acc, group_size=G, hp=hp)
     old_logp, old_entropy = trainer.compute_logprobs(params, batch)
@@ -42,6 +44,13 @@ class Batch:
     old_entropy: jax.Array | None = None  # [B, R] entropy under pi_old (same pass)
     ref_logp: jax.Array | None = None  # [B, R] log pi_ref; None when beta == 0
     sampler_logp: jax.Array | None = None  # [B, R] the sampler's own log-probs (parity metric)
+    # [B] float32, 1 on UEC's exploration rows (section 8: sampled at T' for hard prompts),
+    # 0 on regular and padding rows; None = no exploration rows (build_batch, hand-made batches).
+    explore: jax.Array | None = None
+    # [B, R] float32 per-token weight of the policy loss: the truncated importance weight
+    # min(pi_1 / pi_T', C) on exploration rows' response tokens, 1 elsewhere (section 8's
+    # switch, `Rows.to_batch(explore_is_cap=C)`); None = all ones (no correction, the default).
+    token_weight: jax.Array | None = None
     # Images (Qwen2.5-VL), each row its own, padded to a patch bucket N
     # (`uecjax.vision_inputs.vision_rows`); None for text batches.
     pixel_values: jax.Array | None = None  # [B, N, patch_dim] float32

@@ -6,13 +6,22 @@ One call of `Rollout.collect` returns exactly `batch_rows = B * G` rows for one 
 
     round:  B prompts -> sampler (n = G, T) -> grade (worker processes) while the trainer
             scores the responses (old / reference log-probs at temperature 1) -> rewards ->
-            group advantages and success rates -> keep the informative rows
-            [UEC] hard prompts (every reward < hard_reward) -> G' more responses at T' ->
+            group advantages and success rates -> keep the informative rows (|A| > 0.05;
+            DAPO: groups of mixed accuracy) and, with the section-6 gate on, every row of a
+            prompt with gate weight w_q > 0 (A = 0 there: only the exploration term weighs it)
+            [UEC] hard prompts (every accuracy < hard_reward) -> G' more responses at T' ->
             advantages standardised within the G' group -> keep |A'| > 1
     repeat rounds until the buffer holds a full batch (rows left over wait for the next one).
 
 Without retention or dynamic sampling a round yields exactly one batch. The log-probs of the
-kept responses are the trainer's, at temperature 1 (no importance correction for T').
+kept responses are the trainer's, at temperature 1; exploration rows were sampled at T', and
+by default get no importance correction (the authors' code); `explore_is_cap` C > 0 weights
+their tokens by min(pi_1 / pi_T', C) (`Rows.to_batch`). Replay rows keep the log-probs of
+when they were sampled unless `replay_recompute`.
+
+Metrics of the prompts themselves (hard fraction p_q <= tau_hard, mean gate weight) and the
+regular rows' token-mean entropy (H_0's measurement: the policy's own samples, before any
+selection) are taken over every regular round of a batch, before selection.
 
 Several processes (`share`, a `uecjax.sharding.RowShare` with count > 1): each process draws
 B / count prompts of its own, samples them inside one SPMD sampler call and gets back only
@@ -39,6 +48,7 @@ from uecjax.batch import informative_groups, shaped_rewards
 from uecjax.objectives.advantages import group_advantages
 from uecjax.objectives.entropy_control import per_sequence, success_rate
 from uecjax.objectives.loss_config import LossConfig
+from uecjax.objectives.methods import uec_gate
 from uecjax.rows import RowBuffer, Rows, left_pad
 from uecjax.sampler import SamplingParams
 from uecjax.sharding import RowShare
@@ -60,19 +70,38 @@ class RolloutConfig:
     explore: bool = False  # G' extra responses at T' for hard prompts
     explore_samples: int = 20  # G'
     explore_temperature: float = 1.2  # T'
-    hard_reward: float = 0.01  # hard for exploration: every reward of the group below this
-    # What "reward" means for that test: the full reward (the spec; with a format reward a
-    # well-formatted wrong response is then not "failed") or the accuracy component alone.
-    hard_on: str = "reward"
+    hard_reward: float = 0.01  # hard for exploration: every score of the group below this
+    # The score of that test: "accuracy" (the spec and the authors' code, which test the
+    # accuracy reward against 0.01) or "reward", the full reward (with a format reward a
+    # well-formatted wrong response scores 0.1 and hides its prompt from exploration).
+    hard_on: str = "accuracy"
+    # Truncated importance weight min(pi_1 / pi_T', C) on exploration rows' tokens, C this
+    # cap (the loop passes it to `Rows.to_batch(explore_is_cap=)`); 0: no correction (the
+    # authors' code: the trainer's temperature-1 log-probs stand in for the sampler's).
+    explore_is_cap: float = 0.0
     retention: bool = False  # keep regular rows with |A| > retain_min, exploration with |A'| > ...
     retain_min: float = 0.05
     explore_retain_min: float = 1.0
+    # With the section-6 gate on (LossConfig.explore), regular rows whose prompt has gate
+    # weight w_q > 0 stay even with A = 0 (policy-loss weight 0, exploration weight w_q):
+    # retention and dynamic sampling would otherwise drop exactly the rows of hard prompts
+    # (all-equal rewards), so the entropy bonus never reached them. False: the old behaviour
+    # (retention and dynamic sampling judge the advantage / rewards alone).
+    retain_gated: bool = True
     drop_overlong_positive: bool = False  # drop responses that hit the limit with A > 0
     replay: bool = False  # replay stabilizer
     replay_min_advantage: float = 1.0  # A_0
     replay_every: int = 5  # f
     replay_capacity: int = 0  # 0: 2 * B * G
+    # Replay rows' old log-probs and entropies: False, those stored when they were sampled
+    # (the authors' code); True, recomputed with the trainer's current parameters when the
+    # replay batch is drawn (the reference log-probs stay as stored).
+    replay_recompute: bool = False
     max_rounds: int = 8  # sampling rounds per batch before padding it with empty rows
+    # DAPO dynamic sampling (LossConfig.dynamic_sampling) drops groups whose scores are all
+    # equal: "accuracy" (DAPO: prompts every response solves or every response fails) or
+    # "reward", the shaped rewards (format and overlong shaping make a wrong group "mixed").
+    dynamic_sampling_on: str = "accuracy"
 
     @property
     def batch_rows(self) -> int:
@@ -85,8 +114,11 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name}={getattr(self, name)}: must be >= 1")
         if self.group_size < 2:
             raise ValueError(f"rollout.group_size={self.group_size}: group advantages need >= 2")
-        if self.hard_on not in ("reward", "accuracy"):
-            raise ValueError(f"rollout.hard_on={self.hard_on!r}: 'reward' or 'accuracy'")
+        for name in ("hard_on", "dynamic_sampling_on"):
+            if getattr(self, name) not in ("reward", "accuracy"):
+                raise ValueError(f"rollout.{name}={getattr(self, name)!r}: 'reward' or 'accuracy'")
+        if self.explore_is_cap < 0:
+            raise ValueError(f"rollout.explore_is_cap={self.explore_is_cap}: must be >= 0 (0: off)")
         if self.explore and self.explore_samples < 2:
             raise ValueError("rollout.explore_samples must be >= 2 (advantages within the group)")
 
@@ -130,7 +162,8 @@ class Rollout:
     score: (prompt_tokens, prompt_mask, response_tokens, response_mask, images=) -> (old_logp,
         old_entropy, ref_logp or None), the trainer's log-probs at temperature 1, dispatched
         asynchronously so that grading in the worker processes overlaps it. images: None, or
-        the rows' (pixel_values, image_grid_thw) as `Rows` stores them.
+        the rows' (pixel_values, image_grid_thw) as `Rows` stores them. Also called by
+        `replay_batch` with replay_recompute (its reference log-probs are then unused).
     decode: response token ids (stop token stripped) -> text.
     share, exchange: this process's share of the rows and the all-gather (obj -> [obj of each
         share]) that the shares agree through (module docstring); with one share, unused.
@@ -232,14 +265,19 @@ class Rollout:
         rows.advantage = np.asarray(group_advantages(shaped, G, self.hp.advantage), np.float32)
         p_q = success_rate(rows.accuracy.reshape(-1, G))
         rows.difficulty = per_sequence(p_q, G).astype(np.float32)
+        gate = np.asarray(uec_gate(p_q, self.hp), np.float32) if self.hp.explore else None
+        # Rows the section-6 exploration term weighs (w_q > 0) stay whatever their advantage.
+        gated = (per_sequence(gate > 0, G) > 0 if gate is not None and cfg.retain_gated
+                 else np.zeros(len(rows), bool))
         keep = np.ones(len(rows), bool)
         if self.hp.dynamic_sampling:
-            keep &= np.repeat(informative_groups(shaped, G), G)
+            score = rows.accuracy if cfg.dynamic_sampling_on == "accuracy" else shaped
+            keep &= np.repeat(informative_groups(score, G), G) | gated
         if cfg.retention:
-            keep &= np.abs(rows.advantage) > cfg.retain_min
+            keep &= (np.abs(rows.advantage) > cfg.retain_min) | gated
         if cfg.drop_overlong_positive:
             keep &= ~(rows.truncated & (rows.advantage > 0))
-        self._log_round(rows, p_q, keep)
+        self._log_round(rows, p_q, gate, keep)
         self.buffer.push(rows.select(keep))
         if cfg.explore:
             score = rows.reward if cfg.hard_on == "reward" else rows.accuracy
@@ -295,25 +333,49 @@ class Rollout:
         return any(self._all(len(self.buffer) < need))
 
     def after_update(self, rows: Rows) -> None:
-        """Replay stabilizer: rows with A > A_0 go to the FIFO (with their stored log-probs)."""
+        """Replay stabilizer: rows with A > A_0 go to the FIFO (with their log-probs)."""
         if self.cfg.replay:
             self.replay.push(rows.select(rows.advantage > self.cfg.replay_min_advantage))
 
     def replay_batch(self, step: int, rng: np.random.Generator) -> Rows | None:
         """Every f steps, a batch drawn from the replay FIFO (None when not due or when any
-        share's FIFO holds less than its share of a batch). rng: this share's own."""
+        share's FIFO holds less than its share of a batch). rng: this share's own. With
+        replay_recompute the drawn rows are rescored with `score`, which reads the trainer's
+        current parameters: set them before calling (every share calls, as `score` is
+        collective); the FIFO keeps the stored values."""
         cfg = self.cfg
         if not cfg.replay or step % cfg.replay_every:
             return None
         if not all(self._all(len(self.replay) >= self.rows_per_batch)):
             return None
-        return self.replay.sample(self.rows_per_batch, rng)
+        rows = self.replay.sample(self.rows_per_batch, rng)
+        return self._rescore(rows) if cfg.replay_recompute else rows
+
+    def _rescore(self, rows: Rows) -> Rows:
+        """rows with old_logp / old_entropy from `score` (the trainer's current parameters;
+        reference log-probs as stored). Collective: every share calls it for its replay draw
+        (replay_batch answers the same on every share), with image arrays of one kind."""
+        images = None if rows.pixel_values is None else (rows.pixel_values, rows.image_grid_thw)
+        if self.share.count > 1:  # one share's draw may hold no image: give it empty ones
+            widths = [w for w in self._all(None if images is None else images[0].shape[2])
+                      if w is not None]
+            if widths and images is None:
+                images = (np.zeros((len(rows), 0, widths[0]), np.float32),
+                          np.zeros((len(rows), 1, 3), np.int32))
+        old_logp, old_entropy, _ = self.score(rows.prompt_tokens, rows.prompt_mask,
+                                              rows.response_tokens, rows.response_mask,
+                                              images=images)
+        return dataclasses.replace(rows, old_logp=np.asarray(old_logp, np.float32),
+                                   old_entropy=np.asarray(old_entropy, np.float32))
 
     # -- metrics ---------------------------------------------------------------------------
     def _add(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + float(value)
 
-    def _log_round(self, rows: Rows, p_q: np.ndarray, keep: np.ndarray) -> None:
+    def _log_round(self, rows: Rows, p_q: np.ndarray, gate: np.ndarray | None,
+                   keep: np.ndarray) -> None:
+        """A regular round's statistics, over all its rows and prompts (before selection):
+        sums and counts only, so that the shares' merge adds them (divided in `_summary`)."""
         self._add("reward_sum", float(rows.reward.sum()))
         self._add("accuracy_sum", float(rows.accuracy.sum()))
         self._add("length_sum", float(rows.response_mask.sum()))
@@ -321,7 +383,12 @@ class Rollout:
         self._add("responses", len(rows))
         self._add("kept", int(keep.sum()))
         self._add("prompts", len(p_q))
-        self._add("hard_prompts", float((p_q <= 0).sum()))
+        self._add("hard_prompts", float((p_q <= self.hp.tau_hard).sum()))
+        if gate is not None:
+            self._add("gate_sum", float(gate.sum()))
+        # The policy's own samples at T, unselected: H_0's measurement (section 6).
+        self._add("regular_entropy_sum", float((rows.old_entropy * rows.response_mask).sum()))
+        self._add("regular_tokens", float(rows.response_mask.sum()))
 
     def _summary(self) -> dict:
         s = dict(self.stats)
@@ -335,5 +402,11 @@ class Rollout:
             "rollout/kept_fraction": s.pop("kept", 0.0) / n,
             "rollout/hard_prompt_fraction": s.pop("hard_prompts", 0.0) / prompts,
         }
+        if "gate_sum" in s:
+            out["rollout/gate_mean"] = s.pop("gate_sum") / prompts
+        entropy, tokens = s.pop("regular_entropy_sum", 0.0), s.pop("regular_tokens", 0.0)
+        out["rollout/regular_tokens"] = tokens
+        if tokens > 0:  # absent rather than a made-up 0 when no regular token was sampled
+            out["rollout/regular_entropy"] = entropy / tokens
         out.update(s)
         return out

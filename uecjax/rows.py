@@ -70,9 +70,14 @@ class Rows:
             truncated=np.zeros(n, bool), explore=np.zeros(n, bool))
 
     def to_batch(self, tau_hard: float, vl_config: VLConfig | None = None,
-                 min_patches: int = 0) -> Batch:
+                 min_patches: int = 0, *, explore_is_cap: float = 0.0) -> Batch:
         """The train step's Batch; rows with images need the model's VLConfig (positions and
-        patch layouts are computed here, on the host, with at least min_patches patches)."""
+        patch layouts are computed here, on the host, with at least min_patches patches).
+
+        `explore` is always set (1 on exploration rows). explore_is_cap C > 0 also sets
+        `token_weight`, the truncated importance weight min(pi_1 / pi_T', C) on exploration
+        rows' response tokens (1 elsewhere), section 8's switch; C = 0: None (no correction).
+        """
         mask = np.concatenate([self.prompt_mask, self.response_mask.astype(np.int32)], axis=1)
         tokens = np.concatenate([self.prompt_tokens, self.response_tokens], axis=1)
         images = None if self.pixel_values is None else (self.pixel_values, self.image_grid_thw)
@@ -86,7 +91,22 @@ class Rows:
             difficulty=self.difficulty.astype(np.float32),
             is_hard=(self.difficulty <= tau_hard).astype(np.float32),
             old_logp=self.old_logp, old_entropy=self.old_entropy, ref_logp=self.ref_logp,
-            sampler_logp=self.sampler_logp)
+            sampler_logp=self.sampler_logp, explore=self.explore.astype(np.float32),
+            token_weight=self.importance_weight(explore_is_cap) if explore_is_cap > 0 else None)
+
+    def importance_weight(self, cap: float) -> np.ndarray:
+        """[n, R] float32: min(exp(old_logp - sampler_logp), cap) on exploration rows'
+        response tokens, 1 elsewhere. old_logp is pi_1 (the trainer, temperature 1) and
+        sampler_logp pi_T' (the temperature-scaled distribution the row was sampled from)."""
+        if cap <= 0:
+            raise ValueError(f"explore_is_cap={cap}: the truncation needs C > 0")
+        where = self.explore[:, None] & (self.response_mask > 0)
+        # min(exp(d), C) = exp(min(d, log C)): no overflow for large d. Off the selected
+        # tokens the difference is discarded (the sampler's values there may be anything).
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = np.where(where, self.old_logp.astype(np.float32) - self.sampler_logp.astype(np.float32), 0.0)
+        weight = np.exp(np.minimum(d, np.float32(np.log(cap))))
+        return np.where(where, weight, 1.0).astype(np.float32)
 
 
 def _concat_images(parts: list[Rows]) -> dict:
