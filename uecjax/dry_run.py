@@ -113,9 +113,10 @@ def dry_run_image(config: VLConfig, cfg: ml_collections.ConfigDict, prompt_len: 
 
 
 def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool, sharding,
-                   vision=None) -> Batch:
+                   vision=None, token_weight: bool = False) -> Batch:
     """The loop's batch (`Rows.to_batch`) as ShapeDtypeStructs on the batch sharding.
 
+    token_weight: the rows carry per-token importance weights (loss.explore_is_cap > 0).
     vision: None for text rows, else (VisionConfig, image_grid_thw [k, 3] of each row's images,
     patch bucket N): M-RoPE positions [rows, 3, T], pixel values [rows, N, patch_dim] and the
     rows' `padded_vision_layout`s, as `uecjax.vision_inputs.vision_rows` gives them.
@@ -139,7 +140,8 @@ def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool
                  is_hard=sds(seq, jnp.float32), old_logp=sds(resp, jnp.float32),
                  old_entropy=sds(resp, jnp.float32),
                  ref_logp=sds(resp, jnp.float32) if with_ref else None,
-                 sampler_logp=sds(resp, jnp.float32), **images)
+                 sampler_logp=sds(resp, jnp.float32), explore=sds(seq, jnp.float32),
+                 token_weight=sds(resp, jnp.float32) if token_weight else None, **images)
 
 
 def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> dict:
@@ -169,7 +171,7 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
                            jax.eval_shape(lambda: init_control_state(hp, cfg.seed)))
     vision = (config.vision, [image["grid_thw"]], image["patch_bucket"]) if is_vl else None
     batch = abstract_batch(rows, rcfg.max_prompt_len, rcfg.max_new_tokens, hp.beta > 0,
-                           trainer.batch_sharding, vision)
+                           trainer.batch_sharding, vision, token_weight=hp.explore_is_cap > 0)
 
     step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch)
     step = step_lowered.compile().memory_analysis()

@@ -15,7 +15,7 @@ One call of `Rollout.collect` returns exactly `batch_rows = B * G` rows for one 
 
 Without retention or dynamic sampling a round yields exactly one batch. The log-probs of the
 kept responses are the trainer's, at temperature 1; exploration rows were sampled at T', and
-by default get no importance correction (the authors' code); `explore_is_cap` C > 0 weights
+by default get no importance correction (the authors' code); `loss.explore_is_cap` C > 0 weights
 their tokens by min(pi_1 / pi_T', C) (`Rows.to_batch`). Replay rows keep the log-probs of
 when they were sampled unless `replay_recompute`.
 
@@ -75,10 +75,6 @@ class RolloutConfig:
     # accuracy reward against 0.01) or "reward", the full reward (with a format reward a
     # well-formatted wrong response scores 0.1 and hides its prompt from exploration).
     hard_on: str = "accuracy"
-    # Truncated importance weight min(pi_1 / pi_T', C) on exploration rows' tokens, C this
-    # cap (the loop passes it to `Rows.to_batch(explore_is_cap=)`); 0: no correction (the
-    # authors' code: the trainer's temperature-1 log-probs stand in for the sampler's).
-    explore_is_cap: float = 0.0
     retention: bool = False  # keep regular rows with |A| > retain_min, exploration with |A'| > ...
     retain_min: float = 0.05
     explore_retain_min: float = 1.0
@@ -117,8 +113,6 @@ class RolloutConfig:
         for name in ("hard_on", "dynamic_sampling_on"):
             if getattr(self, name) not in ("reward", "accuracy"):
                 raise ValueError(f"rollout.{name}={getattr(self, name)!r}: 'reward' or 'accuracy'")
-        if self.explore_is_cap < 0:
-            raise ValueError(f"rollout.explore_is_cap={self.explore_is_cap}: must be >= 0 (0: off)")
         if self.explore and self.explore_samples < 2:
             raise ValueError("rollout.explore_samples must be >= 2 (advantages within the group)")
 

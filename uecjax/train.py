@@ -300,7 +300,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                     rows, pixel_values=np.zeros((len(rows), 0, vl_config.vision.patch_dim), np.float32),
                     image_grid_thw=np.zeros((len(rows), 1, 3), np.int32))
             patches = agree_patches(row_patches(rows.image_grid_thw))
-        return share_batch(rows.to_batch(hp.tau_hard, vl_config, patches), share,
+        return share_batch(rows.to_batch(hp.tau_hard, vl_config, patches,
+                                         explore_is_cap=hp.explore_is_cap), share,
                            trainer.batch_sharding)
 
     restore_handler = ckpt.install_sigterm_handler()
