@@ -23,8 +23,8 @@ USAGE_EXIT_CODE = 2
 
 
 def fail(message: str) -> NoReturn:
-    """Prints `message` as one paragraph (`error: ...`) and exits with code 2."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    """Prints `error: message` and exits with code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
 
 
@@ -39,7 +39,8 @@ def config_flags_parser(config_flag: str = "config", example: str = "configs/dem
                 # ml_collections defers a file that failed to load to its first attribute access.
                 config.get("seed")
         except Exception as e:  # noqa: BLE001  (everything here comes from argv or the config file)
-            fail(describe_flag_error(e, argv, config_flag))
+            # One line: absl's and ml_collections' messages may span several.
+            fail(" ".join(describe_flag_error(e, argv, config_flag).split()))
         if config is None:
             if flags.FLAGS[config_flag].present:
                 fail(f"--{config_flag}={_flag_value(argv, config_flag)}: get_config() returned "
