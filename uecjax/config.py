@@ -8,13 +8,19 @@ that names the field and says what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
 from uecjax.models.config import REMAT_MODES
 from uecjax.models.presets import PRESETS
-from uecjax.objectives.methods import METHODS
-from uecjax.optim import STATE_DTYPES
+from uecjax.objectives.loss_config import LossConfig
+from uecjax.objectives.methods import METHODS, loss_config
+from uecjax.optim import STATE_DTYPES, OptimConfig
+from uecjax.rollout import RolloutConfig, rollout_config
 from uecjax.tokenizer import PROMPT_TEMPLATES
 
 DATA_KINDS = ("demo", "geometry3k", "math", "jsonl")
@@ -115,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100  # optimizer updates on fresh rollouts (replay updates come on top)
     c.train.micro_batches = 1  # gradient accumulation; B * G must divide by it (and the mesh)
+    # Optimizer updates per rollout batch: its B * G rows are split into this many disjoint
+    # mini-batches, one update each, PPO-style (section 4a); B * G must divide by it.
+    c.train.updates_per_rollout = 1
+    c.train.epochs = 1  # passes over the rollout batch, rows reshuffled between them (run's seed)
     c.train.chunk_size = 1024  # tokens per lm-head chunk in log-prob / entropy passes
     c.train.log_every = 1
     c.train.eval_every = 20  # 0: only at the start and the end
@@ -167,7 +177,8 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
         bad("prompt.template", c.prompt.template, f"choose from {sorted(PROMPT_TEMPLATES)}")
     if not 0.0 <= c.reward.format_weight <= 1.0:
         bad("reward.format_weight", c.reward.format_weight, "must be in [0, 1]")
-    for field in ("train.steps", "train.micro_batches", "train.chunk_size", "eval.n",
+    for field in ("train.steps", "train.micro_batches", "train.updates_per_rollout",
+                  "train.epochs", "train.chunk_size", "eval.n",
                   "eval.max_new_tokens", "eval.batch_prompts", "reward.num_workers"):
         section, name = field.split(".")
         value = c[section][name]
@@ -188,3 +199,61 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
             f"must be an integer >= vision.min_pixels={c.vision.min_pixels}")
     if not isinstance(c.vision.dry_run_pixels, int) or c.vision.dry_run_pixels < 0:
         bad("vision.dry_run_pixels", c.vision.dry_run_pixels, "must be an integer >= 0 (0: vision.min_pixels)")
+    _build_section("loss", lambda **kw: loss_config(c.method, **kw), c.loss.to_dict(),
+                   LossConfig, elsewhere={"method": "config.method"})
+    rollout = _build_section("rollout", lambda **kw: rollout_config(c.method, **kw),
+                             c.rollout.to_dict(), RolloutConfig)
+    # As train() builds it; `frozen` depends on the model and is checked against its params.
+    _build_section("optim", lambda **kw: OptimConfig(
+        **{"total_steps": max(c.train.steps, c.optim.warmup_steps + 1), **kw}),
+        c.optim.to_dict(), OptimConfig, elsewhere={"frozen": "config.model.freeze_vision"})
+    if rollout.batch_rows % c.train.updates_per_rollout:
+        bad("train.updates_per_rollout", c.train.updates_per_rollout,
+            f"must divide the rollout batch, config.rollout.prompts_per_batch * "
+            f"config.rollout.group_size = {rollout.prompts_per_batch} * {rollout.group_size} = "
+            f"{rollout.batch_rows} rows, into equal mini-batches; change either")
+
+
+# Prefixes under which LossConfig, RolloutConfig and OptimConfig name a field in their errors.
+_CLASS_PREFIX = re.compile(r"^(?:LossConfig|OptimConfig|rollout)\.")
+
+
+def _build_section(section: str, build, values: dict, cls, elsewhere: dict[str, str] | None = None):
+    """build(**values), with an unknown field, a value of the wrong type or one that `cls`
+    rejects raised as a ConfigValueError naming config.<section>.<field>. elsewhere: fields of
+    `cls` that another config field sets."""
+    fields, elsewhere = {f.name: f for f in dataclasses.fields(cls)}, elsewhere or {}
+    for name, value in values.items():
+        if name in elsewhere:
+            raise ConfigValueError(f"config.{section}.{name}: set {elsewhere[name]} instead")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ConfigValueError(
+                f"config.{section}.{name}: {cls.__name__} has no such field"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; remove it from the config file or use one of "
+                f"{sorted(set(fields) - set(elsewhere))}")
+        if not _same_kind(value, fields[name].default):
+            raise ConfigValueError(f"config.{section}.{name}={value!r}: must be of type "
+                                   f"{type(fields[name].default).__name__}, as its default "
+                                   f"{fields[name].default!r}")
+    try:
+        return build(**values)
+    except (ValueError, TypeError) as e:  # LossConfigError and OptimConfigError are ValueErrors
+        message = str(e)
+        if _CLASS_PREFIX.match(message):
+            raise ConfigValueError(_CLASS_PREFIX.sub(f"config.{section}.", message)) from None
+        raise ConfigValueError(f"config.{section}: {message}") from None
+
+
+def _same_kind(value, default) -> bool:
+    """Whether `value` has the type of a field whose default is `default` (an int passes for a
+    float; a field without a default or with None takes anything)."""
+    if default is None or default is dataclasses.MISSING:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and (isinstance(default, float) or isinstance(value, int))
+    return isinstance(value, type(default))

@@ -388,17 +388,15 @@ def main(argv) -> None:
     from uecjax.run_setup import run_mesh
     from uecjax.sharding import make_mesh
 
-    from uecjax import distributed
+    from uecjax import cli, distributed
 
     del argv
     FLAGS = flags.FLAGS
     try:
         distributed.initialize_from_flags()  # before anything touches a device
     except distributed.DistributedError as e:
-        raise SystemExit(f"error: {e}") from None
-    config = FLAGS.config
-    if config is None:
-        raise SystemExit("--config=configs/<name>.py is required")
+        cli.fail(str(e))
+    config = FLAGS.config  # cli.config_flags_parser has loaded it (or exited)
     checkpoint = FLAGS.checkpoint or _get(config, "model.path")
     split = FLAGS.split or _get(config, "data.eval_split") or "test"
     try:
@@ -406,7 +404,7 @@ def main(argv) -> None:
         model, tokenizer, processor = _load_checkpoint(checkpoint, config, mesh)
         records = eval_records(config, split, FLAGS.num_prompts)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        cli.fail(str(e))
     n = FLAGS.n or _get(config, "eval.n", 8)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     grader = RewardGrader(num_workers=_get(config, "reward.num_workers"),
@@ -459,5 +457,7 @@ def _define_flags() -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from uecjax import cli
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.config_flags_parser())

@@ -66,7 +66,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from uecjax import checkpoint as ckpt
-from uecjax import distributed
+from uecjax import cli, distributed
 from uecjax.batch import Batch, sequence_inputs
 from uecjax.config import ConfigValueError, validate
 from uecjax.evaluate import evaluate
@@ -436,12 +436,12 @@ distributed.define_flags()
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # the libraries' INFO lines would bury the progress
-    cfg = FLAGS.config
-    if cfg is None:
-        raise app.UsageError("--config=configs/<name>.py is required")
+    cfg = FLAGS.config  # cli.config_flags_parser has loaded it (or exited)
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"{name}-{cfg.method}")
     try:
+        # Config mistakes surface here, before distributed setup or any model is built.
+        validate(cfg, dry_run=FLAGS.dry_run)
         if FLAGS.dry_run:
             from uecjax.dry_run import dry_run, simulate_cpu_devices
 
@@ -455,9 +455,8 @@ def main(argv):
         train(cfg, workdir)
     except USER_ERRORS as e:
         # User mistakes (bad values, missing data or checkpoints): the message, no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.config_flags_parser())
