@@ -57,7 +57,7 @@ def grade_format(texts, answers, choices):
     return future
 
 
-def score(prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
+def score(prompt_tokens, prompt_mask, response_tokens, response_mask, images=None, with_ref=True):
     n, R = response_tokens.shape
     return np.full((n, R), -0.5, np.float32), np.full((n, R), 1.0, np.float32), None
 
@@ -174,9 +174,11 @@ class CallScore:
     def __init__(self, with_ref=False):
         self.calls, self.with_ref = 0, with_ref
 
-    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
+    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None,
+                 with_ref=True):
         n, R = response_tokens.shape
         c, self.calls = self.calls, self.calls + 1
+        self.last_with_ref = with_ref
         entropy = np.repeat(10.0 * c + response_tokens[:, 1:2], R, axis=1).astype(np.float32)
         ref = np.full((n, R), -0.25, np.float32) if self.with_ref else None
         return np.full((n, R), -1.0 - c, np.float32), entropy, ref
@@ -258,6 +260,6 @@ def test_replay_recompute_rescores_the_drawn_rows():
     assert (batch.old_logp == -1.0 - calls).all()  # the newest call's values
     np.testing.assert_array_equal(batch.old_entropy, 10.0 * calls + batch.response_tokens[:, 1:2]
                                   * np.ones((1, 6)))
-    assert (batch.ref_logp == -0.25).all()
+    assert (batch.ref_logp == -0.25).all() and scorer.last_with_ref is False  # no reference pass
     stored = rollout.replay.rows  # the FIFO keeps the values of when the rows were sampled
     assert (stored.old_logp > -1.0 - calls).all()

@@ -153,8 +153,9 @@ class Rollout:
 
     sampler: `uecjax.sampler.Sampler` over the policy being trained (reads its parameters).
     grade: (texts, answers, choices) -> Future of a list with .reward and .accuracy per text.
-    score: (prompt_tokens, prompt_mask, response_tokens, response_mask, images=) -> (old_logp,
-        old_entropy, ref_logp or None), the trainer's log-probs at temperature 1, dispatched
+    score: (prompt_tokens, prompt_mask, response_tokens, response_mask, images=, with_ref=) ->
+        (old_logp, old_entropy, ref_logp or None), the trainer's log-probs at temperature 1
+        (with_ref=False: no reference pass, ref_logp None), dispatched
         asynchronously so that grading in the worker processes overlaps it. images: None, or
         the rows' (pixel_values, image_grid_thw) as `Rows` stores them. Also called by
         `replay_batch` with replay_recompute (its reference log-probs are then unused).
@@ -358,7 +359,7 @@ class Rollout:
                           np.zeros((len(rows), 1, 3), np.int32))
         old_logp, old_entropy, _ = self.score(rows.prompt_tokens, rows.prompt_mask,
                                               rows.response_tokens, rows.response_mask,
-                                              images=images)
+                                              images=images, with_ref=False)
         return dataclasses.replace(rows, old_logp=np.asarray(old_logp, np.float32),
                                    old_entropy=np.asarray(old_entropy, np.float32))
 

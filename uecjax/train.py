@@ -110,7 +110,10 @@ class Scorer:
         self.vl_config, self.share, self.agree_patches = vl_config, share, agree_patches
         self.params = None  # set by the loop before every rollout
 
-    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None):
+    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None,
+                 with_ref: bool = True):
+        """(old_logp, old_entropy, ref_logp or None) of the rows; with_ref=False skips the
+        reference pass (replay rescoring keeps the stored reference log-probs)."""
         n = prompt_tokens.shape[0]
         rows = -(-n // self.row_bucket) * self.row_bucket
         pad = lambda x: np.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
@@ -130,7 +133,7 @@ class Scorer:
         logp, entropy = (share_rows(x, self.share)
                          for x in self.trainer.compute_logprobs(self.params, batch))
         ref = None
-        if self.ref_params is not None:
+        if self.ref_params is not None and with_ref:
             ref = share_rows(self.trainer.compute_logprobs(self.ref_params.on_device(), batch)[0],
                              self.share)[:n]
         return logp[:n], entropy[:n], ref
