@@ -156,3 +156,19 @@ def test_method_terms_against_formulas():
     hp = loss_config("uec", beta=0.0, explore=False, lam=1.5)
     np.testing.assert_allclose(grads(hp, x)[1], 2 * 1.5 * 0.4 * m / n, rtol=1e-5)
     np.testing.assert_array_equal(grads(hp, x._replace(h_anchor=jnp.float32(0.9)))[1], 0.0)
+
+
+def test_kl_cov_at_ratio_one_is_grpo():
+    """Fresh rows (log pi == log pi_old): KL-Cov's penalty adds no gradient, whatever it selects."""
+    import jax.numpy as jnp
+
+    from uecjax.objectives.methods import loss_terms
+
+    x = _inputs(seed=2)
+    x = x._replace(old_logp=x.logp, select=jnp.asarray((np.asarray(x.mask) > 0).astype(np.float32)))
+
+    def grad(hp):
+        return jax.grad(lambda lp: sum(loss_terms(x._replace(logp=lp), hp)[0].values()))(x.logp)
+    g_grpo = grad(loss_config("grpo", beta=0.0))
+    np.testing.assert_array_equal(grad(loss_config("kl_cov", beta=0.0, kl_cov_coef=5.0)), g_grpo)
+    assert np.abs(np.asarray(g_grpo)).max() > 0

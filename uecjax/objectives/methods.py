@@ -31,7 +31,7 @@ from uecjax.objectives.cov import clip_cov as clip_cov_mask
 from uecjax.objectives.cov import kl_cov_mask
 from uecjax.objectives.entropy_control import aer_allocation, exploration_loss, gate_weight
 from uecjax.objectives.loss_config import LossConfig, LossConfigError
-from uecjax.objectives.policy_loss import kl_penalty, ppo_clip_loss
+from uecjax.objectives.policy_loss import abs_zero_grad, kl_penalty, ppo_clip_loss
 
 Terms = tuple[dict[str, jax.Array], dict[str, jax.Array]]
 
@@ -140,7 +140,7 @@ def clip_cov(x: LossInputs, hp: LossConfig) -> Terms:
 
 def kl_cov(x: LossInputs, hp: LossConfig) -> Terms:
     """Policy loss plus k |log pi - log pi_old| on the top-Cov tokens (section 7)."""
-    extra = hp.kl_cov_coef * jnp.abs(x.logp - x.old_logp) * x.select
+    extra = hp.kl_cov_coef * abs_zero_grad(x.logp - x.old_logp) * x.select
     parts, stats = policy_terms(x, hp, extra=extra)
     stats["cov_selected"] = token_sum(x, x.select)
     return parts, stats

@@ -1,8 +1,19 @@
 """Clipped PPO policy loss and KL estimators, per token (ALGORITHMS.md section 4)."""
 
+import jax
 import jax.numpy as jnp
 
 KL_KINDS = ("k1", "k2", "k3")
+
+
+def abs_zero_grad(d):
+    """|d| with gradient sign(d), which is 0 at d == 0 (section 4a).
+
+    jnp.abs has derivative +1 at 0, so a penalty k |log pi - log pi_old| on fresh rows
+    (ratio exactly 1) would push every selected token up; torch.abs, which Cui et al.'s
+    KL-Cov was written with, gives 0 there. d * sign(d) is |d| exactly (sign is -1, 0, 1).
+    """
+    return d * jax.lax.stop_gradient(jnp.sign(d))
 
 
 def ppo_clip_loss(logp, old_logp, adv, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float = 3.0):
