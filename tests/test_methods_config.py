@@ -33,6 +33,7 @@ def test_presets_then_overrides():
     assert loss_config("dapo", eps_high=0.3).eps_high == 0.3
     with pytest.raises(LossConfigError, match=r"unknown LossConfig field\(s\) \['alpah'\]"):
         loss_config("uec", alpah=0.1)
+    assert LossConfig().stabilizer_anchor == "current"
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -24,10 +24,10 @@ nonlinearly and are handled so that the split changes nothing:
   * the stabilizer lambda relu(Hbar - H_max)^2 is nonlinear in the global mean entropy Hbar:
     each micro-batch contributes the surrogate 2 lambda relu(Hbar_a - H_max) * (its share of
     Hbar), whose gradients sum to the exact gradient when Hbar_a = Hbar. The anchor Hbar_a is
-    `LossConfig.stabilizer_anchor`: "old" (default) takes the global token-mean entropy from
-    the old-log-prob pass (free, and exact at the first update on a batch: same parameters),
-    "current" computes it with the current parameters in a forward-only first pass (exact
-    always; costs one forward when micro_batches > 1, nothing when micro_batches == 1). The
+    `LossConfig.stabilizer_anchor`: "old" takes the global token-mean entropy from the
+    old-log-prob pass (free, and exact at the first update on a batch: same parameters),
+    "current" (default) computes it with the current parameters in a forward-only first pass
+    (exact always; costs one forward when micro_batches > 1, nothing when micro_batches == 1). The
     same surrogate is used with one micro-batch, so a split never changes the update.
 """
 

@@ -47,10 +47,11 @@ class LossConfig:
     kappa: float = 1.0
     lam: float = 1.0
     # Where the stabilizer is linearised when the batch is split in micro-batches
-    # (see uecjax.train_step): "old" = the global token-mean entropy of the old-log-prob pass
-    # (free; exact at the first update on a batch), "current" = an extra forward pass over the
-    # global batch with the current parameters (exact always, costs one forward).
-    stabilizer_anchor: str = "old"
+    # (see uecjax.train_step): "current" = an extra forward pass over the global batch with the
+    # current parameters (exact always; free with one micro-batch), "old" = the global
+    # token-mean entropy of the old-log-prob pass (free, but stale after the first of several
+    # updates on a rollout batch, section 4a).
+    stabilizer_anchor: str = "current"
     # -- entropy_reg (section 7) --
     entropy_coef: float = 0.01
     # -- clip_cov / kl_cov (section 7) --
