@@ -172,7 +172,8 @@ def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp):
         "aer_alpha": control.aer_alpha, "aer_target": hp.aer_rho * h0,
         "tokens": num_tokens, "seqs": num_seqs,
     }
-    metrics.update({k: v / n for k, v in stats.items()})  # token fractions and token means
+    # token fractions and token means; seq_* stats are sums over sequences
+    metrics.update({k: v / (jnp.maximum(num_seqs, 1.0) if k.startswith("seq_") else n) for k, v in stats.items()})
     if batch.sampler_logp is not None:
         gap = jnp.abs(batch.sampler_logp.astype(jnp.float32) - batch.old_logp.astype(jnp.float32))
         metrics["logp_gap"] = jnp.sum(mask * gap) / n

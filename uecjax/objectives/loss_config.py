@@ -12,7 +12,7 @@ import dataclasses
 from uecjax.objectives.advantages import ADVANTAGE_KINDS
 from uecjax.objectives.aggregation import AGG_MODES
 from uecjax.objectives.entropy_control import GATE_KINDS
-from uecjax.objectives.policy_loss import KL_KINDS
+from uecjax.objectives.policy_loss import KL_KINDS, RATIO_LEVELS
 
 STABILIZER_ANCHORS = ("old", "current")
 
@@ -30,6 +30,8 @@ class LossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float = 3.0  # c > 1; bounds the loss of A < 0 tokens at -c * A
+    # importance ratio (section 4a): token (PPO), sequence (GSPO), sequence_token (GSPO-token)
+    ratio_level: str = "token"
     agg: str = "token-mean"  # one of uecjax.objectives.aggregation.AGG_MODES
     agg_max_len: int | None = None  # seq-mean-token-sum-norm divisor; None: the response length
     beta: float = 0.01  # KL-to-reference coefficient; 0 skips the reference model entirely
@@ -80,7 +82,7 @@ class LossConfig:
 
         choices = {"advantage": ADVANTAGE_KINDS, "agg": AGG_MODES, "kl_kind": KL_KINDS,
                    "gate": GATE_KINDS, "aer_alloc": ("hard", "linear"),
-                   "stabilizer_anchor": STABILIZER_ANCHORS}
+                   "stabilizer_anchor": STABILIZER_ANCHORS, "ratio_level": RATIO_LEVELS}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 bad(field, f"expected one of {allowed}")
