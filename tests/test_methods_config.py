@@ -34,7 +34,7 @@ def test_presets_then_overrides():
     gspo = loss_config("gspo")  # GSPO's paper / verl's recipe
     assert (gspo.ratio_level, gspo.eps_low, gspo.eps_high, gspo.agg, gspo.beta) == (
         "sequence", 3e-4, 4e-4, "seq-mean-token-mean", 0.0)
-    assert LossConfig().ratio_level == "token"
+    assert LossConfig().ratio_level == "token" and LossConfig().explore_is_cap == 0.0
     with pytest.raises(LossConfigError, match=r"unknown LossConfig field\(s\) \['alpah'\]"):
         loss_config("uec", alpah=0.1)
     assert LossConfig().stabilizer_anchor == "current"
@@ -55,6 +55,7 @@ def test_presets_then_overrides():
     ("overlong_buffer", 2.0, "fraction"),
     ("advantage", "ppo", "expected one of"),
     ("ratio_level", "seq", "ratio_level='seq': expected one of"),
+    ("explore_is_cap", -1.0, "explore_is_cap=-1.0: must be >= 0"),
 ])
 def test_loss_config_rejects_bad_values(field, value, message):
     with pytest.raises(LossConfigError, match=message):

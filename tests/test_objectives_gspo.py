@@ -1,4 +1,4 @@
-"""GSPO / GSPO-token sequence ratios (section 4a)
+"""GSPO / GSPO-token sequence ratios (section 4a) and per-token policy-loss weights (section 8)
 through `loss_terms`, against numpy references of the value and of the gradient in log pi."""
 
 import jax
@@ -42,7 +42,7 @@ def _agg_weights(mask, mode, n_tok, n_seq):
     return m / n_seq  # seq-mean-token-sum
 
 
-def _numpy_gspo(x, el, eh, mode, token_grad):
+def _numpy_gspo(x, el, eh, mode, token_grad, weight=None):
     """(value, d value / d logp, clipped-low, clipped-high per sequence), float64."""
     m = np.asarray(x.mask, np.float64)
     lp, old, a_tok = (np.asarray(v, np.float64) for v in (x.logp, x.old_logp, x.adv))
@@ -55,6 +55,8 @@ def _numpy_gspo(x, el, eh, mode, token_grad):
     loss = np.maximum(-a * s_t, -a * np.clip(s_t, 1 - el, 1 + eh))  # per token
     dl_ds = np.where(unclipped, -a, 0.0)
     w = _agg_weights(m, mode, float(x.num_tokens), float(x.num_seqs))
+    if weight is not None:
+        w = w * weight
     value = (w * loss).sum()
     if token_grad:  # d s_{i,t} / d logp_t = s_i, own token only
         grad = w * dl_ds * s_t
@@ -118,3 +120,46 @@ def test_token_ratio_level_is_the_ppo_loss():
         np.testing.assert_array_equal(value, ref(x.logp))
         np.testing.assert_array_equal(grad, jax.grad(ref)(x.logp))
         assert not any(k.startswith("seq_") for k in stats)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
+def test_token_weight(level):
+    x = _inputs(seed=4, noise=0.3)
+    hp = loss_config("grpo", ratio_level=level, eps_low=0.2, eps_high=0.28, beta=0.0, agg="token-mean")
+    base = _value_and_grad(x, hp)
+    ones = _value_and_grad(x._replace(token_weight=jnp.ones((B, T))), hp)
+    np.testing.assert_array_equal(ones[0], base[0])
+    np.testing.assert_array_equal(ones[1], base[1])
+
+    w = np.random.default_rng(5).uniform(0.0, 2.0, (B, T)).astype(np.float32)
+    value, grad, _ = _value_and_grad(x._replace(token_weight=jnp.asarray(w)), hp)
+    m, n = np.asarray(x.mask, np.float64), float(x.num_tokens)
+    if level == "token":
+        lp, old, a = (np.asarray(v, np.float64) for v in (x.logp, x.old_logp, x.adv))
+        rho = np.exp(lp - old)
+        loss = np.where(a < 0, np.minimum(np.maximum(-a * rho, -a * np.clip(rho, 0.8, 1.28)), -3 * a),
+                        np.maximum(-a * rho, -a * np.clip(rho, 0.8, 1.28)))
+        active = np.where(a < 0, (rho <= 0.8) | (rho >= 3), rho >= 1.28)  # a bound holds: no gradient
+        ref_value = (w * m * loss).sum() / n
+        ref_grad = np.where(active, 0.0, -a * rho) * w * m / n
+    else:
+        ref_value, ref_grad, _, _ = _numpy_gspo(x, 0.2, 0.28, "token-mean", level == "sequence_token", weight=w)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(grad, ref_grad, rtol=2e-4, atol=1e-7)
+    if level != "sequence":  # per-token ratios: each token's gradient is scaled by its own weight
+        nz = np.abs(np.asarray(base[1])) > 0
+        np.testing.assert_allclose(np.asarray(grad)[nz], (w * np.asarray(base[1]))[nz], rtol=1e-5)
+
+
+def test_token_weight_leaves_kl_and_entropy_terms_alone():
+    x = _inputs(seed=6)
+    x = x._replace(ref_logp=x.old_logp - 0.1, entropy=jnp.asarray(np.random.default_rng(7).uniform(0.5, 2, (B, T))))
+    hp = loss_config("entropy_reg", beta=0.1, entropy_coef=0.3)
+    w = jnp.asarray(np.random.default_rng(8).uniform(0.0, 2.0, (B, T)), jnp.float32)
+
+    def parts(xx):
+        return loss_terms(xx, hp)[0]
+    a, b = parts(x), parts(x._replace(token_weight=w))
+    np.testing.assert_array_equal(b["kl"], a["kl"])
+    np.testing.assert_array_equal(b["entropy"], a["entropy"])
+    assert abs(float(b["pg"]) - float(a["pg"])) > 1e-4

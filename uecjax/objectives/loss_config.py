@@ -75,6 +75,10 @@ class LossConfig:
     overlong_buffer: float = 0.0  # soft overlong zone as a fraction of the response budget; 0 = off
     overlong_factor: float = 1.0
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (the rollout refills)
+    # -- rollout-level exploration (section 8) --
+    # C of the truncated weight min(pi_1 / pi_t', C) on exploration rows sampled at t'; 0 = off
+    # (the authors' default). The host computes it; it reaches the loss as LossInputs.token_weight.
+    explore_is_cap: float = 0.0
 
     def __post_init__(self):
         def bad(field, why):
@@ -93,7 +97,7 @@ class LossConfig:
         if self.dual_clip <= 1.0:
             bad("dual_clip", "must be > 1 (the dual-clip bound c * A lies beyond the clip range)")
         for field in ("beta", "alpha", "lam", "entropy_coef", "kl_cov_coef", "aer_eta",
-                      "aer_alpha0", "overlong_factor"):
+                      "aer_alpha0", "overlong_factor", "explore_is_cap"):
             if getattr(self, field) < 0.0:
                 bad(field, "must be >= 0")
         for field in ("kappa", "kl_clamp", "gate_s", "entropy_adv_k", "aer_alpha_max"):

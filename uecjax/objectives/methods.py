@@ -55,6 +55,9 @@ class LossInputs(NamedTuple):
     h0: jax.Array  # initial entropy H_0 (section 6)
     h_anchor: jax.Array  # global token-mean entropy at which the stabilizer is linearised
     aer_alpha: jax.Array  # AER's current global coefficient (section 9)
+    # weights of the per-token clipped policy loss only (e.g. the truncated importance weight
+    # of section-8 exploration rows, LossConfig.explore_is_cap); None = 1
+    token_weight: jax.Array | None = None
 
 
 def agg(x: LossInputs, hp: LossConfig, values) -> jax.Array:
@@ -73,9 +76,9 @@ def policy_terms(x: LossInputs, hp: LossConfig, *, adv=None, grad_mask=None, ext
     """Clipped policy loss and KL to the reference (sections 4, 4a).
 
     The ratio is per token, or per sequence (GSPO) as `hp.ratio_level` says. adv overrides the
-    token advantages (entropy_adv); grad_mask [b, R] in {0, 1} stops the gradient of the
-    per-token policy loss where it is 0, keeping its value (clip_cov); extra [b, R] is added to
-    the per-token loss (kl_cov).
+    token advantages (entropy_adv); x.token_weight multiplies the per-token clipped loss;
+    grad_mask [b, R] in {0, 1} stops the gradient of the per-token policy loss where it is 0,
+    keeping its value (clip_cov); extra [b, R] is added to the per-token loss (kl_cov).
     """
     adv = x.adv if adv is None else adv
     seq_stats = {}
@@ -88,6 +91,8 @@ def policy_terms(x: LossInputs, hp: LossConfig, *, adv=None, grad_mask=None, ext
         low, high = seq["seq_clip_low"] * seq["seq_valid"], seq["seq_clip_high"] * seq["seq_valid"]
         seq_stats = {"seq_clip_frac": jnp.sum(low + high), "seq_clip_frac_low": jnp.sum(low),
                      "seq_clip_frac_high": jnp.sum(high)}
+    if x.token_weight is not None:
+        loss = loss * x.token_weight.astype(jnp.float32)
     if grad_mask is not None:
         loss = jnp.where(grad_mask > 0, loss, jax.lax.stop_gradient(loss))
     if extra is not None:
