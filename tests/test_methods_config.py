@@ -14,7 +14,7 @@ from uecjax.optim import OptimConfig, OptimConfigError, decay_mask, make_optimiz
 
 def test_registry_has_every_method_of_the_spec():
     assert set(METHODS) == {"grpo", "dapo", "entropy_reg", "clip_cov", "kl_cov", "entropy_adv", "aer", "uec",
-                            "uec_code"}
+                            "uec_code", "gspo"}
     assert get_method("clip_cov").select is not None and get_method("grpo").select is None
     with pytest.raises(LossConfigError, match="unknown method 'ppo'.*known methods"):
         loss_config("ppo")
@@ -31,8 +31,13 @@ def test_presets_then_overrides():
     ablation = loss_config("uec", stabilizer=False, gate="hard", gate_tau=0.0)
     assert ablation.explore and not ablation.stabilizer and ablation.gate == "hard"
     assert loss_config("dapo", eps_high=0.3).eps_high == 0.3
+    gspo = loss_config("gspo")  # GSPO's paper / verl's recipe
+    assert (gspo.ratio_level, gspo.eps_low, gspo.eps_high, gspo.agg, gspo.beta) == (
+        "sequence", 3e-4, 4e-4, "seq-mean-token-mean", 0.0)
+    assert LossConfig().ratio_level == "token" and LossConfig().explore_is_cap == 0.0
     with pytest.raises(LossConfigError, match=r"unknown LossConfig field\(s\) \['alpah'\]"):
         loss_config("uec", alpah=0.1)
+    assert LossConfig().stabilizer_anchor == "current"
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -49,6 +54,8 @@ def test_presets_then_overrides():
     ("aer_alpha0", 0.5, "aer_alpha_max"),
     ("overlong_buffer", 2.0, "fraction"),
     ("advantage", "ppo", "expected one of"),
+    ("ratio_level", "seq", "ratio_level='seq': expected one of"),
+    ("explore_is_cap", -1.0, "explore_is_cap=-1.0: must be >= 0"),
 ])
 def test_loss_config_rejects_bad_values(field, value, message):
     with pytest.raises(LossConfigError, match=message):
@@ -156,3 +163,69 @@ def test_method_terms_against_formulas():
     hp = loss_config("uec", beta=0.0, explore=False, lam=1.5)
     np.testing.assert_allclose(grads(hp, x)[1], 2 * 1.5 * 0.4 * m / n, rtol=1e-5)
     np.testing.assert_array_equal(grads(hp, x._replace(h_anchor=jnp.float32(0.9)))[1], 0.0)
+
+
+def test_kl_cov_at_ratio_one_is_grpo():
+    """Fresh rows (log pi == log pi_old): KL-Cov's penalty adds no gradient, whatever it selects."""
+    import jax.numpy as jnp
+
+    from uecjax.objectives.methods import loss_terms
+
+    x = _inputs(seed=2)
+    x = x._replace(old_logp=x.logp, select=jnp.asarray((np.asarray(x.mask) > 0).astype(np.float32)))
+
+    def grad(hp):
+        return jax.grad(lambda lp: sum(loss_terms(x._replace(logp=lp), hp)[0].values()))(x.logp)
+    g_grpo = grad(loss_config("grpo", beta=0.0))
+    np.testing.assert_array_equal(grad(loss_config("kl_cov", beta=0.0, kl_cov_coef=5.0)), g_grpo)
+    assert np.abs(np.asarray(g_grpo)).max() > 0
+
+
+# GSPO through the train step: micro-batches sum to one big batch, sequence stats per sequence
+GSPO_MICRO = {
+    "gspo": dict(method="gspo", eps_low=0.003, eps_high=0.004),
+    # GSPO-token with KL, exploration and the stabilizer at the old-pass anchor
+    "gspo_token_uec": dict(method="uec", ratio_level="sequence_token", eps_low=0.003, eps_high=0.004,
+                           beta=0.05, alpha=0.05, lam=2.0, stabilizer_anchor="old"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GSPO_MICRO))
+def test_gspo_micro_batches_equal_one_big_batch(case):
+    import jax.numpy as jnp
+
+    from train_helpers import SGD_LIKE, host, naive_logp_entropy, perturbed, random_batch, single_mesh, with_logprobs
+    from uecjax.train_step import TrainStep
+
+    model = tiny_model()
+    hp = loss_config(**GSPO_MICRO[case])
+    scorer = TrainStep(model, loss_config("grpo", beta=0.0), SGD_LIKE, single_mesh())
+    base = nnx.state(model)
+    batch = with_logprobs(scorer, base, random_batch(seed=5), ref_params=perturbed(base, 0.05, 7), noise=0.01)
+    m = batch.response_mask
+    h0 = 0.7 * float(np.sum(m * batch.old_entropy) / m.sum())
+    results = []
+    for micro in (1, 4):
+        ts = TrainStep(model, hp, SGD_LIKE, single_mesh(), micro_batches=micro, chunk_size=8)
+        params, opt_state, control = ts.init(base, h0=h0)
+        results.append(host(ts.gradients(params, control, batch)))
+    (g1, m1, _), (g4, m4, _) = results
+    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert sorted(m4) == sorted(m1)
+    for k in m1:
+        np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+    # seq_clip_frac: the fraction of non-empty sequences whose ratio s_i left the clip range
+    logp, _ = naive_logp_entropy(base, batch, scorer.graphdef)
+    n_i = np.maximum(m.sum(-1), 1)
+    s = np.exp(np.sum(m * (np.asarray(logp) - batch.old_logp), -1) / n_i)
+    a = np.asarray(batch.advantages)
+    valid = m.sum(-1) > 0
+    low, high = valid & (a < 0) & (s < 1 - hp.eps_low), valid & (a > 0) & (s > 1 + hp.eps_high)
+    assert (low | high).any() and not (low | high)[valid].all()
+    np.testing.assert_allclose(m1["seq_clip_frac"], (low | high).sum() / valid.sum(), rtol=1e-6)
+    np.testing.assert_allclose(m1["seq_clip_frac_low"], low.sum() / valid.sum(), rtol=1e-6)
+    if hp.stabilizer:
+        assert m1["stabilizer_penalty"] > 1e-3 and m1["loss/kl"] > 0
+    assert float(jnp.abs(jnp.asarray(jax.tree.leaves(g1)[0])).max()) > 0

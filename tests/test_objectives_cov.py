@@ -135,3 +135,24 @@ def test_clip_cov_random_batch_never_picks_masked():
     # the mask zeroes exactly those tokens' loss gradient
     g = jax.grad(lambda lp: jnp.sum(lp * keep))(logp)
     np.testing.assert_array_equal(g, keep)
+
+
+def test_abs_zero_grad_matches_numpy_and_is_flat_at_zero():
+    from uecjax.objectives.policy_loss import abs_zero_grad
+
+    d = np.random.default_rng(8).normal(size=(4, 16)).astype(np.float32)
+    d[0, :5] = 0.0
+    d[1, 0] = -0.0
+    value, grad = jax.value_and_grad(lambda v: jnp.sum(abs_zero_grad(v)))(d)
+    np.testing.assert_array_equal(abs_zero_grad(d), np.abs(d))
+    np.testing.assert_array_equal(grad, np.sign(d))  # 0 where d == 0, unlike jax.grad(jnp.abs)
+    assert float(jax.grad(jnp.abs)(0.0)) == 1.0  # the behaviour being avoided
+
+
+def test_kl_cov_has_zero_gradient_at_ratio_one():
+    """Fresh rows: log pi == log pi_old, so k |log pi - log pi_old| gives neither value nor gradient."""
+    logp, adv, mask = _batch(B=6, T=32, seed=9)
+    pen, grad = jax.value_and_grad(lambda lp: jnp.sum(kl_cov(lp, logp, adv, mask, frac=0.3, coef=2.0)))(logp)
+    assert float(pen) == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+    assert float(np.asarray(kl_cov_mask(logp, adv, mask, frac=0.3)).sum()) > 10  # tokens were selected

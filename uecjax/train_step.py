@@ -24,10 +24,10 @@ nonlinearly and are handled so that the split changes nothing:
   * the stabilizer lambda relu(Hbar - H_max)^2 is nonlinear in the global mean entropy Hbar:
     each micro-batch contributes the surrogate 2 lambda relu(Hbar_a - H_max) * (its share of
     Hbar), whose gradients sum to the exact gradient when Hbar_a = Hbar. The anchor Hbar_a is
-    `LossConfig.stabilizer_anchor`: "old" (default) takes the global token-mean entropy from
-    the old-log-prob pass (free, and exact at the first update on a batch: same parameters),
-    "current" computes it with the current parameters in a forward-only first pass (exact
-    always; costs one forward when micro_batches > 1, nothing when micro_batches == 1). The
+    `LossConfig.stabilizer_anchor`: "old" takes the global token-mean entropy from the
+    old-log-prob pass (free, and exact at the first update on a batch: same parameters),
+    "current" (default) computes it with the current parameters in a forward-only first pass
+    (exact always; costs one forward when micro_batches > 1, nothing when micro_batches == 1). The
     same surrogate is used with one micro-batch, so a split never changes the update.
 """
 
@@ -177,7 +177,8 @@ def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp):
         "aer_alpha": control.aer_alpha, "aer_target": hp.aer_rho * h0,
         "tokens": num_tokens, "seqs": num_seqs,
     }
-    metrics.update({k: v / n for k, v in stats.items()})  # token fractions and token means
+    # token fractions and token means; seq_* stats are sums over sequences
+    metrics.update({k: v / (jnp.maximum(num_seqs, 1.0) if k.startswith("seq_") else n) for k, v in stats.items()})
     if batch.sampler_logp is not None:
         # Sampler-vs-trainer parity: rows sampled at another temperature (UEC's t' exploration
         # rows) differ by design, so only the regular rows count.

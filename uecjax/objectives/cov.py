@@ -10,6 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from uecjax.objectives.policy_loss import abs_zero_grad
+
 
 def token_cov(logp, adv, mask):
     """Cov_{i,t} = (A - mean A) * (log pi - mean log pi), means over valid tokens (section 7).
@@ -62,6 +64,7 @@ def kl_cov_mask(logp, adv, mask, *, frac: float = 2e-4):
 
 def kl_cov(logp, old_logp, adv, mask, *, frac: float = 2e-4, coef: float = 1.0):
     """KL-Cov extra per-token loss [B, T] (section 7): coef * |log pi - log pi_old| on the
-    `kl_cov_mask` tokens, 0 elsewhere; differentiable in logp. Add it to the per-token policy loss."""
+    `kl_cov_mask` tokens, 0 elsewhere; differentiable in logp, with zero gradient where
+    log pi == log pi_old (`abs_zero_grad`). Add it to the per-token policy loss."""
     selected = kl_cov_mask(logp, adv, mask, frac=frac)
-    return coef * jnp.abs(logp.astype(jnp.float32) - old_logp.astype(jnp.float32)) * selected
+    return coef * abs_zero_grad(logp.astype(jnp.float32) - old_logp.astype(jnp.float32)) * selected

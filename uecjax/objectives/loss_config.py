@@ -12,7 +12,7 @@ import dataclasses
 from uecjax.objectives.advantages import ADVANTAGE_KINDS
 from uecjax.objectives.aggregation import AGG_MODES
 from uecjax.objectives.entropy_control import GATE_KINDS
-from uecjax.objectives.policy_loss import KL_KINDS
+from uecjax.objectives.policy_loss import KL_KINDS, RATIO_LEVELS
 
 STABILIZER_ANCHORS = ("old", "current")
 
@@ -30,6 +30,8 @@ class LossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float = 3.0  # c > 1; bounds the loss of A < 0 tokens at -c * A
+    # importance ratio (section 4a): token (PPO), sequence (GSPO), sequence_token (GSPO-token)
+    ratio_level: str = "token"
     agg: str = "token-mean"  # one of uecjax.objectives.aggregation.AGG_MODES
     agg_max_len: int | None = None  # seq-mean-token-sum-norm divisor; None: the response length
     beta: float = 0.01  # KL-to-reference coefficient; 0 skips the reference model entirely
@@ -47,10 +49,11 @@ class LossConfig:
     kappa: float = 1.0
     lam: float = 1.0
     # Where the stabilizer is linearised when the batch is split in micro-batches
-    # (see uecjax.train_step): "old" = the global token-mean entropy of the old-log-prob pass
-    # (free; exact at the first update on a batch), "current" = an extra forward pass over the
-    # global batch with the current parameters (exact always, costs one forward).
-    stabilizer_anchor: str = "old"
+    # (see uecjax.train_step): "current" = an extra forward pass over the global batch with the
+    # current parameters (exact always; free with one micro-batch), "old" = the global
+    # token-mean entropy of the old-log-prob pass (free, but stale after the first of several
+    # updates on a rollout batch, section 4a).
+    stabilizer_anchor: str = "current"
     # -- entropy_reg (section 7) --
     entropy_coef: float = 0.01
     # -- clip_cov / kl_cov (section 7) --
@@ -72,6 +75,10 @@ class LossConfig:
     overlong_buffer: float = 0.0  # soft overlong zone as a fraction of the response budget; 0 = off
     overlong_factor: float = 1.0
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (the rollout refills)
+    # -- rollout-level exploration (section 8) --
+    # C of the truncated weight min(pi_1 / pi_t', C) on exploration rows sampled at t'; 0 = off
+    # (the authors' default). The host computes it; it reaches the loss as LossInputs.token_weight.
+    explore_is_cap: float = 0.0
 
     def __post_init__(self):
         def bad(field, why):
@@ -79,7 +86,7 @@ class LossConfig:
 
         choices = {"advantage": ADVANTAGE_KINDS, "agg": AGG_MODES, "kl_kind": KL_KINDS,
                    "gate": GATE_KINDS, "aer_alloc": ("hard", "linear"),
-                   "stabilizer_anchor": STABILIZER_ANCHORS}
+                   "stabilizer_anchor": STABILIZER_ANCHORS, "ratio_level": RATIO_LEVELS}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 bad(field, f"expected one of {allowed}")
@@ -90,7 +97,7 @@ class LossConfig:
         if self.dual_clip <= 1.0:
             bad("dual_clip", "must be > 1 (the dual-clip bound c * A lies beyond the clip range)")
         for field in ("beta", "alpha", "lam", "entropy_coef", "kl_cov_coef", "aer_eta",
-                      "aer_alpha0", "overlong_factor"):
+                      "aer_alpha0", "overlong_factor", "explore_is_cap"):
             if getattr(self, field) < 0.0:
                 bad(field, "must be >= 0")
         for field in ("kappa", "kl_clamp", "gate_s", "entropy_adv_k", "aer_alpha_max"):

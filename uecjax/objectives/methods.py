@@ -13,7 +13,8 @@ Conventions, so that micro-batches sum to the global batch exactly (section 4):
   * every loss part is already normalised by the *global* counts in `LossInputs`, so the sum
     of a part over micro-batches is its value on the global batch;
   * every stat is a masked sum over tokens; the train step divides it by the global token
-    count (a fraction of tokens, e.g. the clip fraction).
+    count (a fraction of tokens, e.g. the clip fraction). Stats named `seq_*` are sums over
+    the micro-batch's non-empty sequences instead, divided by the global sequence count.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from uecjax.objectives.cov import clip_cov as clip_cov_mask
 from uecjax.objectives.cov import kl_cov_mask
 from uecjax.objectives.entropy_control import aer_allocation, exploration_loss, gate_weight
 from uecjax.objectives.loss_config import LossConfig, LossConfigError
-from uecjax.objectives.policy_loss import kl_penalty, ppo_clip_loss
+from uecjax.objectives.policy_loss import abs_zero_grad, gspo_clip_loss, kl_penalty, ppo_clip_loss
 
 Terms = tuple[dict[str, jax.Array], dict[str, jax.Array]]
 
@@ -54,6 +55,9 @@ class LossInputs(NamedTuple):
     h0: jax.Array  # initial entropy H_0 (section 6)
     h_anchor: jax.Array  # global token-mean entropy at which the stabilizer is linearised
     aer_alpha: jax.Array  # AER's current global coefficient (section 9)
+    # weights of the per-token clipped policy loss only (e.g. the truncated importance weight
+    # of section-8 exploration rows, LossConfig.explore_is_cap); None = 1
+    token_weight: jax.Array | None = None
 
 
 def agg(x: LossInputs, hp: LossConfig, values) -> jax.Array:
@@ -69,15 +73,26 @@ def token_sum(x: LossInputs, values) -> jax.Array:
 # ---- building blocks ----
 
 def policy_terms(x: LossInputs, hp: LossConfig, *, adv=None, grad_mask=None, extra=None) -> Terms:
-    """Clipped policy loss and KL to the reference (section 4).
+    """Clipped policy loss and KL to the reference (sections 4, 4a).
 
-    adv overrides the token advantages (entropy_adv); grad_mask [b, R] in {0, 1} stops the
-    gradient of the per-token policy loss where it is 0, keeping its value (clip_cov); extra
-    [b, R] is added to the per-token loss (kl_cov).
+    The ratio is per token, or per sequence (GSPO) as `hp.ratio_level` says. adv overrides the
+    token advantages (entropy_adv); x.token_weight multiplies the per-token clipped loss;
+    grad_mask [b, R] in {0, 1} stops the gradient of the per-token policy loss where it is 0,
+    keeping its value (clip_cov); extra [b, R] is added to the per-token loss (kl_cov).
     """
     adv = x.adv if adv is None else adv
-    loss, ind = ppo_clip_loss(x.logp, x.old_logp, adv, eps_low=hp.eps_low, eps_high=hp.eps_high,
-                              dual_clip=hp.dual_clip)
+    seq_stats = {}
+    if hp.ratio_level == "token":
+        loss, ind = ppo_clip_loss(x.logp, x.old_logp, adv, eps_low=hp.eps_low, eps_high=hp.eps_high,
+                                  dual_clip=hp.dual_clip)
+    else:
+        loss, ind, seq = gspo_clip_loss(x.logp, x.old_logp, adv, x.mask, eps_low=hp.eps_low,
+                                        eps_high=hp.eps_high, token_grad=hp.ratio_level == "sequence_token")
+        low, high = seq["seq_clip_low"] * seq["seq_valid"], seq["seq_clip_high"] * seq["seq_valid"]
+        seq_stats = {"seq_clip_frac": jnp.sum(low + high), "seq_clip_frac_low": jnp.sum(low),
+                     "seq_clip_frac_high": jnp.sum(high)}
+    if x.token_weight is not None:
+        loss = loss * x.token_weight.astype(jnp.float32)
     if grad_mask is not None:
         loss = jnp.where(grad_mask > 0, loss, jax.lax.stop_gradient(loss))
     if extra is not None:
@@ -89,7 +104,7 @@ def policy_terms(x: LossInputs, hp: LossConfig, *, adv=None, grad_mask=None, ext
         parts["kl"] = hp.beta * agg(x, hp, kl_penalty(x.logp, x.ref_logp, hp.kl_kind, hp.kl_clamp))
     names = {"clip_low": "clip_frac_low", "clip_high": "clip_frac_high", "dual_clip": "clip_frac_dual"}
     stats = {names[k]: token_sum(x, v) for k, v in ind.items()}
-    return parts, stats
+    return parts, {**stats, **seq_stats}
 
 
 def entropy_bonus(x: LossInputs, hp: LossConfig, seq_weight, coef) -> jax.Array:
@@ -140,7 +155,7 @@ def clip_cov(x: LossInputs, hp: LossConfig) -> Terms:
 
 def kl_cov(x: LossInputs, hp: LossConfig) -> Terms:
     """Policy loss plus k |log pi - log pi_old| on the top-Cov tokens (section 7)."""
-    extra = hp.kl_cov_coef * jnp.abs(x.logp - x.old_logp) * x.select
+    extra = hp.kl_cov_coef * abs_zero_grad(x.logp - x.old_logp) * x.select
     parts, stats = policy_terms(x, hp, extra=extra)
     stats["cov_selected"] = token_sum(x, x.select)
     return parts, stats
@@ -200,6 +215,9 @@ METHODS: Mapping[str, Method] = types.MappingProxyType({
     "kl_cov": Method(kl_cov, select=select_kl_cov),
     "entropy_adv": Method(entropy_adv),
     "aer": Method(aer),
+    # GSPO (arXiv 2507.18071, section 4a): the paper's and verl's recipe values
+    "gspo": Method(grpo, _preset(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4,
+                                 agg="seq-mean-token-mean", beta=0.0)),
     "uec": Method(grpo, _preset(explore=True, stabilizer=True)),
     # The authors' released code: section 8's rollout-level exploration and replay over the
     # plain GRPO loss (the rollout switches are uecjax.rollout.ROLLOUT_PRESETS["uec_code"]).
