@@ -97,7 +97,7 @@ MICRO_CASES = {
     # beta > 0 with a reference; old params perturbed so ratios leave the clip range.
     "grpo": dict(method="grpo", beta=0.05),
     # explore + stabilizer active (H_0 set below the entropy), old-pass anchor
-    "uec": dict(method="uec", beta=0.05, alpha=0.05, lam=2.0),
+    "uec": dict(method="uec", beta=0.05, alpha=0.05, lam=2.0, stabilizer_anchor="old"),
     # current-parameter anchor: exact even though pi_old's entropy differs
     "uec_current": dict(method="uec", beta=0.0, alpha=0.05, lam=2.0, stabilizer_anchor="current"),
     "kl_cov": dict(method="kl_cov", beta=0.0, cov_frac=0.2, agg="seq-mean-token-mean"),

@@ -46,9 +46,10 @@ def model():
     return tiny_model()
 
 
-def test_learning_rate_outside_the_optimizer_is_bit_identical(model):
-    """The step scales AdamW's direction by schedule(step) itself: the same bits as optax's
-    own scheduled AdamW (the optimizer before this change), over a warm-up schedule."""
+def test_learning_rate_outside_the_optimizer_is_the_scheduled_adamw(model):
+    """The step scales AdamW's direction by schedule(step) itself: the update of optax's own
+    scheduled AdamW (the optimizer before this change), over a warm-up schedule, to float32
+    rounding (the reference runs op by op, the step fused under jit)."""
     optim = OptimConfig(learning_rate=0.05, warmup_steps=3, schedule="warmup_cosine", total_steps=10,
                         weight_decay=0.1)
     ts = TrainStep(model, loss_config("grpo", beta=0.0), optim, single_mesh())
@@ -62,7 +63,8 @@ def test_learning_rate_outside_the_optimizer_is_bit_identical(model):
         ref_params = optax.apply_updates(ref_params, updates)
         params, opt_state, control, metrics = ts.step(params, opt_state, control, batch)
         for a, b in zip(jax.tree.leaves(host(params)), jax.tree.leaves(ref_params)):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+        ref_params = host(params)  # each step from the same point: no drift across steps
     assert int(control.step) == 3
 
 
@@ -85,8 +87,8 @@ def test_second_update_clips_and_dapo_differs_from_grpo(model):
     grpo = TrainStep(model, loss_config("grpo", beta=0.0), SGD_LIKE, single_mesh())
     dapo = TrainStep(model, loss_config("dapo"), SGD_LIKE, single_mesh())
     params, opt_state, control = grpo.init(nnx.state(model))
-    rollout = with_logprobs(grpo, params, random_batch(B=16, seed=3))
-    first, second = (jax.tree.map(lambda x, i=i: None if x is None else x[i * 8:(i + 1) * 8], rollout)
+    rollout = with_logprobs(grpo, params, random_batch(B=32, seed=3))
+    first, second = (jax.tree.map(lambda x, i=i: None if x is None else x[i * 16:(i + 1) * 16], rollout)
                      for i in range(2))
     g_grpo, m0, _ = grpo.gradients(params, control, first)
     g_dapo, _, _ = dapo.gradients(params, control, first)
@@ -95,10 +97,13 @@ def test_second_update_clips_and_dapo_differs_from_grpo(model):
     assert m0["clip_frac_low"] == m0["clip_frac_high"] == 0.0
 
     params, opt_state, control, _ = grpo.step(params, opt_state, control, first)
+    ratio = np.exp(np.asarray(grpo.compute_logprobs(params, second)[0]) - second.old_logp)
+    positive = (second.advantages[:, None] > 0) & (second.response_mask > 0)
+    assert ((ratio > 1.2) & (ratio <= 1.28) & positive).any()  # clipped by GRPO only
     g_grpo, m1, _ = grpo.gradients(params, control, second)
     g_dapo, m1_dapo, _ = dapo.gradients(params, control, second)
     assert m1["clip_frac_low"] + m1["clip_frac_high"] > 0
-    assert m1_dapo["clip_frac_high"] <= m1["clip_frac_high"]  # eps_high 0.28 clips no more
+    assert m1_dapo["clip_frac_high"] < m1["clip_frac_high"]  # eps_high 0.28 clips fewer
     diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(host(g_grpo)),
                                                           jax.tree.leaves(host(g_dapo))))
     assert diff > 1e-4
