@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uecjax.checkpoint import (CheckpointMismatchError, CheckpointNotFoundError, Checkpointer,
-                               abstract_like, clear_preemption, install_sigterm_handler,
-                               preemption_requested)
+from uecjax.checkpoint import (CheckpointMismatchError, CheckpointNotFoundError,
+                               CheckpointUnreadableError, Checkpointer, abstract_like,
+                               clear_preemption, install_sigterm_handler, preemption_requested)
 from uecjax.models import Qwen2, TextConfig
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -248,6 +248,48 @@ def test_structure_mismatch_errors(tmp_path):
             _restore(ckpt, {**s, "params": {"w": jnp.zeros(5)}})
         with pytest.raises(CheckpointMismatchError, match=r"key 'count' has dtype int32 .* float32"):
             _restore(ckpt, {**s, "opt_state": {"count": jnp.float32(0)}})
+
+
+def _damage(item_dir, which):
+    """Truncates the array data files under an orbax item directory (`data`) or its JSON
+    `_METADATA` (`metadata`) to half their size; returns how many it truncated."""
+    files = [os.path.join(root, f) for root, _, names in os.walk(item_dir) for f in names
+             if (which == "data" and os.path.basename(root) == "d")
+             or (which == "metadata" and f == "_METADATA")]
+    for f in files:
+        os.truncate(f, os.path.getsize(f) // 2)
+    return len(files)
+
+
+def test_damaged_latest_step_falls_back_to_the_newest_that_restores(tmp_path, caplog):
+    with Checkpointer(tmp_path) as ckpt:
+        _save(ckpt, 1, _small(1))
+        _save(ckpt, 2, _small(2))
+        with pytest.raises(CheckpointMismatchError):  # a config change never falls back
+            _restore(ckpt, {**_small(0), "params": {"w": jnp.zeros(5)}})
+    assert _damage(tmp_path / "2" / "params", "data") > 0
+    with Checkpointer(tmp_path) as ckpt:
+        with caplog.at_level("WARNING", logger="uecjax.checkpoint"):
+            r = _restore(ckpt, _small(0))
+        assert r["step"] == 1 and r["meta"] == {"i": 1}
+        assert_bit_exact({k: r[k] for k in ("params", "opt_state", "control")},
+                         {k: _small(1)[k] for k in ("params", "opt_state", "control")})
+        assert [s for s, _ in r["skipped"]] == [2]
+        warnings = [rec.getMessage() for rec in caplog.records if rec.name == "uecjax.checkpoint"]
+        assert len(warnings) == 1 and "\n" not in warnings[0]
+        assert warnings[0].startswith(f"checkpoint step 2 in {tmp_path} does not restore, skipped: ")
+        assert r["skipped"][0][1] in warnings[0]
+        with pytest.raises(CheckpointUnreadableError, match=r"^step 2 of .* does not restore"):
+            _restore(ckpt, _small(0), step=2)  # an explicit step never falls back
+        assert _restore(ckpt, _small(0), step=1)["skipped"] == []
+    assert _damage(tmp_path / "1" / "params", "metadata") > 0
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointUnreadableError) as info:
+            _restore(ckpt, _small(0))
+    message = str(info.value)
+    assert isinstance(info.value, CheckpointNotFoundError) and "\n" not in message
+    assert message.startswith(f"no step of {tmp_path} restores (2 tried, newest first)")
+    assert "step 2: ValueError" in message and "step 1: JSONDecodeError" in message
 
 
 def test_meta_must_be_json(tmp_path):

@@ -117,6 +117,21 @@ def test_math_schema_answer_from_boxed_solution(tmp_path):
     assert source.skipped.as_dict() == {"skipped": 1, "skipped/missing_answer": 1}
 
 
+def test_jsonl_row_with_invalid_utf8_is_skipped_and_counted(tmp_path, caplog):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"problem": "1+1?", "answer": "2"}\n'
+                     b'{"problem": "caf\xff\xfe?", "answer": "3"}\n'  # not UTF-8
+                     b'{not json\n'
+                     b'{"problem": "2+2?", "answer": "4"}\n')
+    with caplog.at_level(logging.WARNING, logger="uecjax.data"):
+        source = load_source(path)
+    assert [(r.prompt, r.answer) for r in source] == [("1+1?", "2"), ("2+2?", "4")]
+    assert source.skipped.as_dict() == {"skipped": 2, "skipped/bad_json": 2}
+    warnings = [m for m in caplog.messages if "skipping malformed row" in m]
+    assert len(warnings) == 2 and "line 2" in warnings[0] and "invalid UTF-8" in warnings[0]
+    assert "line 3" in warnings[1] and "invalid JSON" in warnings[1]
+
+
 def test_jsonl_with_configured_fields(tmp_path):
     path = tmp_path / "dapo.jsonl"
     rows = [

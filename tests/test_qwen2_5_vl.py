@@ -27,6 +27,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from uecjax.models import (CheckpointError, ConfigError, Qwen2_5_VL, VisionConfig, from_pretrained,
                            mrope_positions, save_pretrained, vision_layout)
+from uecjax.models.config import TextConfig, VLConfig
 from uecjax.models.vision import window_index
 from uecjax.sharding import param_shardings
 
@@ -313,6 +314,39 @@ def test_flat_hub_config_loads(vl, tmp_path):
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
     assert_close(torch_forward(ref, x["ids"], x["mask"], x["pixels"], x["grid"]),
                  torch_forward(hf, x["ids"], x["mask"], x["pixels"], x["grid"]), 0)
+
+
+TEXT_WITHOUT_DEFAULTED = dict(vocab_size=128, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested_rope_scaling", "nested_rope_parameters"])
+def test_missing_rope_theta_and_eps_get_transformers_qwen2_5_vl_defaults(layout):
+    """Not Qwen2's 1e4 / 1e-6: transformers' Qwen2_5_VLTextConfig fills in 1e6 / 1e-5."""
+    from transformers import Qwen2_5_VLConfig
+
+    sections = {"mrope_section": [2, 3, 3]}
+    if layout == "flat":  # older hub files: decoder fields at the top level
+        hf = {**TEXT_WITHOUT_DEFAULTED, "rope_scaling": {"type": "mrope", **sections}}
+    else:
+        rope = {"rope_scaling": {"type": "mrope", **sections}} if layout == "nested_rope_scaling" \
+            else {"rope_parameters": {"rope_type": "default", **sections}}  # transformers 5
+        hf = {"text_config": {**TEXT_WITHOUT_DEFAULTED, **rope}}
+    hf.update(model_type="qwen2_5_vl", vision_config=dict(TINY_VL_VISION), **TINY_VL_TOKENS)
+    reference = Qwen2_5_VLConfig(**json.loads(json.dumps(hf))).text_config
+    config = VLConfig.from_hf(json.loads(json.dumps(hf))).text
+    assert config.rope_theta == reference.rope_parameters["rope_theta"] == 1e6
+    assert config.rms_norm_eps == reference.rms_norm_eps == 1e-5
+
+
+def test_missing_rope_theta_and_eps_get_transformers_qwen2_defaults():
+    from transformers import Qwen2Config
+
+    hf = {**TEXT_WITHOUT_DEFAULTED, "model_type": "qwen2"}
+    reference = Qwen2Config(**hf)
+    config = TextConfig.from_hf(hf)
+    assert config.rope_theta == reference.rope_parameters["rope_theta"] == 1e4
+    assert config.rms_norm_eps == reference.rms_norm_eps == 1e-6
 
 
 def test_tied_embeddings_round_trip(tmp_path):

@@ -59,8 +59,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-__all__ = ["CheckpointMismatchError", "CheckpointNotFoundError", "Checkpointer", "abstract_like",
-           "clear_preemption", "install_sigterm_handler", "preemption_requested"]
+__all__ = ["CheckpointMismatchError", "CheckpointNotFoundError", "CheckpointUnreadableError",
+           "Checkpointer", "abstract_like", "clear_preemption", "install_sigterm_handler",
+           "preemption_requested"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ _JSON_ITEMS = ("meta", "format")
 
 class CheckpointNotFoundError(FileNotFoundError):
     """No (finished) checkpoint where one was asked for."""
+
+
+class CheckpointUnreadableError(CheckpointNotFoundError):
+    """Checkpoints exist but none of the steps tried restores (damaged or truncated files)."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -343,21 +348,59 @@ class Checkpointer:
         were saved with (None if the step has none). Typed PRNG key targets get typed keys back
         (saved as `jax.random.key_data`, rewrapped), raw uint32 targets raw key data.
 
-        Returns {"step", "params", "opt_state", "control", "buffers", "meta"}.
+        Without `step`, a latest step that does not restore (damaged files: a truncated or
+        overwritten array file, broken JSON) is skipped with one warning each, newest first,
+        down to the newest one that restores; `CheckpointUnreadableError` lists the steps tried
+        when none does. An explicit `step` that does not restore raises it at once.
+        `CheckpointMismatchError` (a config change, not damage) always raises.
+
+        Returns {"step", "params", "opt_state", "control", "buffers", "meta", "skipped"};
+        skipped: [(step, reason)] of the newer steps that did not restore.
         """
         self._manager.wait_until_finished()
         steps = self.all_steps()
         if step is None:
             if not steps:
                 raise self._missing("restore")
-            step = steps[-1]
+            candidates = steps[::-1]
         elif step not in steps:
             if not steps:
                 raise self._missing(f"restore of step {step}")
             raise CheckpointNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
-        step = int(step)
+        else:
+            candidates = [int(step)]
+        skipped: list[tuple[int, str]] = []
+        for candidate in candidates:
+            try:
+                out, error = self._restore_step(candidate, params_target, opt_state_target,
+                                                control_target, buffers_target), None
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds on damage)
+                out, error = None, e
+            if jax.process_count() > 1:
+                # Every process must resume from the same step: one failed read fails it for all.
+                failed = multihost_utils.process_allgather(np.int32(error is not None))
+                if error is None and np.any(failed):
+                    error = RuntimeError("another process could not read it")
+            if error is None:
+                out["skipped"] = skipped
+                return out
+            reason = _one_line(error)
+            skipped.append((candidate, reason))
+            if step is None and candidate != candidates[-1]:
+                log.warning("checkpoint step %d in %s does not restore, skipped: %s", candidate,
+                            self.directory, reason)
+        tried = "; ".join(f"step {s}: {r}" for s, r in skipped)
+        what = f"step {step} of {self.directory} does not restore" if step is not None else \
+            f"no step of {self.directory} restores ({len(skipped)} tried, newest first)"
+        raise CheckpointUnreadableError(
+            f"{what}, the files look damaged: {tried}. Move the damaged step directories "
+            "away (or the whole directory, to start the run over).")
 
+    def _restore_step(self, step: int, params_target, opt_state_target, control_target,
+                      buffers_target) -> dict[str, Any]:
         fmt = self._manager.restore(step, args=ocp.args.Composite(format=ocp.args.JsonRestore()))["format"]
         stored_md = self._manager.item_metadata(step)
         targets = {"params": params_target, "opt_state": opt_state_target, "control": control_target}
@@ -399,6 +442,12 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut to `limit` characters (tensorstore's run long)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _decode(restored, target, info):

@@ -3,7 +3,8 @@
 Config files (`configs/*.py`) start from `base_config()` and change what their recipe needs;
 the command line overrides any field: `--config.rl.alpha=0.02` style, e.g.
 `--config.method=grpo --config.train.steps=200`. `validate` turns a bad value into a message
-that names the field and says what is allowed.
+that names the field and says what is allowed: every config problem, including those that the
+method's LossConfig, RolloutConfig and OptimConfig reject, is one ConfigValueError from there.
 """
 
 from __future__ import annotations
@@ -150,8 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
-    """Raises ConfigValueError naming the first bad field. dry_run: data and checkpoint paths
-    are not needed (a shape from model.preset or model.path's config.json is)."""
+    """Raises ConfigValueError naming the first bad field, also for what the method's
+    LossConfig, RolloutConfig and OptimConfig (built here as `train` builds them) reject.
+    dry_run: data and checkpoint paths are not needed (a shape from model.preset or
+    model.path's config.json is)."""
     def bad(field, value, why):
         raise ConfigValueError(f"config.{field}={value!r}: {why}")
 

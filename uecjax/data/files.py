@@ -131,15 +131,21 @@ def _parquet_rows(path: Path, columns: list[str] | None) -> Iterator[tuple[str, 
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    # Bytes, decoded line by line: a line that is not UTF-8 is one malformed row, not the file.
+    with open(path, "rb") as f:
         head = f.read(1 << 12).lstrip()
         f.seek(0)
-        if head.startswith("["):  # a .json file holding one array of rows
-            for i, item in enumerate(json.load(f)):
+        if head.startswith(b"["):  # a .json file holding one array of rows
+            for i, item in enumerate(json.loads(f.read().decode("utf-8"))):
                 yield f"item {i}", item
             return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"line {lineno}", ValueError(f"invalid UTF-8: {e}")
                 continue
             try:
                 yield f"line {lineno}", json.loads(line)

@@ -20,6 +20,14 @@ import jax.numpy as jnp
 TEXT_MODEL_TYPES = ("qwen2",)
 VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "mrope")
+# Decoder fields a config.json may omit, per model_type, as transformers' config classes fill
+# them in (Qwen2Config; Qwen2VLTextConfig / Qwen2_5_VLTextConfig, whose default_theta is 1e6,
+# for either layout of the VL configs).
+TEXT_DEFAULTS = {
+    "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+    "qwen2_vl": {"rope_theta": 1000000.0, "rms_norm_eps": 1e-5},
+    "qwen2_5_vl": {"rope_theta": 1000000.0, "rms_norm_eps": 1e-5},
+}
 REMAT_MODES = ("none", "per_layer", "full")
 
 
@@ -117,7 +125,9 @@ class TextConfig(_Dtypes):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported; set it to false "
                               "(the Qwen2.5 checkpoints ship with it off)")
         rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or text.get("rope_theta") or hf.get("rope_theta") or 10000.0
+        defaults = TEXT_DEFAULTS[model_type]
+        theta = (rope.pop("rope_theta", None) or text.get("rope_theta") or hf.get("rope_theta")
+                 or defaults["rope_theta"])
         # Old configs spell the kind "type"; Qwen2-VL's "mrope" is plain RoPE per section.
         if "type" in rope:
             rope.setdefault("rope_type", rope.pop("type"))
@@ -131,7 +141,7 @@ class TextConfig(_Dtypes):
             num_attention_heads=text["num_attention_heads"],
             num_key_value_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
             head_dim=text.get("head_dim"),
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rms_norm_eps=text.get("rms_norm_eps", defaults["rms_norm_eps"]),
             rope_theta=float(theta),
             rope_scaling=rope_scaling,
             max_position_embeddings=text.get("max_position_embeddings", 32768),
