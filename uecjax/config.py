@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # RL method: a key of uecjax.objectives.methods.METHODS (grpo, dapo, entropy_reg, clip_cov,
-    # kl_cov, entropy_adv, aer, uec, uec_code). Its loss and rollout presets apply first.
+    # kl_cov, entropy_adv, gspo, aer, uec, uec_code). Its loss and rollout presets apply first.
     c.method = "uec"
 
     c.model = ml_collections.ConfigDict()
@@ -120,8 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.state_dtype = ""  # Adam moments: "" (the parameters' dtype) | float32 | bfloat16
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 100  # optimizer updates on fresh rollouts (replay updates come on top)
-    c.train.micro_batches = 1  # gradient accumulation; B * G must divide by it (and the mesh)
+    # Rollout steps: each gives updates_per_rollout x epochs optimizer updates (the learning-rate
+    # schedule counts those; replay updates come on top and do not advance it).
+    c.train.steps = 100
+    c.train.micro_batches = 1  # gradient accumulation within an update; its rows must divide by it (and the mesh)
     # Optimizer updates per rollout batch: its B * G rows are split into this many disjoint
     # mini-batches, one update each, PPO-style (section 4a); B * G must divide by it.
     c.train.updates_per_rollout = 1
@@ -208,7 +210,8 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
                              c.rollout.to_dict(), RolloutConfig)
     # As train() builds it; `frozen` depends on the model and is checked against its params.
     _build_section("optim", lambda **kw: OptimConfig(
-        **{"total_steps": max(c.train.steps, c.optim.warmup_steps + 1), **kw}),
+        **{"total_steps": max(c.train.steps * c.train.updates_per_rollout * c.train.epochs,
+                              c.optim.warmup_steps + 1), **kw}),
         c.optim.to_dict(), OptimConfig, elsewhere={"frozen": "config.model.freeze_vision"})
     if rollout.batch_rows % c.train.updates_per_rollout:
         bad("train.updates_per_rollout", c.train.updates_per_rollout,

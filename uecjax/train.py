@@ -251,6 +251,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             control_target=ckpt.abstract_like(control))
         params, opt_state, control = restored["params"], restored["opt_state"], restored["control"]
         meta = restored["meta"]
+        for skipped_step, why in restored.get("skipped", []):
+            logger.text(f"checkpoint {skipped_step} does not restore ({why}); using an older one")
         start, history = meta["step"], meta["history"]
         train_iter.set_state(own_iterator_state(meta, jax.process_index(), jax.process_count()))
         rollout.calls = meta["rollout_calls"]
