@@ -43,10 +43,13 @@ def get_config():
     # Adam's first steps are sign steps of size lr on every parameter: warm up, and an eps
     # near the typical gradient entry (~1e-4 here) damps parameters that only see noise.
     c.optim.learning_rate = 3e-4
-    c.optim.warmup_steps = 10
+    c.optim.warmup_steps = 20  # optimizer updates: the first 10 rollouts
     c.optim.eps = 1e-5
     c.optim.weight_decay = 0.0
     c.train.steps = 30
+    # Two PPO updates per rollout batch (64 rows each, pi_old fixed at rollout time), so that
+    # the clip, the dual clip and DAPO's clip-higher act (with one update pi = pi_old).
+    c.train.updates_per_rollout = 2
     c.train.eval_every = 15
     c.train.checkpoint_every = 15
     c.eval.num_prompts = 128

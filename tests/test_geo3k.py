@@ -133,7 +133,9 @@ def test_geo3k_config_trains_two_steps_end_to_end(tiny_vl, tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["sampled_tokens"] > 0 and r["tokens"] > 0 and r["data/skipped"] == 0 for r in steps)
     assert any("eval/pass@2" in r for r in rows) and os.listdir(run / "tensorboard")
-    assert ckpt.Checkpointer(str(run / "checkpoints"), read_only=True).latest_step() == 2
+    assert all(r["updates"] == 4 for r in steps)  # the recipe's four updates per rollout
+    # Checkpoints are numbered by optimizer updates: 2 rollouts x 4.
+    assert ckpt.Checkpointer(str(run / "checkpoints"), read_only=True).latest_step() == 8
     export = run / "export"
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"} <= set(os.listdir(export))
     assert json.load(open(export / "config.json"))["model_type"] == "qwen2_5_vl"

@@ -126,7 +126,10 @@ def test_two_processes_agree_on_selective_rollouts(policy_dir, tmp_path):
     config_file = tmp_path / "config.py"
     config_file.write_text(
         "from loop_helpers import fsdp_config\n"
-        f"def get_config():\n    return fsdp_config({policy_dir!r}, steps=1, method='uec')\n")
+        # retain_gated=False: hard prompts' zero-advantage rows are dropped, so each process
+        # keeps its own number of rows (with the gate's default every regular row stays).
+        f"def get_config():\n    c = fsdp_config({policy_dir!r}, steps=1, method='uec')\n"
+        "    c.rollout.retain_gated = False\n    return c\n")
     multi, cache = tmp_path / "multi", tmp_path / "cache"
     launch(config_file, multi, cache, steps=1)
     out = launch(config_file, multi, cache, steps=2)

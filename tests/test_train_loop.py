@@ -107,3 +107,22 @@ def test_bad_input_messages(policy_dir, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: config.model.path='/nonexistent/model': checkpoint directory not found" in result.stderr
     assert "huggingface-cli download" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(policy_dir, tmp_path):
+    """The newest checkpoint's parameter files are truncated: the run says so in one line,
+    resumes from the step before and finishes."""
+    import io
+
+    train(tiny_config(policy_dir, "grpo", steps=2), str(tmp_path), log_console=None)
+    data = [os.path.join(root, f) for root, _, names in os.walk(tmp_path / "checkpoints" / "2" / "params")
+            for f in names if os.path.basename(root) == "d"]
+    assert data
+    for f in data:
+        os.truncate(f, os.path.getsize(f) // 2)
+    console = io.StringIO()
+    summary = train(tiny_config(policy_dir, "grpo", steps=3), str(tmp_path), log_console=console)
+    lines = console.getvalue().splitlines()
+    assert sum(line.startswith("checkpoint 2 does not restore") for line in lines) == 1, lines[:5]
+    assert any(line.startswith("resumed from") and line.rstrip().endswith("at step 1") for line in lines)
+    assert summary["step"] == 3

@@ -56,7 +56,7 @@ def test_learning_rate_outside_the_optimizer_is_the_scheduled_adamw(model):
     params, opt_state, control = ts.init(nnx.state(model))
     reference = make_optimizer(optim)  # schedule inside, counted by optax
     ref_params, ref_state = host(params), reference.init(host(params))
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         batch = with_logprobs(ts, params, random_batch(seed=seed))
         grads, _, _ = ts.gradients(params, control, batch)
         updates, ref_state = reference.update(host(grads), ref_state, ref_params)
@@ -65,7 +65,7 @@ def test_learning_rate_outside_the_optimizer_is_the_scheduled_adamw(model):
         for a, b in zip(jax.tree.leaves(host(params)), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
         ref_params = host(params)  # each step from the same point: no drift across steps
-    assert int(control.step) == 3
+    assert int(control.step) == 2
 
 
 def test_replay_updates_do_not_advance_the_schedule(model):
@@ -165,7 +165,7 @@ def test_resume_between_updates_of_a_rollout_equals_uninterrupted(policy_dir, tm
     from uecjax.train import train
 
     def cfg():
-        c = tiny_config(policy_dir, "uec", steps=3)
+        c = tiny_config(policy_dir, "uec", steps=2)
         c.train.updates_per_rollout = 2
         c.train.checkpoint_every = 0
         c.train.export_hf = True
@@ -186,7 +186,8 @@ def test_resume_between_updates_of_a_rollout_equals_uninterrupted(policy_dir, tm
         return {r["step"]: r for r in rows if "loss" in r}
 
     a, b = step_rows(full), step_rows(part)
-    for step in (2, 3):
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in (1, 2):
         for key in ("loss", "entropy", "reward", "grad_norm", "kl_ref", "h0", "clip_frac_low",
                     "clip_frac_high", "updates"):
             assert a[step][key] == b[step][key], (step, key)
