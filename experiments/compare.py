@@ -235,6 +235,10 @@ def compare(variants, seeds, *, steps: int, eval_every: int, eval_prompts: int, 
                 shutil.copytree(init, os.path.join(workdir, "demo_init"))
                 t = time.perf_counter()
                 summary = train(cfg, workdir, log_console=None)
+                if summary["preempted"]:  # SIGTERM: the run saved and stopped; not finished
+                    log(f"{variant} seed {seed}: stopped by SIGTERM; run the command again to "
+                        "go on (this run starts over)")
+                    sys.exit(1)
                 summary["seconds"] = time.perf_counter() - t
                 c = read_curves(summary["metrics_jsonl"])
                 summary["final_entropy"] = float(np.mean(c["entropy"][1][-5:]))
