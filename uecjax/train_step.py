@@ -200,7 +200,8 @@ def train_step(params, opt_state, control: ControlState, batch: Batch, *,
 
     Returns (params, opt_state, control, metrics); metrics are float32 scalars: loss and
     loss/<part>, entropy (all, hard, easy prompts), h0, h_max,
-    stabilizer_penalty, aer_alpha, aer_target, clip_frac_low/high/dual, kl_old, kl_ref (with a
+    stabilizer_penalty, aer_alpha, aer_target, clip_frac_low/high/dual (seq_clip_frac, _low, _high with
+    loss.ratio_level sequence / sequence_token: fractions of sequences), kl_old, kl_ref (with a
     reference), logp_gap (sampler vs trainer, with sampler log-probs), grad_norm (before
     clipping), lr, tokens, seqs, and cov_selected for clip_cov / kl_cov.
     """
