@@ -143,6 +143,11 @@ def _host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in distributed.to_host(metrics).items()}
 
 
+def _hosted(updates: list) -> list[dict[str, float]]:
+    """Per-update metrics as host floats (those restored from a checkpoint already are)."""
+    return [u if all(isinstance(v, float) for v in u.values()) else _host(u) for u in updates]
+
+
 def _set_h0(control, roll_stats: dict, trainer: TrainStep):
     """H_0 (section 6) from the first rollout with tokens: the token-mean entropy of the initial
     policy's regular samples before any selection (retention, exploration), as the rollout
@@ -334,21 +339,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                 params, opt_state, control, metrics = trainer.step(params, opt_state, control,
                                                                    place(minibatch))
                 control = trainer.update_control(control, metrics)
-                updates.append(_host(metrics))
+                updates.append(metrics)  # on device: fetched once, after the rollout's updates
                 # Polled after every update (a multi-host sync point needs every update count).
                 stop = ckpt.preemption_requested((step - 1) * plan.total + k + 1)
                 if stop and k + 1 < plan.total:
                     break
             if stop and k + 1 < plan.total:
                 save(step - 1, force=True, pending=dict(rows=rows, roll_stats=roll_stats, done=k + 1,
-                                                        metrics=updates, t_rollout=t_rollout))
+                                                        metrics=_hosted(updates), t_rollout=t_rollout))
                 preempted = True
                 logger.text(f"preemption: saved rollout step {step}, update {k + 1} of {plan.total}, "
                             f"to {checkpointer.directory}; exiting")
                 break
             nnx.update(model, params)
             rollout.after_update(rows)
-            values = mean_metrics(updates)
+            values = mean_metrics(_hosted(updates))
             values["updates"] = float(len(updates))
             rng = np.random.default_rng((cfg.seed, step) + ((share.index,) if share.count > 1 else ()))
             scorer.params = params  # replay may recompute its rows' old log-probs
