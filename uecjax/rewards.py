@@ -516,6 +516,76 @@ class RewardGrader:
             "(pip install 'math-verify>=0.9').")
 
 
+class CountdownGrader:
+    """Grades countdown responses (`uecjax.data.countdown`) in this process, with the
+    `RewardGrader` interface (`grade_batch` -> Future of `list[Reward]`, `grade`, `close`).
+
+    `answers[i]` is the problem as `uecjax.data.countdown.answer_key` writes it, `"3 5 7|22"`
+    (the records of `countdown_source` carry it: the loop hands graders nothing else of the
+    problem); `choices` are ignored. Reward: accuracy 1.0 iff the response is a well-formed
+    expression using each number once that equals the target; format 1.0 iff it is a
+    well-formed expression (any numbers, any value); reward = w_f * format + (1 - w_f) *
+    accuracy; extracted = the expression text; status ok | no_answer | too_long | malformed |
+    wrong_numbers | wrong_value. A response is parsed once, in linear time over at most
+    `MAX_CHARS` characters, without evaluating anything as code: no worker processes, no
+    deadline, and `grade_batch` returns a finished Future.
+    """
+
+    def __init__(self, format_weight: float = 0.0):
+        self.format_weight = _check_weight(format_weight)
+        self.stats = {"graded": 0}
+        self._closed = False
+
+    def grade_batch(self, responses: Sequence[str], answers: Sequence[str],
+                    choices: Sequence[Sequence[str] | None] | None = None, *,
+                    format_weight: float | None = None) -> concurrent.futures.Future:
+        """A finished Future of `list[Reward]`, in the order of `responses`."""
+        from uecjax.data.countdown import grade_countdown, parse_answer_key
+
+        if self._closed:
+            raise RuntimeError("CountdownGrader.grade_batch called after close()")
+        responses, answers = list(responses), list(answers)
+        if len(responses) != len(answers) or (choices is not None and
+                                               len(choices) != len(responses)):
+            raise ValueError(f"grade_batch: {len(responses)} responses, {len(answers)} answers"
+                             + ("" if choices is None else f" and {len(choices)} choices")
+                             + "; they must be aligned one per response")
+        w = self.format_weight if format_weight is None else _check_weight(format_weight)
+        rewards = []
+        for response, answer in zip(responses, answers):
+            numbers, target = parse_answer_key(answer)
+            g = grade_countdown(str(response), numbers, target)
+            rewards.append(Reward(w * g.format + (1.0 - w) * g.accuracy, g.accuracy, g.format,
+                                  g.extracted, g.status))
+        self.stats["graded"] += len(rewards)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result(rewards)
+        return future
+
+    def grade(self, responses, answers, choices=None, **kwargs) -> list[Reward]:
+        """Blocking `grade_batch`."""
+        return self.grade_batch(responses, answers, choices, **kwargs).result()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_grader(data_kind: str, *, num_workers: int | None = None, timeout_s: float = 5.0,
+                format_weight: float = FORMAT_WEIGHT, think_prefilled: bool = False):
+    """The grader of a run's task (config.data.kind): `CountdownGrader` for "countdown",
+    else a `RewardGrader` (math-verify on the last `\\boxed{}`) with these settings."""
+    if data_kind == "countdown":
+        return CountdownGrader(format_weight=format_weight)
+    return RewardGrader(num_workers=num_workers, timeout_s=timeout_s,
+                        format_weight=format_weight, think_prefilled=think_prefilled)
+
+
 def _check_weight(w: float) -> float:
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"format_weight={w}: must be in [0, 1] (r = w * format + (1 - w) * acc)")
