@@ -178,6 +178,63 @@ def _load(path: str):
     return from_pretrained(path), load_tokenizer(path)
 
 
+def tiny_qwen2(model_fields: dict, seed: int):
+    """(model, tokenizer): the character-level tokenizer and a fresh tiny Qwen2 over it, of the
+    TextConfig fields `model_fields` (vocab_size comes from the tokenizer)."""
+    from flax import nnx
+
+    from uecjax.models import Qwen2, TextConfig
+
+    tokenizer = char_tokenizer()
+    config = TextConfig(vocab_size=len(tokenizer), **model_fields)
+    return Qwen2(config, rngs=nnx.Rngs(seed)), tokenizer
+
+
+def num_parameters(model) -> int:
+    import jax
+    from flax import nnx
+
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+
+
+def cached_policy(path: str, settings: dict, build: Callable[[], tuple], *, settings_file: str,
+                  force: bool, log: Callable[[str], None], name: str):
+    """(model, tokenizer, path): the policy saved at `path` if its settings match, else built.
+
+    A self-prepared policy (the demo's, the countdown task's) is saved in Hugging Face layout
+    with a JSON `settings_file` written last, {"settings": settings, ...what build reported}:
+    a later call with the same `settings` loads it instead of training again; other settings,
+    a missing or partial directory, or `force` rebuild it. `build()` returns (model, tokenizer,
+    info), info a JSON-able dict that may hold "val_accuracy" and "sft_loss" (logged).
+    """
+    from uecjax.models import save_pretrained
+
+    settings_path = os.path.join(path, settings_file)
+    if not force and os.path.exists(settings_path):
+        try:
+            with open(settings_path) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved is not None and saved.get("settings") == settings:
+            model, tokenizer = _load(path)
+            log(f"{name}: reusing {path} (greedy val accuracy {saved.get('val_accuracy')})")
+            return model, tokenizer, path
+        log(f"{name}: {path} was made with other settings; rebuilding it")
+    start = time.perf_counter()
+    model, tokenizer, info = build()
+    save_pretrained(model, path)
+    tokenizer.save_pretrained(path)
+    record = {"settings": settings, **info, "seconds": time.perf_counter() - start}
+    tmp = settings_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, settings_path)
+    log(f"{name}: saved to {path} in {record['seconds']:.0f}s (loss "
+        f"{info.get('sft_loss', float('nan')):.3f}, greedy val accuracy {info.get('val_accuracy')})")
+    return model, tokenizer, path
+
+
 def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | None = None,
                         levels: Sequence[int] = WARMUP_LEVELS, num_train: int = 2000,
                         style: str = "expression", template: str = "plain",
@@ -202,12 +259,6 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
       steps; None: run all steps). The test split is never looked at.
     force: retrain even if a matching policy exists.
     """
-    import jax
-    from flax import nnx
-
-    from uecjax.models import Qwen2, TextConfig, save_pretrained
-    from uecjax.sft import supervised_warmup
-
     log = log or logger.info
     cfg_fields = {**DEMO_MODEL, **(model_overrides or {})}
     settings = DemoPolicySettings(
@@ -215,62 +266,40 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
         num_train=num_train, style=style, template=template, use_chat_template=use_chat_template,
         sft_steps=sft_steps, batch_size=batch_size, learning_rate=learning_rate,
         target_accuracy=target_accuracy, num_val=num_val, slip=slip)
-    path = os.path.join(workdir, "demo_init")
-    settings_file = os.path.join(path, SETTINGS_FILE)
-    if not force and os.path.exists(settings_file):
-        try:
-            with open(settings_file) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            saved = None
-        if saved is not None and saved.get("settings") == settings.to_json():
-            model, tokenizer = _load(path)
-            log(f"demo policy: reusing {path} (greedy val accuracy "
-                f"{saved.get('val_accuracy')})")
-            return model, tokenizer, path
-        log(f"demo policy: {path} was made with other settings; rebuilding it")
 
-    start = time.perf_counter()
-    tokenizer = char_tokenizer()
-    config = TextConfig(vocab_size=len(tokenizer), **cfg_fields)
-    model = Qwen2(config, rngs=nnx.Rngs(seed))
-    # Validation: train-split problems of every level (never the test split, so the held-out
-    # numbers stay clean), kept out of the warm-up set.
-    val = demo_records("train", num_val, seed=seed + 7919, style=style) if num_val else []
-    held = {r.prompt for r in val}
-    train = [r for r in demo_records("train", num_train + len(val), seed=seed,
-                                     levels=tuple(levels), style=style)
-             if r.prompt not in held][:num_train]
-    examples = _build_examples(tokenizer, train, template, use_chat_template, slip, seed)
-    from uecjax.sampler import Sampler
+    def build():
+        from uecjax.sampler import Sampler
+        from uecjax.sft import supervised_warmup
 
-    sampler = Sampler(model, pad_id=tokenizer.pad_token_id)
-    max_new = max(len(t) for _, t in examples) + 8
+        model, tokenizer = tiny_qwen2(cfg_fields, seed)
+        # Validation: train-split problems of every level (never the test split, so the
+        # held-out numbers stay clean), kept out of the warm-up set.
+        val = demo_records("train", num_val, seed=seed + 7919, style=style) if num_val else []
+        held = {r.prompt for r in val}
+        train = [r for r in demo_records("train", num_train + len(val), seed=seed,
+                                         levels=tuple(levels), style=style)
+                 if r.prompt not in held][:num_train]
+        examples = _build_examples(tokenizer, train, template, use_chat_template, slip, seed)
+        sampler = Sampler(model, pad_id=tokenizer.pad_token_id)
+        max_new = max(len(t) for _, t in examples) + 8
 
-    def eval_fn():
-        return greedy_accuracy(model, tokenizer, val, template=template,
-                               use_chat_template=use_chat_template, max_new_tokens=max_new,
-                               sampler=sampler)
+        def eval_fn():
+            return greedy_accuracy(model, tokenizer, val, template=template,
+                                   use_chat_template=use_chat_template,
+                                   max_new_tokens=max_new, sampler=sampler)
 
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
-    log(f"demo policy: warming up a {num_params / 1e6:.2f}M-parameter Qwen2 on "
-        f"{len(examples)} problems of levels {tuple(levels)} ({sft_steps} steps of {batch_size})")
-    stats = supervised_warmup(
-        model, tokenizer, examples, steps=sft_steps, batch_size=batch_size,
-        learning_rate=learning_rate, seed=seed, log_every=50,
-        target_accuracy=target_accuracy, eval_fn=eval_fn if target_accuracy is not None else None,
-        eval_every=50, log=log)
-    val_acc = stats["final_eval"] if stats["final_eval"] is not None else (
-        eval_fn() if val else None)
-    save_pretrained(model, path)
-    tokenizer.save_pretrained(path)
-    record = {"settings": settings.to_json(), "val_accuracy": val_acc,
-              "sft_loss": stats["loss"], "sft_steps_taken": stats["steps"],
-              "seconds": time.perf_counter() - start}
-    tmp = settings_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, settings_file)
-    log(f"demo policy: saved to {path} in {record['seconds']:.0f}s "
-        f"(loss {stats['loss']:.3f}, greedy val accuracy {val_acc})")
-    return model, tokenizer, path
+        log(f"demo policy: warming up a {num_parameters(model) / 1e6:.2f}M-parameter Qwen2 on "
+            f"{len(examples)} problems of levels {tuple(levels)} ({sft_steps} steps of "
+            f"{batch_size})")
+        stats = supervised_warmup(
+            model, tokenizer, examples, steps=sft_steps, batch_size=batch_size,
+            learning_rate=learning_rate, seed=seed, log_every=50,
+            target_accuracy=target_accuracy,
+            eval_fn=eval_fn if target_accuracy is not None else None, eval_every=50, log=log)
+        val_acc = stats["final_eval"] if stats["final_eval"] is not None else (
+            eval_fn() if val else None)
+        return model, tokenizer, {"val_accuracy": val_acc, "sft_loss": stats["loss"],
+                                  "sft_steps_taken": stats["steps"]}
+
+    return cached_policy(os.path.join(workdir, "demo_init"), settings.to_json(), build,
+                         settings_file=SETTINGS_FILE, force=force, log=log, name="demo policy")
