@@ -24,7 +24,10 @@ from uecjax.optim import STATE_DTYPES, OptimConfig
 from uecjax.rollout import RolloutConfig, rollout_config
 from uecjax.tokenizer import PROMPT_TEMPLATES
 
-DATA_KINDS = ("demo", "geometry3k", "math", "jsonl")
+DATA_KINDS = ("demo", "countdown", "geometry3k", "math", "jsonl")
+# Tasks the package generates itself: no data path, and without model.path the run prepares
+# its own tiny policy (uecjax.demo_model, uecjax.countdown_model).
+EMBEDDED_KINDS = ("demo", "countdown")
 
 
 class ConfigValueError(ValueError):
@@ -73,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.vision.dry_run_pixels = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "math"  # demo | geometry3k | math | jsonl
+    c.data.kind = "math"  # demo | countdown | geometry3k | math | jsonl
     c.data.path = ""  # file, glob or directory (hub layout data/<split>-*.parquet)
     c.data.train_split = "train"
     c.data.eval_split = "test"
@@ -164,11 +167,13 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
         bad("method", c.method, f"choose from {sorted(METHODS)}")
     if c.data.kind not in DATA_KINDS:
         bad("data.kind", c.data.kind, f"choose from {DATA_KINDS}")
-    if c.data.kind != "demo" and not c.data.path and not dry_run:
+    if c.data.kind not in EMBEDDED_KINDS and not c.data.path and not dry_run:
         bad("data.path", c.data.path, "set it to the dataset directory or file")
-    if c.data.kind != "demo" and not c.model.path and not (dry_run and c.model.preset):
+    if c.data.kind not in EMBEDDED_KINDS and not c.model.path and not (dry_run and c.model.preset):
         bad("model.path", c.model.path, "set it to a Hugging Face checkpoint directory"
             + (" (or its config.json), or set config.model.preset" if dry_run else ""))
+    if c.data.kind == "countdown":
+        _check_countdown_data(c, bad)
     if c.model.remat not in REMAT_MODES + (True, False):
         bad("model.remat", c.model.remat, f"choose from {REMAT_MODES}")
     for field in ("model.dtype", "model.param_dtype"):
@@ -218,6 +223,23 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
             f"must divide the rollout batch, config.rollout.prompts_per_batch * "
             f"config.rollout.group_size = {rollout.prompts_per_batch} * {rollout.group_size} = "
             f"{rollout.batch_rows} rows, into equal mini-batches; change either")
+
+
+def _check_countdown_data(c: ml_collections.ConfigDict, bad) -> None:
+    """config.countdown_data: the problems of a countdown run (`countdown_records` arguments)."""
+    from uecjax.data.countdown import LEVELS
+
+    block = c.get("countdown_data")
+    if block is None:
+        bad("countdown_data", None, "set it for data.kind='countdown': dict(num_train=..., "
+            "num_eval=..., levels=(1, 2), seed=0), as configs/countdown.py does")
+    for name in ("num_train", "num_eval"):
+        value = block.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            bad(f"countdown_data.{name}", value, "must be an integer >= 1")
+    levels = block.get("levels")
+    if not levels or any(lv not in LEVELS for lv in tuple(levels)):
+        bad("countdown_data.levels", levels, f"choose a non-empty tuple from {sorted(LEVELS)}")
 
 
 # Prefixes under which LossConfig, RolloutConfig and OptimConfig name a field in their errors.

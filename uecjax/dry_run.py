@@ -191,7 +191,7 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     per_device["total"] = sum(per_device.values())
     report = {
         "dry_run": True,
-        "model": cfg.model.preset or cfg.model.path or "demo",
+        "model": cfg.model.preset or cfg.model.path or cfg.data.kind,  # an embedded task's model
         "parameters": parameter_count(config),
         "vision_params": _count(params["visual"]) if is_vl else 0,
         "platform": mesh.devices.flat[0].platform,

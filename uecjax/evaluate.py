@@ -49,8 +49,8 @@ Config fields read by the CLI (the training configs define them; optional ones h
     config.mesh.data, .fsdp, .tensor, .num_devices
                                 optional, the device mesh (`uecjax.run_setup.run_mesh`;
                                 default: data over all devices)
-    config.data.kind            "demo" | "geometry3k" | "math" | "jsonl"
-    config.data.path            data file / glob / directory (not used by "demo")
+    config.data.kind            "demo" | "countdown" | "geometry3k" | "math" | "jsonl"
+    config.data.path            data file / glob / directory (not used by "demo", "countdown")
     config.data.eval_split      optional, default of --split ("test")
     config.data.prompt_field, config.data.answer_field
                                 optional, jsonl field names ("problem", "answer")
@@ -61,6 +61,10 @@ Config fields read by the CLI (the training configs define them; optional ones h
                                 Without config.demo_data: config.data.levels, .style, .seed,
                                 .heldout_percent. (The warm-up's own levels are a setting of
                                 `uecjax.demo_model.prepare_demo_policy`, config.demo.)
+    config.countdown_data.levels, .num_eval, .seed, .heldout_percent
+                                countdown only: arguments of `countdown_records` for the
+                                evaluated split, as configs/countdown.py sets them; graded
+                                by `uecjax.rewards.CountdownGrader` (in process)
     config.eval.n               samples per prompt for Pass@k (--n overrides)
     config.eval.max_new_tokens  response budget
     config.eval.temperature     sampling temperature of the n samples
@@ -383,7 +387,7 @@ def _load_checkpoint(checkpoint: str, config, mesh=None):
 def main(argv) -> None:
     from absl import flags
 
-    from uecjax.rewards import RewardGrader
+    from uecjax.rewards import make_grader
     from uecjax.sampler import Sampler
     from uecjax.run_setup import run_mesh
     from uecjax.sharding import make_mesh
@@ -407,10 +411,10 @@ def main(argv) -> None:
         cli.fail(str(e))
     n = FLAGS.n or _get(config, "eval.n", 8)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    grader = RewardGrader(num_workers=_get(config, "reward.num_workers"),
-                          format_weight=_get(config, "reward.format_weight", 0.1),
-                          timeout_s=_get(config, "reward.timeout_s", 5.0),
-                          think_prefilled=_get(config, "reward.think_prefilled", False))
+    grader = make_grader(_get(config, "data.kind"), num_workers=_get(config, "reward.num_workers"),
+                         format_weight=_get(config, "reward.format_weight", 0.1),
+                         timeout_s=_get(config, "reward.timeout_s", 5.0),
+                         think_prefilled=_get(config, "reward.think_prefilled", False))
     from uecjax.run_setup import share_exchange
     from uecjax.sharding import row_share
 

@@ -11,8 +11,10 @@ import jax
 import ml_collections
 
 from uecjax import distributed
-from uecjax.data import (DataNotFoundError, Fields, demo_source, geometry3k_source, load_source,
-                         make_dataset, make_iterator, math_source, shard_batches)
+from uecjax.config import EMBEDDED_KINDS
+from uecjax.data import (DataNotFoundError, Fields, countdown_source, demo_source,
+                         geometry3k_source, load_source, make_dataset, make_iterator, math_source,
+                         shard_batches)
 from uecjax.data.records import SkipCounter
 from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
 from uecjax.models import CheckpointError, VLConfig, from_pretrained
@@ -34,14 +36,14 @@ def check_inputs(cfg: ml_collections.ConfigDict) -> None:
     command that downloads it (run before anything slow)."""
     missing_model, problems = False, []
     path = cfg.model.path
-    if (path or cfg.data.kind != "demo") and not os.path.isdir(path):
+    if (path or cfg.data.kind not in EMBEDDED_KINDS) and not os.path.isdir(path):
         missing_model = True
         problems.append(f"config.model.path={path!r}: checkpoint directory not found. Download it with\n  "
                         + MODEL_DOWNLOAD.format(repo=cfg.model.hub_repo or "<hub repository>",
                                                 path=path or "<dir>"))
     data = cfg.data.path
     # Globs and {split} patterns are resolved (with their own messages) when the data loads.
-    if cfg.data.kind != "demo" and not glob.has_magic(data) and "{split}" not in data \
+    if cfg.data.kind not in EMBEDDED_KINDS and not glob.has_magic(data) and "{split}" not in data \
             and not os.path.exists(data):
         repo = DATA_REPOS.get(cfg.data.kind)
         problems.append(f"config.data.path={data!r}: not found. " + (
@@ -66,8 +68,9 @@ def run_mesh(cfg: ml_collections.ConfigDict, devices=None):
 def model_config(cfg: ml_collections.ConfigDict):
     """The model's config without loading weights: model.preset, else model.path (a
     checkpoint directory or its config.json, read as `load_policy` reads it: VLConfig for a
-    Qwen2.5-VL, the decoder's TextConfig for other checkpoints), else the demo's tiny model;
-    with the run's dtype, param_dtype and remat."""
+    Qwen2.5-VL, the decoder's TextConfig for other checkpoints), else the embedded task's tiny
+    model (the countdown task's for data.kind "countdown", else the demo's); with the run's
+    dtype, param_dtype and remat."""
     from uecjax.models.config import TextConfig
     from uecjax.models.presets import preset
 
@@ -81,11 +84,17 @@ def model_config(cfg: ml_collections.ConfigDict):
         hf_config = read_hf_config(cfg.model.path)
         return model_config_from_hf(hf_config, source=cfg.model.path,
                                     language_model_only=_text_only(hf_config), **numerics)
-    from uecjax.demo_model import DEMO_MODEL
     from uecjax.tokenizer import char_tokenizer
 
-    demo = cfg.get("demo") or {}
-    shape = {**DEMO_MODEL, **dict(demo.get("model_overrides") or {})}
+    if cfg.data.kind == "countdown":
+        from uecjax.countdown_model import COUNTDOWN_MODEL as shape
+
+        settings = cfg.get("countdown") or {}
+    else:
+        from uecjax.demo_model import DEMO_MODEL as shape
+
+        settings = cfg.get("demo") or {}
+    shape = {**shape, **dict(settings.get("model_overrides") or {})}
     return TextConfig(vocab_size=len(char_tokenizer()), **{**shape, **numerics})
 
 
@@ -95,28 +104,40 @@ def _text_only(hf_config: dict) -> bool:
 
 
 def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
-    """(model, tokenizer): the demo's self-prepared policy, or a Hugging Face checkpoint:
+    """(model, tokenizer): an embedded task's self-prepared policy (the demo's, the countdown
+    task's) when config.model.path is empty, or a Hugging Face checkpoint:
     Qwen2.5-VL as `Qwen2_5_VL` (images reach the vision tower), Qwen2 / Qwen2.5 as `Qwen2`.
 
     The mesh is checked against the model's shape first (`check_model_mesh`): a split that
     cannot be even is an error naming config.mesh.*, a vocabulary fallback a logged warning.
     """
-    if cfg.data.kind == "demo" and not cfg.model.path:
-        from uecjax.demo_model import prepare_demo_policy
-
-        if jax.process_count() > 1:  # every process would train and write workdir/demo_init
+    if cfg.data.kind in EMBEDDED_KINDS and not cfg.model.path:
+        task, init = (("countdown", "countdown_init") if cfg.data.kind == "countdown"
+                      else ("demo", "demo_init"))
+        if jax.process_count() > 1:  # every process would train and write workdir/<init>
             raise CheckpointError(
-                "config.model.path='': the demo policy is prepared by a single process; run "
-                "the demo once on one process (it writes WORKDIR/demo_init) and pass "
-                "--config.model.path=WORKDIR/demo_init to the multi-process run")
+                f"config.model.path='': the {task} policy is prepared by a single process; run "
+                f"the {task} config once on one process (it writes WORKDIR/{init}) and pass "
+                f"--config.model.path=WORKDIR/{init} to the multi-process run")
         for warning in check_model_mesh(model_config(cfg), mesh):
             logger.text(f"warning: {warning}")
 
         # The warm-up must see the prompts the RL run will render.
-        model, tokenizer, path = prepare_demo_policy(
-            workdir, seed=cfg.demo_data.get("seed", 0), style=cfg.demo_data.style, template=cfg.prompt.template,
-            use_chat_template=cfg.prompt.use_chat_template, log=logger.text, **cfg.demo.to_dict())
-        logger.text(f"demo policy: {path}")
+        if task == "countdown":
+            from uecjax.countdown_model import prepare_countdown_policy
+
+            settings = cfg.get("countdown")
+            model, tokenizer, path = prepare_countdown_policy(
+                workdir, seed=cfg.countdown_data.get("seed", 0), template=cfg.prompt.template,
+                use_chat_template=cfg.prompt.use_chat_template, log=logger.text,
+                **(settings.to_dict() if settings is not None else {}))
+        else:
+            from uecjax.demo_model import prepare_demo_policy
+
+            model, tokenizer, path = prepare_demo_policy(
+                workdir, seed=cfg.demo_data.get("seed", 0), style=cfg.demo_data.style, template=cfg.prompt.template,
+                use_chat_template=cfg.prompt.use_chat_template, log=logger.text, **cfg.demo.to_dict())
+        logger.text(f"{task} policy: {path}")
         return model, tokenizer
     check_inputs(cfg)
     path = cfg.model.path
@@ -153,6 +174,12 @@ def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
         num = cfg.demo_data.num_train if train else cfg.demo_data.num_eval
         return demo_source("train" if train else "test", num, seed=cfg.demo_data.get("seed", 0),
                            levels=tuple(cfg.demo_data.levels), style=cfg.demo_data.style)
+    if kind == "countdown":  # records whose answers carry the numbers (countdown_source)
+        d = cfg.countdown_data
+        return countdown_source("train" if train else "test",
+                                d.num_train if train else d.num_eval, seed=d.get("seed", 0),
+                                levels=tuple(d.levels),
+                                heldout_percent=d.get("heldout_percent", 20))
     if kind == "geometry3k":
         return geometry3k_source(cfg.data.path, split)
     if kind == "math":

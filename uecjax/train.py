@@ -77,7 +77,7 @@ from uecjax.offload import HostParams
 from uecjax.objectives.loss_config import LossConfigError
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig, OptimConfigError
-from uecjax.rewards import RewardGrader
+from uecjax.rewards import make_grader
 from uecjax.rollout import Rollout, merge_share_stats, rollout_config
 from uecjax.run_setup import (GlobalPrompts, image_processor, iterator_states, load_policy,
                               share_exchange,
@@ -223,9 +223,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         """Skipped rows of the run: the source's once, plus every share's skipped prompts."""
         own = {k: v - source_skips.get(k, 0) for k, v in skipped.as_dict().items()}
         return merge_share_stats([source_skips] + exchange(own))
-    grader = RewardGrader(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
-                          format_weight=cfg.reward.format_weight,
-                          think_prefilled=cfg.reward.think_prefilled)
+    # The task's grader: math-verify in worker processes, or the countdown parser in process.
+    grader = make_grader(cfg.data.kind, num_workers=cfg.reward.num_workers,
+                         timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight,
+                         think_prefilled=cfg.reward.think_prefilled)
     # Rows split over the mesh's data x fsdp devices, as the train step's batches.
     sampler = Sampler(model, pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
     rollout = Rollout(rcfg, hp, sampler=sampler, prompts=prompts, grade=grader.grade_batch,
