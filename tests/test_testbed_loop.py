@@ -11,12 +11,12 @@ import pytest
 from flax import nnx
 
 from train_helpers import TINY, host, single_mesh, tiny_model
-from uecjax.control import init_control_state, update_control
-from uecjax.control import update_control_traced
+from uecjax.control import init_control_state, update_control, update_control_traced
 from uecjax.objectives import LossConfigError, loss_config
 from uecjax.optim import OptimConfig
 from uecjax.sampler import Sampler, SamplingParams
-from uecjax.testbed.loop import TaskArrays, CompiledLoop, pass_at_k, loop_config
+from uecjax.metrics import pass_at_k, pass_at_k_counts
+from uecjax.testbed.loop import CompiledLoop, TaskArrays, loop_config
 from uecjax.train_step import TrainStep
 
 STOP = 2
@@ -142,13 +142,14 @@ def test_traced_aer_update_equals_the_host_update():
 def test_pass_at_k_is_the_exact_combinatorial_probability():
     n = 7
     for c in range(n + 1):
-        got = pass_at_k(np.array([c]), n, [1, 2, 3, 7])[0]
+        got = pass_at_k_counts(np.array([c]), n, [1, 2, 3, 7])[0]
         for k, g in zip([1, 2, 3, 7], got):
             subsets = list(itertools.combinations(range(n), k))
             want = sum(any(i < c for i in s) for s in subsets) / math.comb(n, k)
             assert abs(g - want) < 1e-12
+            assert abs(g - pass_at_k(n, c, k)) < 1e-12
     with pytest.raises(ValueError):
-        pass_at_k([1], 4, [8])
+        pass_at_k_counts([1], 4, [8])
 
 
 def test_methods_without_a_compiled_form_say_so():

@@ -28,7 +28,6 @@ Static shapes change a few host-loop details, each documented where it happens:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -339,19 +338,3 @@ class CompiledLoop:
             for v in np.asarray(values):
                 self.hp.replace(**{name: float(v)})  # raises LossConfigError if out of range
         return self._run(seeds, sweep)
-
-
-def pass_at_k(correct, n: int, ks) -> np.ndarray:
-    """Unbiased Pass@k (Chen et al. 2021) from c correct of n samples: 1 - C(n-c, k) / C(n, k),
-    the chance that k samples drawn without replacement hold a correct one.
-
-    correct: integer counts, any shape; returns [..., len(ks)] float64.
-    C(n-c, k) / C(n, k) = prod_{i<k} (n - c - i) / (n - i), which is 0 once i reaches n - c.
-    """
-    ks = [int(k) for k in ks]
-    if min(ks) < 1 or max(ks) > n:
-        raise ValueError(f"k={ks} must lie in [1, n={n}]")
-    c = np.asarray(correct, np.float64)[..., None]
-    i = np.arange(max(ks), dtype=np.float64)
-    none = np.cumprod(np.clip(n - c - i, 0.0, None) / (n - i), axis=-1)
-    return 1.0 - none[..., np.asarray(ks) - 1]
