@@ -57,3 +57,14 @@ def update_control(control: ControlState, metrics, hp: LossConfig) -> ControlSta
     alpha = aer_update(float(jax.device_get(control.aer_alpha)), float(jax.device_get(metrics["entropy"])),
                        aer_target(h0, hp.aer_rho), hp.aer_eta, hp.aer_alpha_max)
     return control.replace(aer_alpha=jnp.float32(alpha))
+
+
+def update_control_traced(control: ControlState, mean_entropy, hp: LossConfig) -> ControlState:
+    """`update_control` as traced jnp code (the compiled testbed runs it inside its jit): the
+    same rule in float32, alpha left as it is while H_0 is unset."""
+    if hp.method != "aer":
+        return control
+    h_star = hp.aer_rho * control.h0
+    alpha = jnp.clip(control.aer_alpha + hp.aer_eta * (h_star - mean_entropy), 0.0, hp.aer_alpha_max)
+    alpha = jnp.where(jnp.isnan(control.h0), control.aer_alpha, alpha)
+    return control.replace(aer_alpha=jnp.asarray(alpha, jnp.float32))

@@ -31,6 +31,21 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def pass_at_k_counts(correct, n: int, ks) -> np.ndarray:
+    """`pass_at_k` for arrays of correct counts c (of n samples each) and several k at once.
+
+    correct: integer counts, any shape; returns [..., len(ks)] float64.
+    C(n-c, k) / C(n, k) = prod_{i<k} (n - c - i) / (n - i), which is 0 once i reaches n - c.
+    """
+    ks = [int(k) for k in ks]
+    if min(ks) < 1 or max(ks) > n:
+        raise ValueError(f"k={ks} must lie in [1, n={n}]")
+    c = np.asarray(correct, np.float64)[..., None]
+    i = np.arange(max(ks), dtype=np.float64)
+    none = np.cumprod(np.clip(n - c - i, 0.0, None) / (n - i), axis=-1)
+    return 1.0 - none[..., np.asarray(ks) - 1]
+
+
 def pass_at_k_table(correct: np.ndarray, ks: Iterable[int] | None = None) -> dict[str, float]:
     """Mean Pass@k over prompts from a [num_prompts, n] 0/1 array; k = 1, 2, 4, ... up to n."""
     correct = np.asarray(correct, bool)

@@ -239,7 +239,7 @@ class Sampler:
 
     def _decode_fn(self, graphdef, state, cache, key_mask, prompt_mask, position_offset,
                    first_token, first_logp, done, key, temperature, top_p, stop_ids,
-                   max_new_tokens, *, mode):
+                   max_new_tokens, *, mode, stop_early: bool = True):
         self.compile_count += 1
         model = nnx.merge(graphdef, state)
         # Per-layer weights, sliced once per call: see Qwen2.hidden_states(layers=).
@@ -260,6 +260,8 @@ class Sampler:
 
         def cond(carry):
             step, done = carry[0], carry[4]
+            if not stop_early:  # a fixed trip count: under vmap the loop counter stays unbatched
+                return step < max_new_tokens
             return (step < max_new_tokens) & ~jnp.all(done)
 
         def body(carry):
@@ -360,6 +362,41 @@ class Sampler:
             logprobs=np.where(valid, out_logps[:, :T], 0.0).astype(np.float32),
             truncated=~done,
         )
+
+    def generate_traced(self, state, tokens, mask, key, *, n: int, max_new_tokens: int,
+                        temperature: float = 1.0, stop_token_ids: Sequence[int] = ()):
+        """Prefill and decode as traced code, for a caller's own `jit` / `vmap` (the compiled
+        testbed, `uecjax.testbed`): the same `_prefill_fn` / `_decode_fn` as `__call__`, with
+        device arrays in and out and no host step in between.
+
+        state: the model's nnx.State (traced, e.g. the train step's params); tokens, mask
+        [B, P] int32, left-padded prompts; key a PRNG key; temperature may be traced. Text
+        only, no mesh, no bucketing: R = max_new_tokens. The decode loop runs all R steps
+        (no early exit once every row is done), so that under `vmap` its counter stays a
+        scalar. Returns (response tokens [B * n, R] int32 (pad_id after the end), valid
+        [B * n, R] bool, log-probs [B * n, R] float32 at the temperature, finished [B * n]
+        bool: a stop token was emitted).
+        """
+        if self.mesh is not None:
+            raise ValueError("generate_traced runs without a mesh; build the Sampler with mesh=None")
+        graphdef = nnx.graphdef(self.model)
+        stop = np.full((max(STOP_IDS_WIDTH, -(-len(stop_token_ids) // STOP_IDS_WIDTH) * STOP_IDS_WIDTH),),
+                       -1, np.int32)
+        stop[:len(stop_token_ids)] = stop_token_ids
+        mode = _Mode(greedy=False, top_k=0, use_top_p=False)
+        temperature = jnp.asarray(temperature, jnp.float32)
+        top_p = jnp.float32(1.0)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+        P = tokens.shape[1]
+        cache, key_mask, token, logp, done = self._prefill_fn(
+            graphdef, state, tokens, mask, positions, None, key, temperature, top_p, stop,
+            num_slots=P + max_new_tokens, n=n, mode=mode, prompt_axes=None)
+        prompt_mask = jnp.repeat(mask, n, axis=0)
+        offset = jnp.zeros((prompt_mask.shape[0],), jnp.int32)
+        out, logps, valid, done, _ = self._decode_fn(
+            graphdef, state, cache, key_mask, prompt_mask, offset, token, logp, done, key,
+            temperature, top_p, stop, jnp.int32(max_new_tokens), mode=mode, stop_early=False)
+        return jnp.where(valid, out, self.pad_id), valid, jnp.where(valid, logps, 0.0), done
 
     # -- layout on the mesh -----------------------------------------------------------------
     def _num_prompt_rows(self, num_prompts: int, n: int, blocks: int = 1) -> int:

@@ -39,7 +39,7 @@ def gate_weight(p, kind: str = "linear", tau: float = 0.5, s: float = 0.1):
     if kind == "hard":
         return (p <= tau).astype(jnp.float32)
     if kind == "linear":
-        if tau <= 0:
+        if isinstance(tau, (int, float)) and tau <= 0:  # a traced tau is checked by its caller
             raise ValueError(f"linear gate needs tau > 0, got {tau}")
         return jnp.clip(1.0 - p / tau, 0.0, 1.0)
     return jax.nn.sigmoid((tau - p) / s)

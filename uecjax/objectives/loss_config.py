@@ -124,3 +124,25 @@ class LossConfig:
 
     def replace(self, **changes) -> "LossConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_traced(self, **values) -> "LossConfig":
+        """A copy holding traced values (e.g. a `vmap`ped hyperparameter sweep, uecjax.testbed)
+        in fields the loss uses only arithmetically (`TRACEABLE_FIELDS`).
+
+        The range checks of construction cannot run on tracers, so they are skipped for these
+        values: the caller validates the concrete sweep values (`replace` with each of them).
+        """
+        bad = sorted(set(values) - set(TRACEABLE_FIELDS))
+        if bad:
+            raise LossConfigError(f"LossConfig field(s) {bad} cannot be traced (a Python branch or a "
+                                  f"static shape depends on them); traceable: {TRACEABLE_FIELDS}")
+        new = dataclasses.replace(self)
+        for field, value in values.items():
+            object.__setattr__(new, field, value)
+        return new
+
+
+# Fields that enter the loss and the controller only through arithmetic, so that they can be
+# traced arrays (LossConfig.with_traced).
+TRACEABLE_FIELDS = ("alpha", "gate_tau", "gate_s", "kappa", "lam", "entropy_coef", "kl_cov_coef",
+                    "eps_high", "aer_rho", "aer_eta", "aer_alpha_max")
