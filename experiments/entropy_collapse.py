@@ -24,6 +24,7 @@ A finished variant (its npz exists with the same settings) is not run again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -52,23 +53,52 @@ VARIANTS = {
     "uec-no_rollout_explore": ("uec", {}, dict(explore=False)),
 }
 PASS_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# --sweep: every swept variant gets the same budget, four values of its own main coefficient
+# (a LossConfig field the compiled loop can trace) times --sweep_seeds seeds, in one program.
+SWEEPS = {
+    "grpo": ("eps_high", (0.2, 0.24, 0.28, 0.32)),
+    "entropy_reg": ("entropy_coef", (0.001, 0.003, 0.01, 0.03)),
+    "kl_cov": ("kl_cov_coef", (0.3, 1.0, 3.0, 10.0)),
+    "aer": ("aer_rho", (0.4, 0.6, 0.8, 1.0)),
+    "uec": ("alpha", (0.01, 0.03, 0.1, 0.3)),
+}
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("methods", list(VARIANTS), f"Variants, from {list(VARIANTS)}.")
-flags.DEFINE_integer("seeds", 5, "Seeds per variant (0 .. seeds-1), vmapped in one program.")
-flags.DEFINE_integer("steps", 200, "RL steps (rollouts) per run.")
-flags.DEFINE_integer("eval_every", 25, "Held-out evaluation interval in steps.")
-flags.DEFINE_integer("eval_samples", 256, "Samples per held-out problem.")
-flags.DEFINE_integer("eval_per_level", 32, "Held-out problems per difficulty level.")
-flags.DEFINE_integer("host_steps", 6, "Steps of `python -m uecjax.train` for the speed "
+# Own flag registry, so that importing this module next to another experiment's (the tests do)
+# cannot clash with its flags of the same names.
+FLAGS = flags.FlagValues()
+
+
+class _Define:
+    """absl's DEFINE_* functions bound to FLAGS."""
+
+    def __getattr__(self, name):
+        return functools.partial(getattr(flags, name), flag_values=FLAGS)
+
+
+_define = _Define()
+_define.DEFINE_list("methods", list(VARIANTS), f"Variants, from {list(VARIANTS)}.")
+_define.DEFINE_integer("seeds", 5, "Seeds per variant (0 .. seeds-1), vmapped in one program.")
+_define.DEFINE_integer("steps", 200, "RL steps (rollouts) per run.")
+_define.DEFINE_integer("eval_every", 25, "Held-out evaluation interval in steps.")
+_define.DEFINE_integer("eval_samples", 256, "Samples per held-out problem.")
+_define.DEFINE_integer("eval_per_level", 32, "Held-out problems per difficulty level.")
+_define.DEFINE_integer("host_steps", 6, "Steps of `python -m uecjax.train` for the speed "
                      "comparison (0: skip it).")
-flags.DEFINE_string("out", os.path.join(HERE, "results", "entropy"), "Output directory.")
-flags.DEFINE_string("workdir", "", "Where the warm-up policy is cached (default OUT/work).")
+_define.DEFINE_integer("sft_steps", 1000, "Supervised warm-up steps of the initial policy.")
+_define.DEFINE_bool("sweep", False, f"Instead of the comparison, the same-budget sweep of {list(SWEEPS)} "
+                  "(OUT/sweep.md).")
+_define.DEFINE_integer("sweep_seeds", 2, "Seeds per swept value.")
+_define.DEFINE_string("out", os.path.join(HERE, "results", "entropy"), "Output directory.")
+_define.DEFINE_string("workdir", "", "Where the warm-up policy is cached (default OUT/work).")
 
 # The task and training settings every variant shares (the method's presets apply on top).
 TRAIN = dict(prompts_per_step=16, group_size=8, max_new_tokens=10, updates_per_rollout=2,
              explore_prompts=4, explore_samples=8)
-LEARNING_RATE = 2e-3
+_define.DEFINE_float("learning_rate", 6e-4, "Peak learning rate of every variant.")
+_define.DEFINE_integer("warmup_steps", 10, "Linear learning-rate warm-up (optimizer updates): "
+                     "Adam's first steps are sign steps of size lr on every parameter.")
+_define.DEFINE_float("correct_fraction", 1.0, "Warm-up policy: share of level-1 targets that are "
+                   "correct solutions (the rest are random attempts).")
 
 
 def bootstrap_ci(values, num: int = 2000, seed: int = 0):
@@ -114,7 +144,9 @@ def task_arrays(records, tokenizer):
                       jnp.asarray(level))
 
 
-def run_variant(name, model, tokenizer, train, heldout, settings):
+def run_variant(name, model, tokenizer, train, heldout, settings, sweep=None):
+    """One variant's runs in one compiled program: settings["seeds"] seeds, or with sweep =
+    (field, values) every value with every seed (run i: value i // seeds, seed i % seeds)."""
     import jax
     import jax.numpy as jnp
 
@@ -135,14 +167,20 @@ def run_variant(name, model, tokenizer, train, heldout, settings):
                       eval_every=settings["eval_every"], eval_samples=settings["eval_samples"],
                       eval_chunk=8, stop_token_ids=stop_token_ids(tokenizer),
                       pad_id=tokenizer.pad_token_id)
-    optim = OptimConfig(learning_rate=LEARNING_RATE, weight_decay=0.0, eps=1e-6)
+    optim = OptimConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                        weight_decay=0.0, eps=1e-6)
     loop = CompiledLoop(model, train, heldout, reward, cfg, hp, optim)
-    seeds = jnp.arange(settings["seeds"], dtype=jnp.int32)
+    seeds = np.arange(settings["seeds"], dtype=np.int32)
+    values = {}
+    if sweep:
+        field, grid = sweep
+        values = {field: np.repeat(np.asarray(grid, np.float32), len(seeds))}
+        seeds = np.tile(seeds, len(grid))
     start = time.perf_counter()
-    compiled = loop._run.lower(seeds, {}).compile()
+    program = loop.compile(seeds, values)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    out = jax.block_until_ready(compiled(seeds, {}))
+    out = jax.block_until_ready(program())
     run_s = time.perf_counter() - start
     metrics = {k: np.asarray(v) for k, v in out["metrics"].items()}
     return dict(metrics=metrics, eval_correct=np.asarray(out["eval_correct"]),
@@ -370,6 +408,41 @@ def report(summaries, warmup, timing, host, out):
         f.write("\n".join(lines) + "\n")
 
 
+def sweep_main(model, tokenizer, train, heldout, levels, settings, out):
+    """The same-budget sweep (SWEEPS): final held-out figures per value, mean over seeds."""
+    from uecjax.metrics import pass_at_k_counts
+
+    n = FLAGS.eval_samples
+    s = FLAGS.sweep_seeds
+    lines = ["# Same-budget sweep on countdown", "",
+             f"Command: `python experiments/entropy_collapse.py --sweep` ({s} seeds per value, "
+             f"{FLAGS.steps} steps; every variant: 4 values of its own coefficient). Figures: mean "
+             "over seeds, +- half their range. The values are compared on the held-out problems, "
+             "so each variant's best value is optimistic, for every variant alike.", "",
+             "| variant | field | value | Pass@1 | Pass@64 | Pass@256 | entropy (last 10 steps) |",
+             "|---|---|---|---|---|---|---|"]
+    results = {}
+    for name in [m for m in FLAGS.methods if m in SWEEPS]:
+        field, grid = SWEEPS[name]
+        run = run_variant(name, model, tokenizer, train, heldout, {**settings, "seeds": s},
+                          sweep=(field, grid))
+        pk = pass_at_k_counts(run["eval_correct"][:, -1], n, [1, 64, n]).mean(axis=1)  # [runs, 3]
+        ent = run["metrics"]["entropy"][:, -10:].mean(axis=1)
+        results[name] = dict(field=field, values=list(grid), pass_at_k=pk.tolist(), entropy=ent.tolist(),
+                             compile_s=run["compile_s"], run_s=run["run_s"])
+        for i, v in enumerate(grid):
+            rows = slice(i * s, (i + 1) * s)
+            cell = lambda x: f"{x.mean():.3f} +- {(x.max() - x.min()) / 2:.3f}"  # noqa: E731
+            lines.append(f"| {name} | {field} | {v:g} | " + " | ".join(cell(pk[rows, j]) for j in range(3))
+                         + f" | {cell(ent[rows])} |")
+        print(f"sweep {name}: {run['run_s']:.0f}s", flush=True)
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(dict(settings=settings, sweep_seeds=s, results=results), f, indent=1)
+    print(f"wrote {out}/sweep.md")
+
+
 def main(argv):
     del argv
     import jax
@@ -381,20 +454,24 @@ def main(argv):
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     workdir = FLAGS.workdir or os.path.join(out, "work")
     started = time.perf_counter()
-    model, tokenizer, _ = prepare_countdown_policy(workdir, log=print)
+    model, tokenizer, _ = prepare_countdown_policy(workdir, correct_fraction=FLAGS.correct_fraction,
+                                                   sft_steps=FLAGS.sft_steps, log=print)
     warmup_s = time.perf_counter() - started
-    train = task_arrays(countdown_records("train", 4000, seed=0), tokenizer)
+    train = task_arrays(countdown_records("train", 2000, seed=0), tokenizer)
     per_level = [countdown_records("test", FLAGS.eval_per_level, seed=1, levels=(lv,)) for lv in (1, 2)]
     heldout_records = [r for recs in per_level for r in recs]
     heldout = task_arrays(heldout_records, tokenizer)
     levels = np.asarray(heldout.level)
     settings = dict(seeds=FLAGS.seeds, steps=FLAGS.steps, eval_every=FLAGS.eval_every,
                     eval_samples=FLAGS.eval_samples, eval_per_level=FLAGS.eval_per_level,
-                    train=TRAIN, learning_rate=LEARNING_RATE)
+                    train=TRAIN, learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                    correct_fraction=FLAGS.correct_fraction)
+    if FLAGS.sweep:
+        return sweep_main(model, tokenizer, train, heldout, levels, settings, out)
     runs, timing = {}, {}
     for name in FLAGS.methods:
         if name not in VARIANTS:
-            raise app.UsageError(f"--methods: unknown variant {name!r}; known: {list(VARIANTS)}")
+            sys.exit(f"--methods: unknown variant {name!r}; known: {list(VARIANTS)}")
         path = os.path.join(out, "runs", f"{name}.npz")
         if os.path.exists(path):
             saved = np.load(path, allow_pickle=False)
@@ -430,4 +507,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__ + "\nflags:\n" + FLAGS.get_help(include_special_flags=False))
+        sys.exit(0)
+    try:
+        FLAGS(sys.argv)
+    except flags.Error as e:
+        sys.exit(f"entropy_collapse.py: {e} (--help lists the flags)")
+    main(sys.argv)

@@ -28,6 +28,7 @@ Static shapes change a few host-loop details, each documented where it happens:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -320,6 +321,23 @@ class CompiledLoop:
         return dict(metrics=metrics, eval_correct=correct, eval_entropy=eval_entropy,
                     params=carry[0], control=carry[2])
 
+    def _arguments(self, seeds, sweep):
+        seeds = jnp.asarray(seeds, jnp.int32)
+        sweep = {k: jnp.asarray(v, jnp.float32) for k, v in (sweep or {}).items()}
+        for name, values in sweep.items():
+            if values.shape != seeds.shape:
+                raise ValueError(f"sweep[{name!r}] has shape {values.shape}; give one value per "
+                                 f"seed, shape {seeds.shape}")
+            for v in np.asarray(values):
+                self.hp.replace(**{name: float(v)})  # raises LossConfigError if out of range
+        return seeds, sweep
+
+    def compile(self, seeds, sweep: Mapping[str, Any] | None = None):
+        """`run` split in two: returns a function of no arguments that runs the program compiled
+        here, so that a caller can time compilation and running apart."""
+        seeds, sweep = self._arguments(seeds, sweep)
+        return functools.partial(self._run.lower(seeds, sweep).compile(), seeds, sweep)
+
     def run(self, seeds, sweep: Mapping[str, Any] | None = None):
         """Runs len(seeds) independent trainings side by side in one compiled program.
 
@@ -329,12 +347,4 @@ class CompiledLoop:
         evals, N_eval] (evals = 1 + steps / eval_every, the first before training),
         eval_entropy [runs, evals], params and control (the final ones).
         """
-        seeds = jnp.asarray(seeds, jnp.int32)
-        sweep = {k: jnp.asarray(v, jnp.float32) for k, v in (sweep or {}).items()}
-        for name, values in sweep.items():
-            if values.shape != seeds.shape:
-                raise ValueError(f"sweep[{name!r}] has shape {values.shape}; give one value per "
-                                 f"seed, shape {seeds.shape}")
-            for v in np.asarray(values):
-                self.hp.replace(**{name: float(v)})  # raises LossConfigError if out of range
-        return self._run(seeds, sweep)
+        return self._run(*self._arguments(seeds, sweep))
