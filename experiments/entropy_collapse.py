@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -192,8 +193,9 @@ def host_loop_speed(workdir, steps):
     from the run's own per-step timing (rollout + updates), the first step (compilation)
     excluded."""
     run_dir = os.path.join(workdir, "host_run")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed finished one
     cmd = [sys.executable, "-m", "uecjax.train", "--config=configs/countdown.py",
-           f"--config.workdir={run_dir}", f"--config.train.steps={steps}",
+           f"--workdir={run_dir}", f"--config.train.steps={steps}",
            "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
            f"--config.rollout.prompts_per_batch={TRAIN['prompts_per_step']}",
            f"--config.rollout.group_size={TRAIN['group_size']}",
@@ -294,17 +296,21 @@ def plot(summaries, out):
               ("reward", "train reward (accuracy)", np.arange(1, steps + 1)),
               ("pass@1", "held-out Pass@1", evals), (k64, f"held-out {k64.capitalize()}", evals),
               ("hard_solved", "hard held-out problems solved (Pass@256 > 0)", evals)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes = axes.ravel()
     for ax, (key, title, x) in zip(axes, panels):
         for name, s in summaries.items():
-            values = s["curves"][key]
-            if values.shape[1] == steps and steps > 20:  # smooth per-step curves over 5 steps
+            values, xs = s["curves"][key], x
+            if values.shape[1] == steps and steps > 20:  # per-step curves: mean of 5 steps
                 kernel = np.ones(5) / 5
-                values = np.stack([np.convolve(v, kernel, mode="same") for v in values])
-            _band(ax, x, values, name)
+                values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
+                xs = x[2:-2]
+            _band(ax, xs, values, name)
         ax.set_title(title)
         ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].axis("off")
+    axes[-1].legend(handles, labels, loc="center", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=110)
     plt.close(fig)
