@@ -259,7 +259,7 @@ def warmup_figures(runs, levels):
     first = np.concatenate([r["eval_correct"][:, 0] for r in runs], axis=0)  # [runs, prompts]
     entropy = np.concatenate([r["eval_entropy"][:, 0] for r in runs])
     p1 = pass_at_k_counts(first, n, [1])[..., 0]
-    p8 = pass_at_k_counts(first, n, [8])[..., 0]
+    p8 = pass_at_k_counts(first, n, [min(8, n)])[..., 0]
     # "Pass@8 = 0 but Pass@256 > 0": 8 of the 256 samples miss while some of the 256 hit. Over
     # the choice of which 8, the chance that 8 miss is 1 - Pass@8 (the unbiased estimator), so
     # this is the expected fraction of problems hard at 8 samples and reachable at 256.
