@@ -97,13 +97,17 @@ def test_one_testbed_update_is_one_train_step_update(method):
         np.testing.assert_allclose(float(m_bed[k]), float(m_ts[k]), rtol=1e-4, atol=1e-6)
 
 
-def test_a_vmapped_seed_equals_that_seed_alone():
-    bed = make_testbed("uec", steps=2, eval_every=1)
+def test_a_vmapped_seed_equals_that_seed_alone_and_a_swept_value_its_static_twin():
+    # entropy_reg: a traced coefficient, and no exploration rollouts (a smaller program to
+    # compile three times; the exploration path is in the TrainStep test above)
+    bed = make_testbed("entropy_reg", steps=2, eval_every=1)
     both = bed.run(seeds=[4, 7])
     alone = bed.run(seeds=[7])
+    # atol 1e-4: entropy_easy is a difference of float32 sums (about 0 when every prompt is
+    # hard), so a different reduction order moves it by a few 1e-5.
     for k, v in both["metrics"].items():
         np.testing.assert_allclose(np.asarray(v[1]), np.asarray(alone["metrics"][k][0]),
-                                   rtol=1e-4, atol=1e-5, err_msg=k)
+                                   rtol=1e-4, atol=1e-4, err_msg=k)
     np.testing.assert_array_equal(np.asarray(both["eval_correct"][1]), np.asarray(alone["eval_correct"][0]))
     for a, b in zip(jax.tree.leaves(both["params"]), jax.tree.leaves(alone["params"])):
         np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[0], atol=1e-5)
@@ -111,17 +115,17 @@ def test_a_vmapped_seed_equals_that_seed_alone():
     assert not np.allclose(np.asarray(both["metrics"]["train/loss"][0]),
                            np.asarray(both["metrics"]["train/loss"][1]))
     assert both["eval_correct"].shape == (2, 3, 8)
+    # A traced coefficient equal to the config's is the same run; 0 removes the bonus.
+    swept = bed.run(seeds=[7, 7], sweep={"entropy_coef": [bed.hp.entropy_coef, 0.0]})
+    for k, v in alone["metrics"].items():
+        np.testing.assert_allclose(np.asarray(swept["metrics"][k][0]), np.asarray(v[0]),
+                                   rtol=1e-4, atol=1e-4, err_msg=k)
+    bonus = np.asarray(swept["metrics"]["train/loss/entropy"])
+    assert (bonus[1] == 0.0).all() and (bonus[0] < 0.0).all()
 
 
-def test_a_sweep_runs_one_value_per_run_and_checks_its_values():
+def test_sweep_values_are_checked():
     bed = make_testbed("uec", steps=1, eval_every=1)
-    out = bed.run(seeds=[0, 0], sweep={"alpha": [0.0, 0.5]})
-    parts = np.asarray(out["metrics"]["train/loss/explore"][:, 0])
-    assert parts[0] == 0.0 and parts[1] < 0.0  # the exploration term follows alpha
-    same = bed.run(seeds=[0], sweep={"alpha": [bed.hp.alpha]})
-    plain = bed.run(seeds=[0])
-    np.testing.assert_allclose(np.asarray(same["metrics"]["train/loss"]),
-                               np.asarray(plain["metrics"]["train/loss"]), rtol=1e-6)
     with pytest.raises(LossConfigError, match="alpha"):
         bed.run(seeds=[0], sweep={"alpha": [-1.0]})
     with pytest.raises(LossConfigError, match="cannot be traced"):
