@@ -47,11 +47,12 @@ import math
 import random
 from typing import NamedTuple, Sequence
 
-from uecjax.data.demo import split_of
+from uecjax.data.demo import SPLITS as demo_splits
+from uecjax.data.demo import check_generator_args, seeded_rng, split_of
 from uecjax.data.records import Record
 from uecjax.data.sources import RecordSource
 
-SPLITS = ("train", "test")
+SPLITS = demo_splits  # the same splits as the demo task
 OPERATORS = "+-*"
 DIGITS = "0123456789"
 MAX_DIGITS = 4  # a longer number is malformed (both the host and the int32 parsers)
@@ -303,17 +304,11 @@ def countdown_records(split: str = "train", num: int = 1000, *, seed: int = 0,
     records. Raises ValueError if the levels hold fewer than `num` distinct problems for the
     split.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: the countdown task has splits {SPLITS}")
     levels = tuple(levels)
-    bad = [lv for lv in levels if lv not in LEVELS]
-    if bad or not levels:
-        raise ValueError(f"levels={levels!r}: choose from {sorted(LEVELS)}")
-    if not 0 < heldout_percent < 100:
-        raise ValueError(f"heldout_percent={heldout_percent}: must be in (0, 100)")
+    check_generator_args("countdown", split, levels, LEVELS, heldout_percent)
     if num < 0:
         raise ValueError(f"num={num}: must be >= 0")
-    rng = random.Random(int(hashlib.sha256(f"countdown/{seed}/{split}".encode()).hexdigest()[:16], 16))
+    rng = seeded_rng(f"countdown/{seed}/{split}")
     records: list[Record] = []
     seen: set[str] = set()
     attempts = 0

@@ -85,6 +85,23 @@ def split_of(expression: str, heldout_percent: int) -> str:
     return "test" if bucket < heldout_percent else "train"
 
 
+def check_generator_args(task: str, split: str, levels, known_levels, heldout_percent: int) -> None:
+    """The argument checks every generated task shares (demo, countdown): ValueError naming
+    the value and the allowed ones."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: the {task} task has splits {SPLITS}")
+    bad = [lv for lv in levels if lv not in known_levels]
+    if bad or not levels:
+        raise ValueError(f"levels={levels!r}: choose from {sorted(known_levels)}")
+    if not 0 < heldout_percent < 100:
+        raise ValueError(f"heldout_percent={heldout_percent}: must be in (0, 100)")
+
+
+def seeded_rng(key: str) -> random.Random:
+    """A generator seeded from a string key (stable across Python runs, unlike hash())."""
+    return random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:16], 16))
+
+
 def demo_records(split: str = "train", num: int = 1000, *, seed: int = 0,
                  levels: tuple[int, ...] = (1, 2, 3, 4), style: str = "word",
                  heldout_percent: int = 20) -> list[Record]:
@@ -94,16 +111,10 @@ def demo_records(split: str = "train", num: int = 1000, *, seed: int = 0,
     arguments always give the same records. Raises ValueError if the levels hold fewer than
     `num` distinct problems for the split.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: the demo task has splits {SPLITS}")
+    check_generator_args("demo", split, levels, LEVELS, heldout_percent)
     if style not in ("word", "expression"):
         raise ValueError(f"style={style!r}: must be 'word' or 'expression'")
-    bad = [lv for lv in levels if lv not in LEVELS]
-    if bad or not levels:
-        raise ValueError(f"levels={levels!r}: choose from {sorted(LEVELS)}")
-    if not 0 < heldout_percent < 100:
-        raise ValueError(f"heldout_percent={heldout_percent}: must be in (0, 100)")
-    rng = random.Random(int(hashlib.sha256(f"{seed}/{split}".encode()).hexdigest()[:16], 16))
+    rng = seeded_rng(f"{seed}/{split}")
     records: list[Record] = []
     seen: set[str] = set()
     attempts = 0
