@@ -9,7 +9,8 @@ from uecjax.batch import build_batch, informative_groups
 from uecjax.objectives.methods import loss_config
 from uecjax.rows import Rows
 from uecjax.sampler import SamplerOutput
-from uecjax.sharding import RowShare, batch_sharding, make_mesh, share_batch
+from uecjax.parallel.hosts import Hosts
+from uecjax.parallel.mesh import batch_sharding, make_mesh
 
 
 def fake_output():
@@ -112,7 +113,7 @@ def test_new_fields_shard_with_the_batch_and_trace_under_jit():
 
     for cap in (0.0, 2.0):
         host = rows.to_batch(0.0, explore_is_cap=cap)
-        placed = share_batch(host, RowShare(), sharding)
+        placed = Hosts().put(host, sharding)
         assert (placed.token_weight is None) == (cap == 0)
         for leaf in (placed.explore, placed.token_weight, placed.advantages):
             if leaf is not None:

@@ -19,7 +19,7 @@ from uecjax.models import Qwen2, TextConfig, save_pretrained
 from uecjax.rewards import Reward, extract_boxed, format_reward
 from uecjax.sampler import Sampler, SamplerOutput
 from uecjax.tokenizer import char_tokenizer, render_prompt, stop_token_ids, load_tokenizer
-from uecjax.sharding import RowShare
+from uecjax.parallel.hosts import Hosts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,10 +60,10 @@ class StubSampler:
         text = self.tok.decode(ids, skip_special_tokens=True)
         return next(k for k in self.greedy if k in text)
 
-    def __call__(self, prompts, params, images=None, share=RowShare()):
+    def __call__(self, prompts, params, images=None, hosts=Hosts()):
         self.calls.append((len(prompts), params))
         texts = []
-        for p in prompts[share.block(len(prompts))]:
+        for p in prompts[hosts.block(len(prompts))]:
             key = self._key(p)
             if params.temperature == 0:
                 texts.append(self.greedy[key])
@@ -157,7 +157,7 @@ def test_row_shares_grade_their_own_prompts_and_agree(tok):
         grade = grader.grade_batch
         grader.grade_batch = lambda r, a, c=None: (graded.__setitem__(b, graded[b] + len(r)), grade(r, a, c))[1]
         out[b] = evaluate(StubSampler(tok, greedy, samples), tok, records, grader,
-                          share=RowShare(b, 2, (0, 1)), exchange=exchange.of(b), **kw)
+                          hosts=Hosts(b, 2, (0, 1), exchange.of(b)), **kw)
 
     threads = [threading.Thread(target=run, args=(b,)) for b in range(2)]
     for t in threads:

@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 
-from uecjax import distributed
 from uecjax.config import base_config
 from uecjax.data import demo_source, make_dataset, make_iterator, shard_batches
 from uecjax.models import CheckpointError
-from uecjax.run_setup import GlobalPrompts, make_records, own_iterator_state
+from uecjax.parallel.hosts import GlobalPrompts, allgather_objects
+from uecjax.run_setup import make_records, own_iterator_state
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_one_process_passes_the_stream_through():
 
 
 def test_allgather_objects_with_one_process():
-    assert distributed.allgather_objects({"a": [1, 2]}) == [{"a": [1, 2]}]
+    assert allgather_objects({"a": [1, 2]}) == [{"a": [1, 2]}]
 
 
 def test_checkpoint_iterator_state_per_process():

@@ -29,7 +29,7 @@ from uecjax.models import (CheckpointError, ConfigError, Qwen2_5_VL, VisionConfi
                            mrope_positions, save_pretrained, vision_layout)
 from uecjax.models.config import TextConfig, VLConfig
 from uecjax.models.vision import window_index
-from uecjax.sharding import param_shardings
+from uecjax.parallel.mesh import param_shardings
 
 IMG, VS, VE = (TINY_VL_TOKENS[k] for k in ("image_token_id", "vision_start_token_id", "vision_end_token_id"))
 PATCH_DIM = 3 * 2 * 14 * 14

@@ -10,7 +10,7 @@ import pytest
 from uecjax.objectives.methods import loss_config
 from uecjax.rollout import Prompt, Rollout, RolloutConfig, rollout_config
 from uecjax.sampler import SamplerOutput
-from uecjax.sharding import RowShare
+from uecjax.parallel.hosts import Hosts
 
 
 @dataclasses.dataclass
@@ -25,9 +25,9 @@ class ScriptedSampler:
     def __init__(self, success, R=6):
         self.success, self.R, self.calls = success, R, []
 
-    def __call__(self, prompts, params, images=None, share=RowShare()):
+    def __call__(self, prompts, params, images=None, hosts=Hosts()):
         self.calls.append((len(prompts), params.n, params.temperature))
-        prompts = prompts[share.block(len(prompts))]  # the rows of this share's prompts
+        prompts = prompts[hosts.block(len(prompts))]  # the rows of this share's prompts
         rows = len(prompts) * params.n
         P = max(len(p) for p in prompts)
         prompt_tokens = np.zeros((rows, P), np.int32)

@@ -1,5 +1,5 @@
-"""Per-host rollouts: each process's share of the batch rows (`sharding.row_share`), reading
-and placing a share's rows (`share_rows`), the sampler's share blocks, and the rollout's
+"""Per-host rollouts: each process's share of the batch rows (`Hosts.of_mesh`), reading
+and placing a share's rows (`Hosts.take`, `Hosts.put`), the sampler's share blocks, and the rollout's
 agreement between shares (rounds, exploration, replay, metrics), with two shares run as two
 threads that all-gather through a barrier, as two processes would."""
 
@@ -18,49 +18,49 @@ from uecjax.objectives.methods import loss_config
 from uecjax.rollout import Prompt, Rollout, RolloutConfig, merge_share_stats, rollout_config
 from uecjax.rows import Rows
 from uecjax.sampler import Sampler, SamplingParams
-from uecjax.sharding import (BATCH_AXES, RowShare, batch_sharding, make_mesh, param_shardings,
-                             row_share, share_batch, share_rows)
+from uecjax.parallel.hosts import Hosts
+from uecjax.parallel.mesh import BATCH_AXES, batch_sharding, make_mesh, param_shardings
 
 
 # ---- which rows a process holds ----
 
 def shares(axes, process_of, processes):
     mesh = make_mesh(axes)
-    return [row_share(mesh, p, process_of) for p in range(processes)]
+    return [Hosts.of_mesh(mesh, p, process_of) for p in range(processes)]
 
 
 def test_each_process_holds_one_block_of_the_rows():
     by_half = lambda d: d.id // 4  # noqa: E731  (2 processes, 4 devices each)
-    assert shares((2, 2, 2), by_half, 2) == [RowShare(0, 2, (0, 1)), RowShare(1, 2, (0, 1))]
-    assert shares((1, 4, 2), by_half, 2) == [RowShare(0, 2, (0, 1)), RowShare(1, 2, (0, 1))]
+    assert shares((2, 2, 2), by_half, 2) == [Hosts(0, 2, (0, 1)), Hosts(1, 2, (0, 1))]
+    assert shares((1, 4, 2), by_half, 2) == [Hosts(0, 2, (0, 1)), Hosts(1, 2, (0, 1))]
     by_quarter = lambda d: d.id // 2  # noqa: E731  (4 processes)
-    assert shares((8, 1, 1), by_quarter, 4) == [RowShare(i, 4, (0, 1, 2, 3)) for i in range(4)]
+    assert shares((8, 1, 1), by_quarter, 4) == [Hosts(i, 4, (0, 1, 2, 3)) for i in range(4)]
     # tensor=4 spans two processes: processes 0 and 1 hold the same rows, 2 and 3 the others.
-    assert shares((2, 1, 4), by_quarter, 4) == [RowShare(0, 2, (0, 2)), RowShare(0, 2, (0, 2)),
-                                               RowShare(1, 2, (0, 2)), RowShare(1, 2, (0, 2))]
-    assert RowShare(1, 2).block(10) == slice(5, 10) and RowShare().block(10) == slice(0, 10)
+    assert shares((2, 1, 4), by_quarter, 4) == [Hosts(0, 2, (0, 2)), Hosts(0, 2, (0, 2)),
+                                               Hosts(1, 2, (0, 2)), Hosts(1, 2, (0, 2))]
+    assert Hosts(1, 2).block(10) == slice(5, 10) and Hosts().block(10) == slice(0, 10)
 
 
 def test_processes_without_a_block_of_their_own_take_the_whole_batch():
     alternate = lambda d: d.id % 2  # noqa: E731
     # tensor across the two processes: both hold every row.
-    assert shares((4, 1, 2), alternate, 2) == [RowShare(0, 1, (0,))] * 2
+    assert shares((4, 1, 2), alternate, 2) == [Hosts(0, 1, (0,))] * 2
     # rows 0, 2, 4, 6 on process 0: not one consecutive block.
-    assert shares((8, 1, 1), alternate, 2) == [RowShare(0, 1, (0,))] * 2
+    assert shares((8, 1, 1), alternate, 2) == [Hosts(0, 1, (0,))] * 2
 
 
 def test_share_rows_reads_a_block_from_its_devices():
     mesh = make_mesh((4, 2, 1))
     host = np.arange(16 * 3).reshape(16, 3)
     split = jax.device_put(host, batch_sharding(mesh))
-    np.testing.assert_array_equal(share_rows(split, RowShare(1, 2, (0, 1))), host[8:])
-    np.testing.assert_array_equal(share_rows(split, RowShare(0, 4, (0, 1, 2, 3))), host[:4])
-    np.testing.assert_array_equal(share_rows(split, RowShare()), host)
+    np.testing.assert_array_equal(Hosts(1, 2, (0, 1)).take(split), host[8:])
+    np.testing.assert_array_equal(Hosts(0, 4, (0, 1, 2, 3)).take(split), host[:4])
+    np.testing.assert_array_equal(Hosts().take(split), host)
     whole = jax.device_put(host, NamedSharding(mesh, PartitionSpec()))  # no block layout: sliced
-    np.testing.assert_array_equal(share_rows(whole, RowShare(1, 2, (0, 1))), host[8:])
+    np.testing.assert_array_equal(Hosts(1, 2, (0, 1)).take(whole), host[8:])
     columns = jax.device_put(host[:, :2], NamedSharding(mesh, PartitionSpec(None, "fsdp")))
-    np.testing.assert_array_equal(share_rows(columns, RowShare(1, 2, (0, 1))), host[8:, :2])
-    placed = share_batch({"x": host, "none": None}, RowShare(), batch_sharding(mesh))
+    np.testing.assert_array_equal(Hosts(1, 2, (0, 1)).take(columns), host[8:, :2])
+    placed = Hosts().put({"x": host, "none": None}, batch_sharding(mesh))
     assert placed["none"] is None and placed["x"].sharding == batch_sharding(mesh)
 
 
@@ -78,7 +78,7 @@ def test_sampler_returns_the_rows_of_its_block():
     prompts = [[5, 6, 7], [12, 13], [14, 15, 16, 17], [3, 4], [8], [9, 10, 11]]
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0, n=2)
     for b in range(2):
-        own = sampler(prompts, greedy, share=RowShare(b, 2, (0, 1)))
+        own = sampler(prompts, greedy, hosts=Hosts(b, 2, (0, 1)))
         alone = sampler(prompts[3 * b: 3 * b + 3], greedy)
         assert own.response_tokens.shape == (6, 6)
         for field in ("prompt_tokens", "response_tokens", "response_mask", "truncated"):
@@ -86,10 +86,10 @@ def test_sampler_returns_the_rows_of_its_block():
     sampled = SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=3)
     whole = sampler(prompts[:4], sampled)
     for b in range(2):
-        own = sampler(prompts[:4], sampled, share=RowShare(b, 2, (0, 1)))
+        own = sampler(prompts[:4], sampled, hosts=Hosts(b, 2, (0, 1)))
         np.testing.assert_array_equal(own.response_tokens, whole.response_tokens[4 * b: 4 * b + 4])
     with pytest.raises(ValueError, match="5 prompts do not make 2 equal blocks"):
-        sampler(prompts[:5], greedy, share=RowShare(0, 2, (0, 1)))
+        sampler(prompts[:5], greedy, hosts=Hosts(0, 2, (0, 1)))
 
 
 # ---- two shares of one rollout ----
@@ -127,12 +127,12 @@ def run_shares(cfg, success, method, count, steps=1):
     decode = lambda ids: "ok" if ids[1] == 2 else "no"  # noqa: E731
 
     def one(b):
-        share = RowShare(b, count, tuple(range(count)))
+        hosts = Hosts(b, count, tuple(range(count)), exchange.of(b) if count > 1 else None)
         sampler = ScriptedSampler(success)
         rollout = Rollout(cfg, loss_config(method), sampler=sampler,
                           prompts=prompts_of_block(b, count, cfg.prompts_per_batch),
                           grade=grade, score=score, decode=decode, stop_token_ids=(),
-                          share=share, exchange=exchange.of(b) if count > 1 else None)
+                          hosts=hosts)
         out, replays = [], []
         for step in range(1, steps + 1):
             rows, stats = rollout.collect()
@@ -234,11 +234,14 @@ def test_merged_statistics_add_counts_and_take_the_slowest_time():
     assert merged == {"responses": 10, "time/sampling": 3.0}
 
 
-def test_rollout_needs_equal_prompt_blocks_and_an_exchange():
+def test_rollout_needs_equal_prompt_blocks():
     cfg = RolloutConfig(prompts_per_batch=3, group_size=2)
     kw = dict(sampler=None, prompts=iter(()), grade=grade, score=score, decode=str, stop_token_ids=())
     with pytest.raises(ValueError, match="prompts_per_batch=3 is not a multiple of the 2 row shares"):
-        Rollout(cfg, loss_config("grpo"), share=RowShare(0, 2, (0, 1)), exchange=lambda x: [x], **kw)
-    with pytest.raises(ValueError, match="need an exchange"):
-        Rollout(RolloutConfig(prompts_per_batch=2, group_size=2), loss_config("grpo"),
-                share=RowShare(0, 2, (0, 1)), **kw)
+        Rollout(cfg, loss_config("grpo"), hosts=Hosts(0, 2, (0, 1), lambda x: [x, x]), **kw)
+
+
+def test_hosts_gather_is_local_with_one_share_and_the_exchange_with_several():
+    assert Hosts().gather({"a": 1}) == [{"a": 1}]
+    assert Hosts(1, 2, (0, 1), lambda x: [0, x]).gather(5) == [0, 5]
+    assert Hosts(1, 2, (0, 1), lambda x: []) == Hosts(1, 2, (0, 1))  # the stand-in is no part of it

@@ -1,4 +1,4 @@
-"""The sampler on 8 simulated CPU devices: with the parameters laid out by `uecjax.sharding` on
+"""The sampler on 8 simulated CPU devices: with the parameters laid out by `uecjax.parallel.mesh` on
 data x fsdp x tensor meshes, `Sampler(model, mesh=mesh)` gives the single-device sampler's
 tokens and masks exactly and its log-probs to float32 rounding, while each device holds only
 its rows (data x fsdp) and its KV heads (tensor) of the cache and of the outputs."""
@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from train_helpers import tiny_model
 from uecjax.sampler import Sampler, SamplingParams
-from uecjax.sharding import BATCH_AXES, make_mesh, param_shardings
+from uecjax.parallel.mesh import BATCH_AXES, make_mesh, param_shardings
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 MESHES = [(2, 2, 2), (4, 1, 2)]

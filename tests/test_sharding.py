@@ -10,7 +10,7 @@ from tiny_hf import write_tiny_qwen2
 from uecjax.models import TextConfig, from_pretrained
 from uecjax.models.config import read_hf_config
 from uecjax.optim import OptimConfig, make_optimizer
-from uecjax.sharding import (ShardingError, batch_sharding, check_batch_size, make_mesh, mesh_shape,
+from uecjax.parallel.mesh import (ShardingError, batch_sharding, check_batch_size, make_mesh, mesh_shape,
                              model_sharding_fn, opt_state_shardings, param_fallbacks, param_shardings,
                              partition_spec)
 from train_helpers import TINY, tiny_model
@@ -92,7 +92,7 @@ def test_model_must_divide_by_the_mesh():
     """Heads, KV heads and MLP width must split over tensor, the hidden size over fsdp (errors
     naming the config field); a vocabulary that does not split is only a warning."""
     from uecjax.models.presets import preset
-    from uecjax.sharding import check_model_mesh
+    from uecjax.parallel.mesh import check_model_mesh
 
     qwen05 = preset("qwen2.5-0.5b")  # 14 heads, 2 KV heads, MLP 4864, hidden 896
     assert check_model_mesh(qwen05, make_mesh((4, 1, 2))) == []
@@ -116,7 +116,7 @@ def test_model_must_divide_by_the_mesh():
 
 def test_global_batch_takes_this_process_rows():
     """One process holds every row; the global array equals the host batch on the batch sharding."""
-    from uecjax.sharding import global_batch, process_rows, put_replicated, replicated
+    from uecjax.parallel.mesh import global_batch, process_rows, put_replicated, replicated
 
     mesh = make_mesh((2, 2, 2))
     sharding = batch_sharding(mesh)

@@ -11,7 +11,7 @@ from train_helpers import (P, SGD_LIKE, host, naive_logp_entropy, perturbed, ran
                            tiny_model, with_logprobs)
 from uecjax.control import init_control_state, update_control
 from uecjax.objectives.methods import loss_config
-from uecjax.sharding import ShardingError
+from uecjax.parallel.mesh import ShardingError
 from uecjax.train_step import TrainStep
 
 

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec
 
 from train_helpers import SGD_LIKE, host, perturbed, random_batch, single_mesh, tiny_model, with_logprobs
 from uecjax.objectives.methods import loss_config
-from uecjax.sharding import make_mesh
+from uecjax.parallel.mesh import make_mesh
 from uecjax.train_step import TrainStep
 
 # Every loss term on: PPO clip (pi != pi_old), KL to a reference, gated exploration, stabilizer.

@@ -26,7 +26,7 @@ from uecjax.models import Qwen2, TextConfig
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig
 from uecjax.sampler import Sampler, SamplingParams
-from uecjax.sharding import make_mesh
+from uecjax.parallel.mesh import make_mesh
 from uecjax.train_step import TrainStep
 
 V, R, G = 16, 4, 8

@@ -25,7 +25,7 @@ from uecjax.objectives.methods import LossInputs, loss_config, loss_terms
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rows import RowBuffer, Rows
 from uecjax.sampler import Sampler, SamplingParams
-from uecjax.sharding import make_mesh, param_shardings
+from uecjax.parallel.mesh import make_mesh, param_shardings
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import (PromptImages, load_image_processor, row_patches, stack_images,
                                   vision_rows)

@@ -11,7 +11,7 @@ from uecjax.batch import Batch, positions_from_mask
 from uecjax.models import Qwen2, TextConfig
 from uecjax.objectives import group_advantages
 from uecjax.optim import OptimConfig
-from uecjax.sharding import make_mesh
+from uecjax.parallel.mesh import make_mesh
 
 TINY = TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

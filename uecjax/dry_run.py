@@ -15,7 +15,7 @@ config.model.preset (uecjax.models.presets), else config.model.path (a checkpoin
 or its config.json; weights are not read), else the demo's tiny model.
 
 A Qwen2.5-VL (a `qwen2.5-vl-*` preset, or a config.json of model_type qwen2_5_vl) is built
-whole, vision tower included (split over fsdp along its hidden axes, as `uecjax.sharding`
+whole, vision tower included (split over fsdp along its hidden axes, as `uecjax.parallel.mesh`
 lays it out; frozen with config.model.freeze_vision: no optimizer state), and the batch
 carries images as the loop's does (`uecjax.vision_inputs.vision_rows`): each row one square image of
 config.vision.dry_run_pixels pixels (0: vision.min_pixels), resized into [min_pixels,
@@ -55,7 +55,7 @@ from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig
 from uecjax.rollout import rollout_config
 from uecjax.run_setup import model_config, run_mesh
-from uecjax.sharding import check_batch_size, check_model_mesh
+from uecjax.parallel.mesh import check_batch_size, check_model_mesh
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import patch_bucket, resized_size
 

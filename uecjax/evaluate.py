@@ -15,11 +15,11 @@ the tokenizer files, as `save_pretrained` + `tokenizer.save_pretrained` write th
 
 It prints one JSON line with the metrics on stdout (the progress bar goes to stderr).
 The checkpoint loads onto the config's mesh (config.mesh, as in training: parameters laid
-out by `uecjax.sharding`), and the sampler splits its rows over the mesh's data x fsdp devices.
-Launched as part of a multi-process job (`uecjax.distributed`: TPU slice, SLURM, or the
+out by `uecjax.parallel.mesh`), and the sampler splits its rows over the mesh's data x fsdp devices.
+Launched as part of a multi-process job (`uecjax.parallel.launch`: TPU slice, SLURM, or the
 --coordinator_address / --num_processes / --process_id flags) it joins the job first; every
 process then runs the same evaluation over the global mesh, grading its own block of every
-batch's prompts (`uecjax.sharding.row_share`), the per-prompt results are all-gathered, and
+batch's prompts (`uecjax.parallel.hosts`), the per-prompt results are all-gathered, and
 process 0 prints and writes.
 
 Metrics. Every prompt gets one greedy response (temperature 0) and `n` sampled responses
@@ -103,7 +103,7 @@ import numpy as np
 from uecjax.config import DATA_KINDS
 from uecjax.metrics import pass_at_k_table
 from uecjax.sampler import SamplingParams
-from uecjax.sharding import RowShare
+from uecjax.parallel.hosts import Hosts
 from uecjax.tokenizer import load_tokenizer, stop_token_ids
 from uecjax.vision_inputs import ImageError, render_record, vl_chat_template
 
@@ -148,8 +148,7 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
              temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 32,
              prompt_template: str = "think_boxed", use_chat_template: bool = True,
              seed: int = 0, ks: Sequence[int] | None = None, progress: bool = True,
-             greedy: bool = True, image_processor=None, share: RowShare = RowShare(),
-             exchange: Callable[[object], list] | None = None) -> dict:
+             greedy: bool = True, image_processor=None, hosts: Hosts = Hosts()) -> dict:
     """Greedy Pass@1 and sampled Pass@k of `sampler`'s model on `records` (module docstring).
 
     sampler: a `uecjax.sampler.Sampler` (reads the model's current parameters at each call).
@@ -161,12 +160,10 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
     greedy: also the greedy response per prompt (greedy_* metrics).
     image_processor: a `uecjax.vision_inputs.ImageProcessor` for a Qwen2.5-VL policy: records
       with images are prompted with them; None prompts every record as text.
-    share, exchange: with several row shares (`uecjax.sharding.row_share`, a multi-process
-      run) each process keeps, grades and reports its block of every batch's prompts, and the
-      per-prompt results are all-gathered (`exchange`) so every process returns the same metrics.
+    hosts: with several row shares (`Hosts.of_mesh`, a multi-process run) each process keeps,
+      grades and reports its block of every batch's prompts, and the per-prompt results are
+      all-gathered (`hosts.gather`) so every process returns the same metrics.
     """
-    if share.count > 1 and exchange is None:
-        raise ValueError("evaluate: several row shares need an exchange (an all-gather)")
     records = list(records)
     if not records:
         raise ValueError("evaluate: no records")
@@ -207,20 +204,20 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
                   disable=not progress, leave=False) as bar:
             for b in range(num_batches):
                 lo, hi = b * batch_prompts, min(len(records), (b + 1) * batch_prompts)
-                # `share.count` equal blocks (the last padded with the batch's first prompt);
+                # `hosts.count` equal blocks (the last padded with the batch's first prompt);
                 # this process samples all of them in one collective call, keeps its block.
-                k = -(-(hi - lo) // share.count)
-                index = list(range(lo, hi)) + [lo] * (k * share.count - (hi - lo))
+                k = -(-(hi - lo) // hosts.count)
+                index = list(range(lo, hi)) + [lo] * (k * hosts.count - (hi - lo))
                 batch = [prompts[i] for i in index]
                 batch_images = ([images[i] for i in index]
                                 if any(im is not None for im in images[lo:hi]) else None)
-                mine = [i for j, i in enumerate(index[share.index * k:(share.index + 1) * k])
-                        if share.index * k + j < hi - lo]
+                mine = [i for j, i in enumerate(index[hosts.index * k:(hosts.index + 1) * k])
+                        if hosts.index * k + j < hi - lo]
                 responses, lengths = [], {}
                 if greedy:
                     out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
                                                         temperature=0.0, stop_token_ids=stops),
-                                  images=batch_images, share=share)
+                                  images=batch_images, hosts=hosts)
                     rows = slice(0, len(mine))
                     responses += decode_responses(tokenizer, out.response_tokens[rows],
                                                   out.response_mask[rows], stops)
@@ -228,7 +225,7 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
                 out = sampler(batch, SamplingParams(max_new_tokens=max_new_tokens,
                                                     temperature=temperature, top_p=top_p, n=n,
                                                     stop_token_ids=stops, seed=_seed(seed, b)),
-                              images=batch_images, share=share)
+                              images=batch_images, hosts=hosts)
                 rows = slice(0, len(mine) * n)
                 responses += decode_responses(tokenizer, out.response_tokens[rows],
                                               out.response_mask[rows], stops)
@@ -252,8 +249,8 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
     finally:
         if own_grader:
             grader.close()
-    if share.count > 1:  # every process's prompts, so that all compute the same metrics
-        for part in exchange(results):
+    if hosts.count > 1:  # every process's prompts, so that all compute the same metrics
+        for part in hosts.gather(results):
             results.update(part)
 
     num = len(records)
@@ -330,10 +327,10 @@ def eval_records(config, split: str = "test", num_prompts: int | None = None) ->
 
 def _load_checkpoint(checkpoint: str, config, mesh=None):
     """(model, tokenizer, image processor or None); with a mesh, the parameters are laid out
-    on it as in training (`uecjax.sharding.model_sharding_fn`), after `check_model_mesh`."""
+    on it as in training (`uecjax.parallel.mesh.model_sharding_fn`), after `check_model_mesh`."""
     from uecjax.models import VLConfig, from_pretrained
     from uecjax.models.config import model_config_from_hf, read_hf_config
-    from uecjax.sharding import check_model_mesh, model_sharding_fn
+    from uecjax.parallel.mesh import check_model_mesh, model_sharding_fn
 
     if not checkpoint:
         raise FileNotFoundError("no checkpoint: pass --checkpoint=DIR (an HF-layout directory, "
@@ -390,15 +387,17 @@ def main(argv) -> None:
     from uecjax.rewards import make_grader
     from uecjax.sampler import Sampler
     from uecjax.run_setup import run_mesh
-    from uecjax.sharding import make_mesh
+    from uecjax.parallel.mesh import make_mesh
 
-    from uecjax import cli, distributed
+    from uecjax import cli
+    from uecjax.parallel import launch
+    from uecjax.parallel.hosts import is_main_process
 
     del argv
     FLAGS = flags.FLAGS
     try:
-        distributed.initialize_from_flags()  # before anything touches a device
-    except distributed.DistributedError as e:
+        launch.initialize_from_flags()  # before anything touches a device
+    except launch.DistributedError as e:
         cli.fail(str(e))
     config = FLAGS.config  # cli.config_flags_parser has loaded it (or exited)
     checkpoint = FLAGS.checkpoint or _get(config, "model.path")
@@ -415,10 +414,7 @@ def main(argv) -> None:
                          format_weight=_get(config, "reward.format_weight", 0.1),
                          timeout_s=_get(config, "reward.timeout_s", 5.0),
                          think_prefilled=_get(config, "reward.think_prefilled", False))
-    from uecjax.run_setup import share_exchange
-    from uecjax.sharding import row_share
-
-    share = row_share(mesh)  # each process grades its own block of every batch
+    hosts = Hosts.of_mesh(mesh)  # each process grades its own block of every batch
     with grader:
         metrics = evaluate(
             Sampler(model, pad_id=pad_id, mesh=mesh), tokenizer, records, grader, n=n,
@@ -428,11 +424,11 @@ def main(argv) -> None:
             batch_prompts=_get(config, "eval.batch_prompts", 32),
             prompt_template=_get(config, "prompt.template", "think_boxed"),
             use_chat_template=_get(config, "prompt.use_chat_template", True),
-            seed=_get(config, "seed", 0), progress=distributed.is_main_process(),
-            image_processor=processor, share=share, exchange=share_exchange(share))
+            seed=_get(config, "seed", 0), progress=is_main_process(),
+            image_processor=processor, hosts=hosts)
     metrics = {"checkpoint": os.path.abspath(checkpoint), "split": split, **metrics}
     line = json.dumps(metrics)
-    if not distributed.is_main_process():  # every process computed the same metrics
+    if not is_main_process():  # every process computed the same metrics
         return
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
@@ -453,9 +449,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_prompts", None, "Evaluate the first N records (default: "
                          "config.eval.num_prompts; 0: all).")
     flags.DEFINE_string("output", None, "Also write the JSON metrics to this file.")
-    from uecjax import distributed
+    from uecjax.parallel import launch
 
-    distributed.define_flags()
+    launch.define_flags()
 
 
 if __name__ == "__main__":

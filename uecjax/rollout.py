@@ -23,12 +23,12 @@ Metrics of the prompts themselves (hard fraction p_q <= tau_hard, mean gate weig
 regular rows' token-mean entropy (H_0's measurement: the policy's own samples, before any
 selection) are taken over every regular round of a batch, before selection.
 
-Several processes (`share`, a `uecjax.sharding.RowShare` with count > 1): each process draws
+Several processes (`hosts`, a `uecjax.parallel.hosts.Hosts` with count > 1): each process draws
 B / count prompts of its own, samples them inside one SPMD sampler call and gets back only
 its own rows, grades and scores them, and fills its own buffer with batch_rows / count rows;
 the train step assembles the processes' rows into the global batch. Groups never span
 processes, so advantages, difficulty and retention are computed where the rows are. The
-processes agree, through `exchange` (an all-gather of small host values, one entry per share),
+processes agree, through `hosts.gather` (an all-gather of small host values, one per share),
 on the prompts of every sampler call (the call is collective), on whether another round is
 needed (any share short of its rows), on the exploration batch (each share's hard prompts
 padded to the largest count; the padding's rows are dropped), on replay, and on the step's
@@ -51,7 +51,7 @@ from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import uec_gate
 from uecjax.rows import RowBuffer, Rows, left_pad
 from uecjax.sampler import SamplingParams
-from uecjax.sharding import RowShare
+from uecjax.parallel.hosts import Hosts
 from uecjax.vision_inputs import PromptImages, stack_images
 
 
@@ -160,21 +160,18 @@ class Rollout:
         the rows' (pixel_values, image_grid_thw) as `Rows` stores them. Also called by
         `replay_batch` with replay_recompute (its reference log-probs are then unused).
     decode: response token ids (stop token stripped) -> text.
-    share, exchange: this process's share of the rows and the all-gather (obj -> [obj of each
-        share]) that the shares agree through (module docstring); with one share, unused.
+    hosts: this process's share of the rows and the all-gather the shares agree through
+        (module docstring); `Hosts()`, one share, for a single process.
     prompts: this process's prompts (its block of every batch, `uecjax.data.shard_batches`).
     """
 
     def __init__(self, cfg: RolloutConfig, hp: LossConfig, *, sampler, prompts: Iterator[Prompt],
                  grade: Callable, score: Callable, decode: Callable[[Sequence[int]], str],
-                 stop_token_ids: tuple[int, ...], seed: int = 0, share: RowShare = RowShare(),
-                 exchange: Callable[[object], list] | None = None):
-        if cfg.prompts_per_batch % share.count:
+                 stop_token_ids: tuple[int, ...], seed: int = 0, hosts: Hosts = Hosts()):
+        if cfg.prompts_per_batch % hosts.count:
             raise ValueError(f"rollout.prompts_per_batch={cfg.prompts_per_batch} is not a multiple "
-                             f"of the {share.count} row shares")
-        if share.count > 1 and exchange is None:
-            raise ValueError("several row shares need an exchange (an all-gather)")
-        self.share, self.exchange = share, exchange
+                             f"of the {hosts.count} row shares")
+        self.hosts = hosts
         self.cfg = cfg
         self.hp = hp
         self.sampler = sampler
@@ -184,19 +181,14 @@ class Rollout:
         self.decode = decode
         self.stop_ids = tuple(stop_token_ids)
         self.seed = seed
-        self.rows_per_batch = cfg.batch_rows // share.count  # this process's rows of a batch
+        self.rows_per_batch = cfg.batch_rows // hosts.count  # this process's rows of a batch
         self.buffer = RowBuffer()
-        self.replay = RowBuffer((cfg.replay_capacity or 2 * cfg.batch_rows) // share.count)
+        self.replay = RowBuffer((cfg.replay_capacity or 2 * cfg.batch_rows) // hosts.count)
         # Rounds fill every share exactly unless rows are dropped or added by selection.
         self.selective = (cfg.explore or cfg.retention or cfg.drop_overlong_positive
                           or hp.dynamic_sampling)
         self.calls = 0  # sampler calls, for distinct seeds
         self.stats: dict[str, float] = {}
-
-    # -- collectives over the shares --------------------------------------------------------
-    def _all(self, value) -> list:
-        """[value of each share] (no collective with one share)."""
-        return [value] if self.share.count == 1 else self.exchange(value)
 
     # -- one sampling round ----------------------------------------------------------------
     def _sample(self, prompts: list[Prompt], n: int, temperature: float, real: int | None = None):
@@ -208,9 +200,9 @@ class Rollout:
                                 top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=self.stop_ids,
                                 n=n, seed=self.seed * 1_000_003 + self.calls)
         t = time.perf_counter()
-        everyone = [q for block in self._all(prompts) for q in block]  # the call is collective
+        everyone = [q for block in self.hosts.gather(prompts) for q in block]  # the call is collective
         images = [p.images for p in everyone] if any(p.images is not None for p in everyone) else None
-        out = self.sampler([p.ids for p in everyone], params, images=images, share=self.share)
+        out = self.sampler([p.ids for p in everyone], params, images=images, hosts=self.hosts)
         self._add("time/sampling", time.perf_counter() - t)
         keep = slice(0, n * (len(prompts) if real is None else real))
         sampled, prompts = prompts, prompts[:real]
@@ -248,7 +240,7 @@ class Rollout:
         return rows
 
     def _next_prompts(self) -> list[Prompt]:
-        return [next(self.prompts) for _ in range(self.cfg.prompts_per_batch // self.share.count)]
+        return [next(self.prompts) for _ in range(self.cfg.prompts_per_batch // self.hosts.count)]
 
     def _round(self) -> None:
         cfg = self.cfg
@@ -279,7 +271,7 @@ class Rollout:
             hard = np.flatnonzero((score.reshape(-1, G) < cfg.hard_reward).all(axis=1))
             self._add("explore/hard_prompts", len(hard))
             # One exploration call for all shares, each padded to the most hard prompts.
-            most = max(self._all(len(hard)))
+            most = max(self.hosts.gather(len(hard)))
             if most:
                 chosen = [prompts[i] for i in hard]
                 padding = [chosen[0] if chosen else prompts[0]] * (most - len(hard))
@@ -317,7 +309,7 @@ class Rollout:
                                                  self.hp.beta > 0)])
         self._add("rollout/padded_rows", missing)
         self._add("rollout/buffered_rows", len(self.buffer))
-        self.stats = merge_share_stats(self._all(self.stats))
+        self.stats = merge_share_stats(self.hosts.gather(self.stats))
         self.stats["rollout/rounds"] = rounds
         return rows, self._summary()
 
@@ -325,7 +317,7 @@ class Rollout:
         """Does any share hold fewer than `need` rows? (The same answer on every process.)"""
         if not self.selective:  # every round fills every share exactly
             return len(self.buffer) < need
-        return any(self._all(len(self.buffer) < need))
+        return any(self.hosts.gather(len(self.buffer) < need))
 
     def after_update(self, rows: Rows) -> None:
         """Replay stabilizer: rows with A > A_0 go to the FIFO (with their log-probs)."""
@@ -341,7 +333,7 @@ class Rollout:
         cfg = self.cfg
         if not cfg.replay or step % cfg.replay_every:
             return None
-        if not all(self._all(len(self.replay) >= self.rows_per_batch)):
+        if not all(self.hosts.gather(len(self.replay) >= self.rows_per_batch)):
             return None
         rows = self.replay.sample(self.rows_per_batch, rng)
         return self._rescore(rows) if cfg.replay_recompute else rows
@@ -351,8 +343,8 @@ class Rollout:
         reference log-probs as stored). Collective: every share calls it for its replay draw
         (replay_batch answers the same on every share), with image arrays of one kind."""
         images = None if rows.pixel_values is None else (rows.pixel_values, rows.image_grid_thw)
-        if self.share.count > 1:  # one share's draw may hold no image: give it empty ones
-            widths = [w for w in self._all(None if images is None else images[0].shape[2])
+        if self.hosts.count > 1:  # one share's draw may hold no image: give it empty ones
+            widths = [w for w in self.hosts.gather(None if images is None else images[0].shape[2])
                       if w is not None]
             if widths and images is None:
                 images = (np.zeros((len(rows), 0, widths[0]), np.float32),

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import collections
 import glob
 import os
-from typing import Callable, Iterator
 
 import jax
 import ml_collections
 
-from uecjax import distributed
 from uecjax.config import EMBEDDED_KINDS
 from uecjax.data import (DataNotFoundError, Fields, countdown_source, demo_source,
                          geometry3k_source, load_source, make_dataset, make_iterator, math_source,
@@ -20,8 +17,8 @@ from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
 from uecjax.models import CheckpointError, VLConfig, from_pretrained
 from uecjax.models.config import model_config_from_hf, read_hf_config
 from uecjax.rollout import Prompt
-from uecjax.sharding import (RowShare, ShardingError, check_model_mesh, make_mesh,
-                             model_sharding_fn)
+from uecjax.parallel.hosts import allgather_objects
+from uecjax.parallel.mesh import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
 from uecjax.tokenizer import load_tokenizer
 from uecjax.vision_inputs import (ImageError, ImageProcessor, load_image_processor, render_record,
                                   vl_chat_template)
@@ -227,54 +224,9 @@ def prompt_stream(records, tokenizer, cfg: ml_collections.ConfigDict, max_prompt
         yield Prompt(ids=ids, answer=record.answer, choices=tuple(record.choices), images=images)
 
 
-class GlobalPrompts:
-    """The global prompt stream from each process's own block of it.
-
-    Every `batch_size` draws, each process takes batch_size // process_count prompts from its
-    own `local` stream and `exchange` (a collective: `distributed.allgather_objects`) hands
-    every process the blocks of all processes, in process order; the batch is then served
-    from them. With one process the local stream passes through unchanged, no collective.
-    Draw whole batches only (`Rollout` draws prompts_per_batch per step): the buffer is then
-    empty between steps, so the local iterator's state is the whole stream position.
-    """
-
-    def __init__(self, local: Iterator[Prompt], batch_size: int, process_count: int = 1,
-                 exchange: Callable[[list], list[list]] = distributed.allgather_objects):
-        if batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} is not a multiple of "
-                             f"process_count={process_count}")
-        self.local, self.process_count, self.exchange = local, process_count, exchange
-        self.block = batch_size // process_count
-        self.pending: collections.deque = collections.deque()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Prompt:
-        if self.process_count == 1:
-            return next(self.local)
-        if not self.pending:
-            mine = [next(self.local) for _ in range(self.block)]
-            for block in self.exchange(mine):
-                self.pending.extend(block)
-        return self.pending.popleft()
-
-
-def share_exchange(share: RowShare) -> Callable[[object], list]:
-    """obj -> [obj of each row share, in block order] (`Rollout`'s exchange): an all-gather
-    over the processes, one entry kept per block (from the first process holding it). With
-    one share, [obj] without a collective: every process holds the same values then."""
-    def exchange(obj) -> list:
-        if share.count == 1:
-            return [obj]
-        everyone = distributed.allgather_objects(obj)
-        return [everyone[p] for p in share.owners]
-    return exchange
-
-
 def iterator_states(state) -> list:
     """Every process's data iterator state, in process order (a collective when several)."""
-    return distributed.allgather_objects(state)
+    return allgather_objects(state)
 
 
 def own_iterator_state(meta: dict, process_index: int, process_count: int):

@@ -19,16 +19,16 @@ patches of each prompt are padded to a bucket (`patch_buckets`) of the batch's l
 image sizes inside a bucket reuse the compiled prefill too.
 
 On a device mesh (`Sampler(model, mesh=mesh)`, the (data, fsdp, tensor) mesh of
-`uecjax.sharding` that the model's parameters live on), the rows are split over the batch axes
+`uecjax.parallel.mesh` that the model's parameters live on), the rows are split over the batch axes
 (data x fsdp) as the train step splits its batches, and the KV cache's head axis over `tensor`
 where the KV heads divide by it: each device prefills its prompts and decodes its rows only.
 The prompts are padded so that the rows (prompts x n) divide by data x fsdp; padded prompts
 are empty and finish at once. The prefill splits the prompts over data x fsdp when their count
 divides by it, else over `data` alone when that divides, else runs every prompt on every
 device; its cache is repeated to the n samples and split by rows before decoding. Host arrays
-enter with `uecjax.sharding.global_batch`, so in a multi-process job every process passes the
-same prompts; with `share=` (`uecjax.sharding.RowShare`) they are the processes' blocks, and
-each process gets back only its own block of rows. The sampled tokens do not depend on the
+enter with `uecjax.parallel.mesh.global_batch`, so in a multi-process job every process passes
+the same prompts; with `hosts=` (`uecjax.parallel.hosts.Hosts`) they are the processes' blocks,
+and each process gets back only its own block of rows. The sampled tokens do not depend on the
 mesh: the random draws of a row depend on the seed, the step and the row's index only, whatever the number of padded rows (JAX's
 partitionable threefry, `jax.config.jax_threefry_partitionable`, the default in current JAX;
 with it off, the mesh's row padding changes the draws, and the sampler warns).
@@ -51,7 +51,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from uecjax.batch import positions_from_mask
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache
-from uecjax.sharding import BATCH_AXES, RowShare, batch_shards, global_batch, share_rows
+from uecjax.parallel.hosts import Hosts
+from uecjax.parallel.mesh import BATCH_AXES, batch_shards, global_batch
 from uecjax.vision_inputs import (DEFAULT_PATCH_BUCKETS, PromptImages, patch_bucket, stack_images,
                                   vision_rows)
 
@@ -291,11 +292,11 @@ class Sampler:
     # -- host API -------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  images: Sequence[PromptImages | None] | None = None,
-                 share: RowShare = RowShare()) -> SamplerOutput:
+                 hosts: Hosts = Hosts()) -> SamplerOutput:
         """Samples `params.n` responses per prompt. images: one entry per prompt (None for a
         prompt without images); the prompt must hold each image's tokens.
 
-        share: with `share.count` > 1 (a multi-process run, `uecjax.sharding.row_share`), the
+        hosts: with `hosts.count` > 1 (a multi-process run, `Hosts.of_mesh`), the
         prompts are `count` equal blocks, block b the prompts of the processes holding rows
         block b; each block is padded on its own so that its rows land on those processes'
         devices, and only this process's block of rows comes back (no gather across hosts).
@@ -305,15 +306,15 @@ class Sampler:
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts: give one "
                              "per prompt (None where a prompt has no images)")
-        if len(prompts) % share.count:
-            raise ValueError(f"{len(prompts)} prompts do not make {share.count} equal blocks")
-        num_prompts = len(prompts) // share.count  # this process's block
+        if len(prompts) % hosts.count:
+            raise ValueError(f"{len(prompts)} prompts do not make {hosts.count} equal blocks")
+        num_prompts = len(prompts) // hosts.count  # this process's block
         P = bucket(max(len(p) for p in prompts), self.prompt_buckets)
         R = bucket(params.max_new_tokens, self.response_buckets)
-        block = self._num_prompt_rows(num_prompts, params.n, share.count)
-        B = block * share.count
+        block = self._num_prompt_rows(num_prompts, params.n, hosts.count)
+        B = block * hosts.count
         # Block b of the prompts starts at row b * block (its padding after it).
-        slot = [b * block + i for b in range(share.count) for i in range(num_prompts)]
+        slot = [b * block + i for b in range(hosts.count) for i in range(num_prompts)]
         tokens = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), np.int32)
         for i, p in zip(slot, prompts):
@@ -350,9 +351,9 @@ class Sampler:
         T = params.max_new_tokens
         # This process's block of rows (with one share: whole arrays on every host, a gather
         # where they are split across hosts), then its real rows.
-        out_tokens, out_logps, valid, done = (share_rows(x, share)[:rows]
+        out_tokens, out_logps, valid, done = (hosts.take(x)[:rows]
                                               for x in (out_tokens, out_logps, valid, done))
-        own = slice(share.index * block * params.n, share.index * block * params.n + rows)
+        own = slice(hosts.index * block * params.n, hosts.index * block * params.n + rows)
         valid = valid[:, :T]
         return SamplerOutput(
             prompt_tokens=np.repeat(tokens, params.n, axis=0)[own],

@@ -66,7 +66,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from uecjax import checkpoint as ckpt
-from uecjax import cli, distributed
+from uecjax import cli
 from uecjax.batch import Batch, sequence_inputs
 from uecjax.config import ConfigValueError, validate
 from uecjax.evaluate import evaluate
@@ -79,14 +79,13 @@ from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig, OptimConfigError
 from uecjax.rewards import make_grader
 from uecjax.rollout import Rollout, merge_share_stats, rollout_config
-from uecjax.run_setup import (GlobalPrompts, image_processor, iterator_states, load_policy,
-                              share_exchange,
-                              make_records, own_iterator_state, prompt_stream, run_mesh)
+from uecjax.parallel import launch
+from uecjax.parallel.hosts import GlobalPrompts, Hosts, is_main_process, to_host
+from uecjax.parallel.mesh import ShardingError, check_batch_size, put_replicated
+from uecjax.run_setup import (image_processor, iterator_states, load_policy, make_records,
+                              own_iterator_state, prompt_stream, run_mesh)
 from uecjax.sampler import Sampler
-from uecjax.sharding import (RowShare, ShardingError, check_batch_size, row_share, share_batch,
-                             share_rows)
 from uecjax.tokenizer import TokenizerError, stop_token_ids
-from uecjax import sharding as shd
 from uecjax.train_step import TrainStep
 from uecjax.rows import RowBuffer, Rows
 from uecjax.updates import UpdatePlan, mean_metrics
@@ -99,15 +98,13 @@ class Scorer:
     Row counts vary (regular rounds, exploration rounds); they are padded to a multiple of
     `row_bucket` so the jitted pass compiles for a few shapes only. With several row shares
     the rows are this process's (the same count on every process) and so are the results;
-    `agree_patches` turns this process's most patches per row into the shares' (their image
-    arrays must have one shape).
+    the shares agree on one patch width for their image arrays.
     """
 
     def __init__(self, trainer: TrainStep, row_bucket: int, ref_params: HostParams | None = None,
-                 vl_config: VLConfig | None = None, share: RowShare = RowShare(),
-                 agree_patches=lambda patches: patches):
+                 vl_config: VLConfig | None = None, hosts: Hosts = Hosts()):
         self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
-        self.vl_config, self.share, self.agree_patches = vl_config, share, agree_patches
+        self.vl_config, self.hosts = vl_config, hosts
         self.params = None  # set by the loop before every rollout
 
     def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None,
@@ -120,27 +117,27 @@ class Scorer:
         mask = pad(np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1))
         tokens = pad(np.concatenate([prompt_tokens, response_tokens], axis=1))
         images = None if images is None else tuple(pad(x) for x in images)  # padded rows: none
-        patches = 0 if images is None else self.agree_patches(row_patches(images[1]))
+        patches = 0 if images is None else max(self.hosts.gather(row_patches(images[1])))
         batch = Batch(tokens=tokens, attention_mask=mask,
                       **sequence_inputs(tokens, mask, prompt_tokens.shape[1], images, self.vl_config,
                                         min_patches=patches),
                       response_mask=pad(response_mask.astype(np.float32)),
                       advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
                       is_hard=np.zeros(rows, np.float32))
-        batch = share_batch(batch, self.share, self.trainer.batch_sharding)
+        batch = self.hosts.put(batch, self.trainer.batch_sharding)
         # This process's rows back on the host (with one share: whole arrays, a gather where
         # rows live on other hosts' devices).
-        logp, entropy = (share_rows(x, self.share)
+        logp, entropy = (self.hosts.take(x)
                          for x in self.trainer.compute_logprobs(self.params, batch))
         ref = None
         if self.ref_params is not None and with_ref:
-            ref = share_rows(self.trainer.compute_logprobs(self.ref_params.on_device(), batch)[0],
-                             self.share)[:n]
+            ref = self.hosts.take(
+                self.trainer.compute_logprobs(self.ref_params.on_device(), batch)[0])[:n]
         return logp[:n], entropy[:n], ref
 
 
 def _host(metrics) -> dict[str, float]:
-    return {k: float(v) for k, v in distributed.to_host(metrics).items()}
+    return {k: float(v) for k, v in to_host(metrics).items()}
 
 
 def _hosted(updates: list) -> list[dict[str, float]]:
@@ -157,7 +154,7 @@ def _set_h0(control, roll_stats: dict, trainer: TrainStep):
     if roll_stats.get("rollout/regular_tokens", 0.0) <= 0:
         return control  # no token yet: the step keeps it unset too
     h0 = np.float32(roll_stats["rollout/regular_entropy"])
-    return shd.put_replicated(control.replace(h0=jax.numpy.asarray(h0)), trainer.replicated)
+    return put_replicated(control.replace(h0=jax.numpy.asarray(h0)), trainer.replicated)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdout) -> dict:
@@ -183,12 +180,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     # Each update trains on one mini-batch: a clear error up front if it does not split.
     check_batch_size(rcfg.batch_rows // plan.updates_per_rollout, mesh, cfg.train.micro_batches)
     # This process's rows of every batch (module docstring).
-    share = row_share(mesh)
-    readers = share.count if share.count > 1 else jax.process_count()
-    if rcfg.prompts_per_batch % readers:
+    hosts = Hosts.of_mesh(mesh)
+    block = hosts.readers()
+    if rcfg.prompts_per_batch % block[1]:
         raise ConfigValueError(
             f"config.rollout.prompts_per_batch={rcfg.prompts_per_batch}: must be a multiple of "
-            f"{readers}, the processes holding distinct batch rows (each reads, samples and "
+            f"{block[1]}, the processes holding distinct batch rows (each reads, samples and "
             "grades an equal share of every batch)")
     trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size)
@@ -200,29 +197,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
         ref_params = HostParams(jax.jit(to_compute, out_shardings=trainer.param_shardings)(params),
                                 trainer.param_shardings, offload=cfg.model.offload_reference)
-    exchange = share_exchange(share)
-    agree_patches = lambda n: max(exchange(n))  # noqa: E731  (one shape for all shares' images)
-    scorer = Scorer(trainer, rcfg.batch_rows // share.count, ref_params, vl_config, share,
-                    agree_patches)
+    scorer = Scorer(trainer, rcfg.batch_rows // hosts.count, ref_params, vl_config, hosts)
 
-    block = (share.index, share.count) if share.count > 1 else (jax.process_index(), readers)
     train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True, shard=block)
     eval_records = make_records(cfg, cfg.data.eval_split, train=False)
     skipped = train_records.skipped  # malformed rows, and prompts too long for the batch
     # This process's block of every batch; with one share, all processes' blocks.
     prompts = prompt_stream(train_iter, tokenizer, cfg, rcfg.max_prompt_len, skipped, processor)
-    if share.count == 1:
-        prompts = GlobalPrompts(prompts, rcfg.prompts_per_batch, readers)
+    if hosts.count == 1:
+        prompts = GlobalPrompts(prompts, rcfg.prompts_per_batch, block[1])
     if jax.process_count() > 1:
-        logger.text(f"{jax.process_count()} processes, {share.count} row shares: each samples, "
-                    f"grades and trains on {rcfg.batch_rows // share.count} of {rcfg.batch_rows} "
+        logger.text(f"{jax.process_count()} processes, {hosts.count} row shares: each samples, "
+                    f"grades and trains on {rcfg.batch_rows // hosts.count} of {rcfg.batch_rows} "
                     "rows per batch")
     source_skips = skipped.as_dict()  # malformed rows: every process checked the whole source
 
     def skip_counts() -> dict:
         """Skipped rows of the run: the source's once, plus every share's skipped prompts."""
         own = {k: v - source_skips.get(k, 0) for k, v in skipped.as_dict().items()}
-        return merge_share_stats([source_skips] + exchange(own))
+        return merge_share_stats([source_skips] + hosts.gather(own))
     # The task's grader: math-verify in worker processes, or the countdown parser in process.
     grader = make_grader(cfg.data.kind, num_workers=cfg.reward.num_workers,
                          timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight,
@@ -231,7 +224,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     sampler = Sampler(model, pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
     rollout = Rollout(rcfg, hp, sampler=sampler, prompts=prompts, grade=grader.grade_batch,
                       score=scorer, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                      stop_token_ids=stops, seed=cfg.seed, share=share, exchange=exchange)
+                      stop_token_ids=stops, seed=cfg.seed, hosts=hosts)
 
     def run_eval(step: int) -> dict:
         t = time.perf_counter()
@@ -239,8 +232,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                           max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                           batch_prompts=cfg.eval.batch_prompts, prompt_template=cfg.prompt.template,
                           use_chat_template=cfg.prompt.use_chat_template, seed=cfg.seed,
-                          progress=log_console is not None and distributed.is_main_process(),
-                          image_processor=processor, share=share, exchange=exchange)
+                          progress=log_console is not None and is_main_process(),
+                          image_processor=processor, hosts=hosts)
         result["time_s"] = time.perf_counter() - t
         logger.scalars(step, result, prefix="eval/")
         logger.text(f"eval @ step {step}: " + ", ".join(
@@ -250,7 +243,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=cfg.train.keep_checkpoints)
     start, history, pending = 0, {}, None
-    suffix = f"_{share.index}" if share.count > 1 else ""
+    suffix = f"_{hosts.index}" if hosts.count > 1 else ""
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(
             params_target=ckpt.abstract_like(params), opt_state_target=ckpt.abstract_like(opt_state),
@@ -284,8 +277,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             held.push(pending["rows"])
             held_rows = held.state()
         buffers = {}
-        for b, held in enumerate(exchange((rollout.buffer.state(), rollout.replay.state(), held_rows))):
-            name_suffix = f"_{b}" if share.count > 1 else ""
+        for b, held in enumerate(hosts.gather((rollout.buffer.state(), rollout.replay.state(), held_rows))):
+            name_suffix = f"_{b}" if hosts.count > 1 else ""
             for name, state in zip(("buffer", "replay", "pending"), held):
                 if state is not None:
                     buffers[name + name_suffix] = state
@@ -305,15 +298,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         """This process's rows -> the global batch of the train step. With several shares a
         VL batch always has image arrays (padding rows may have none), of one patch width."""
         patches = 0
-        if vl_config is not None and share.count > 1:
+        if vl_config is not None and hosts.count > 1:
             if rows.pixel_values is None:
                 rows = dataclasses.replace(
                     rows, pixel_values=np.zeros((len(rows), 0, vl_config.vision.patch_dim), np.float32),
                     image_grid_thw=np.zeros((len(rows), 1, 3), np.int32))
-            patches = agree_patches(row_patches(rows.image_grid_thw))
-        return share_batch(rows.to_batch(hp.tau_hard, vl_config, patches,
-                                         explore_is_cap=hp.explore_is_cap), share,
-                           trainer.batch_sharding)
+            patches = max(hosts.gather(row_patches(rows.image_grid_thw)))
+        return hosts.put(rows.to_batch(hp.tau_hard, vl_config, patches,
+                                       explore_is_cap=hp.explore_is_cap), trainer.batch_sharding)
 
     restore_handler = ckpt.install_sigterm_handler()
     if "initial" not in history:
@@ -336,7 +328,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             # The rollout batch's updates: mini-batches x epochs (uecjax.updates), each a full
             # train step on its own rows; pi_old stays the rollout's.
             for k in range(done, plan.total):
-                minibatch = rows.select(plan.rows_of(step, k, len(rows), share.index))
+                minibatch = rows.select(plan.rows_of(step, k, len(rows), hosts.index))
                 params, opt_state, control, metrics = trainer.step(params, opt_state, control,
                                                                    place(minibatch))
                 control = trainer.update_control(control, metrics)
@@ -356,7 +348,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             rollout.after_update(rows)
             values = mean_metrics(_hosted(updates))
             values["updates"] = float(len(updates))
-            rng = np.random.default_rng((cfg.seed, step) + ((share.index,) if share.count > 1 else ()))
+            rng = np.random.default_rng((cfg.seed, step) + ((hosts.index,) if hosts.count > 1 else ()))
             scorer.params = params  # replay may recompute its rows' old log-probs
             replay = rollout.replay_batch(step, rng)
             if replay is not None:  # the replay stabilizer's extra update (section 8)
@@ -402,7 +394,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         export = os.path.join(workdir, "export")
         if cfg.train.export_hf:
             save_pretrained(model, export)  # every process gathers, process 0 writes
-            if distributed.is_main_process():
+            if is_main_process():
                 tokenizer.save_pretrained(export)
                 if processor is not None:  # preprocessor_config.json: the export loads as it was
                     processor.hf.save_pretrained(export)
@@ -429,7 +421,7 @@ def _print_summary(s: dict, logger: RunLogger) -> None:
 USER_ERRORS = (ConfigValueError, LossConfigError, OptimConfigError, ConfigError, CheckpointError,
                DataNotFoundError, TokenizerError, ckpt.CheckpointNotFoundError,
                ckpt.CheckpointMismatchError, ShardingError, VisionInputError,
-               distributed.DistributedError)
+               launch.DistributedError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -441,7 +433,7 @@ flags.DEFINE_bool("dry_run", False, "Build the model abstractly, compile the tra
                   "no data. The shape comes from config.model.preset or config.model.path.")
 flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: compile for this many simulated CPU "
                      "devices (e.g. a pod's device count) instead of the machine's devices.")
-distributed.define_flags()
+launch.define_flags()
 
 
 def main(argv):
@@ -462,7 +454,7 @@ def main(argv):
             return
         if FLAGS.dry_run_devices:
             raise ConfigValueError("--dry_run_devices needs --dry_run")
-        distributed.initialize_from_flags()  # before anything touches a device
+        launch.initialize_from_flags()  # before anything touches a device
         train(cfg, workdir)
     except USER_ERRORS as e:
         # User mistakes (bad values, missing data or checkpoints): the message, no traceback.

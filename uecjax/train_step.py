@@ -12,7 +12,7 @@ jitted update (ALGORITHMS.md sections 2-7, 9).
 
 `train_step` is the pure function `(params, opt_state, control, batch) -> (params, opt_state,
 control, metrics)`; params is the model's nnx.State (the graphdef is static). `TrainStep`
-jits it on a Mesh with explicit in/out shardings from `uecjax.sharding`, donating params and
+jits it on a Mesh with explicit in/out shardings from `uecjax.parallel.mesh`, donating params and
 optimizer state.
 
 Exactness of gradient accumulation. The batch is split into `micro_batches` and scanned; every
@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from uecjax import sharding as shd
+from uecjax.parallel import mesh as shd
 from uecjax.batch import Batch
 from uecjax.control import ControlState, init_control_state, update_control
 from uecjax.objectives.advantages import broadcast_to_tokens
@@ -271,7 +271,7 @@ class TrainStep:
 
     def place_batch(self, batch: Batch) -> Batch:
         """The host batch as global arrays on the mesh, each process giving only its own rows
-        (`uecjax.sharding.global_batch`); arrays already on devices pass through."""
+        (`uecjax.parallel.mesh.global_batch`); arrays already on devices pass through."""
         shd.check_batch_size(batch.tokens.shape[0], self.mesh, self.micro_batches)
         return shd.global_batch(batch, self.batch_sharding)
 

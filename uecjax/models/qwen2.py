@@ -20,7 +20,7 @@ from flax import nnx
 from uecjax.models.config import TextConfig
 from uecjax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
-# Logical axes of every parameter; uecjax.sharding maps them to mesh axes. One source of
+# Logical axes of every parameter; uecjax.parallel.mesh maps them to mesh axes. One source of
 # truth for parameter, optimizer-state and checkpoint placement.
 LAYER_PARAM_AXES = {
     "input_norm": ("layers", "norm"),

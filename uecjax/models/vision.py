@@ -34,7 +34,7 @@ from uecjax.models.qwen2 import NEG_INF, rms_norm
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 
-# Logical axes of the vision parameters (see uecjax.sharding.LOGICAL_RULES): "layers" is the
+# Logical axes of the vision parameters (see uecjax.parallel.mesh.LOGICAL_RULES): "layers" is the
 # stacked block axis; the hidden axes split over fsdp, heads and MLP stay whole.
 BLOCK_PARAM_AXES = {
     "norm1": ("layers", "norm"),

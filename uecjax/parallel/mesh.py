@@ -21,15 +21,13 @@ the checkpoint's, not ours to choose). A batch whose size the data-parallel axes
 is an error (`ShardingError`), since the batch size is ours to choose while checkpoint shapes
 are not.
 
-Host batches become global arrays with `global_batch`: each process passes the same host
-(numpy) batch and contributes only the rows its own devices hold
-(`jax.make_array_from_process_local_data`), so multi-host runs never ship another host's rows.
+Host batches become global arrays with `global_batch` (each process passes the same host
+batch and contributes only the rows its devices hold); `uecjax.parallel.hosts` places batches
+of which each process holds only its own rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from typing import Mapping, Sequence
 
@@ -225,114 +223,6 @@ def global_batch(tree, sharding: NamedSharding):
         local = np.concatenate([x[rows] for rows in process_rows(sharding, x.shape[0])])
         return jax.make_array_from_process_local_data(sharding, local, x.shape)
     return jax.tree.map(one, tree)
-
-
-# ---- each process's share of the batch rows ----
-
-@dataclasses.dataclass(frozen=True)
-class RowShare:
-    """This process's block of every batch split over the batch axes (data x fsdp).
-
-    The rows of a batch fall into `count` equal, consecutive blocks; this process's devices
-    hold block `index`. Processes whose devices hold the same rows (e.g. a tensor axis that
-    spans processes) share a block; `owners[b]` is the first process holding block b. A
-    process samples, grades and keeps only its block (`uecjax.rollout`), so per-row host
-    work does not grow with the process count. One process: RowShare() = the whole batch.
-    """
-
-    index: int = 0
-    count: int = 1
-    owners: tuple[int, ...] = (0,)
-
-    def block(self, num_rows: int) -> slice:
-        size = num_rows // self.count
-        return slice(self.index * size, (self.index + 1) * size)
-
-
-def row_share(mesh: Mesh, process_index: int | None = None,
-              process_of=lambda device: device.process_index) -> RowShare:
-    """The RowShare of `process_index` (default: this process) on `mesh`.
-
-    Each process's devices must hold one consecutive block of the batch rows, the blocks of
-    distinct processes equal in size and disjoint (a mesh built from `jax.devices()`, whose
-    order keeps a process's devices together, does); otherwise every process takes the whole
-    batch (count 1), as a single process does: correct, with repeated host work.
-    """
-    process_index = jax.process_index() if process_index is None else process_index
-    shards = batch_shards(mesh)
-    rows = _rows_by_process(NamedSharding(mesh, P(BATCH_AXES)), (shards,), process_of)
-    blocks = sorted({(min(r), max(r) + 1) for r in rows.values()})
-    size = blocks[0][1] - blocks[0][0]
-    consecutive = all(len(r) == max(r) + 1 - min(r) for r in rows.values())
-    if not consecutive or blocks != [(i * size, (i + 1) * size) for i in range(shards // size)]:
-        return RowShare(0, 1, (min(rows),))
-    owners = tuple(min(p for p, r in rows.items() if min(r) == start) for start, _ in blocks)
-    mine = min(rows[process_index])
-    return RowShare(index=mine // size, count=len(blocks), owners=owners)
-
-
-def share_batch(tree, share: RowShare, sharding: NamedSharding):
-    """This process's rows (numpy, the same count on every process) -> global jax Arrays with
-    `share.count` times as many rows, block b from the processes holding block b. With one
-    share the rows are the whole batch (`global_batch`). jax Arrays and None pass through."""
-    if share.count == 1:
-        return global_batch(tree, sharding)
-
-    def one(x):
-        if x is None or isinstance(x, jax.Array):
-            return x
-        x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * share.count,) + x.shape[1:])
-    return jax.tree.map(one, tree)
-
-
-def share_rows(x, share: RowShare) -> np.ndarray:
-    """This process's block of a global array's rows, as numpy, read from its own devices.
-
-    With one share: the whole array (`distributed.host_array`). If this array's layout does not
-    put each block whole on its processes' devices (the same test on every process, from the
-    global layout), the array is all-gathered and sliced: slower, still correct.
-    """
-    from uecjax.distributed import host_array
-
-    if share.count == 1 or not isinstance(x, jax.Array):
-        return host_array(x)[share.block(x.shape[0])]
-    block = share.block(x.shape[0])
-    if not _blocks_local(x.sharding, x.shape, share.count):
-        return host_array(x)[block]
-    pieces = {}
-    for s in x.addressable_shards:
-        start = s.index[0].start or 0
-        if block.start <= start < block.stop:
-            pieces.setdefault(start, s.data)
-    out = np.concatenate([np.asarray(pieces[k]) for k in sorted(pieces)])
-    if min(pieces, default=-1) != block.start or len(out) != block.stop - block.start:
-        raise RuntimeError(f"rows {block} of a {x.shape} array are not on process "
-                           f"{jax.process_index()}'s devices ({x.sharding})")
-    return out
-
-
-def _rows_by_process(sharding, shape, process_of=lambda device: device.process_index):
-    """Process -> the set of row indices its devices hold of an array of `shape` on
-    `sharding` (from the global layout: the same on every process); None when some device
-    holds only part of the other axes."""
-    rows: dict[int, set[int]] = {}
-    for device, index in sharding.devices_indices_map(tuple(shape)).items():
-        if any(i.indices(n)[:2] != (0, n) for i, n in zip(index[1:], shape[1:])):
-            return None
-        start, stop, _ = index[0].indices(shape[0])
-        rows.setdefault(process_of(device), set()).update(range(start, stop))
-    return rows
-
-
-@functools.lru_cache(maxsize=256)
-def _blocks_local(sharding, shape, count: int) -> bool:
-    """Each process's devices hold exactly one whole block of the rows (one of `count`), full
-    in the other axes. Cached: the sampler and scorer ask for every output array."""
-    rows = _rows_by_process(sharding, shape)
-    size = shape[0] // count
-    return rows is not None and all(
-        len(r) == size and min(r) % size == 0 and max(r) == min(r) + size - 1 for r in rows.values())
 
 
 def put_replicated(tree, sharding: NamedSharding):

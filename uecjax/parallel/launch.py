@@ -1,31 +1,14 @@
-"""Multi-host start-up and host-side views of global arrays.
+"""How this process joins a multi-process job (GPU clusters, Cloud TPU slices, SLURM).
 
-    from uecjax import distributed
-    distributed.initialize()            # first thing in a main, before any device use
+    from uecjax.parallel import launch
+    launch.initialize_from_flags()      # first thing in a main, before any device use
 
-`initialize` calls `jax.distributed.initialize` when the environment says the job has several
-processes, and does nothing otherwise:
-
-* explicit (GPU clusters, any launcher): `--coordinator_address=HOST:PORT --num_processes=N
-  --process_id=I` on every process (the absl flags of `define_flags`; process 0 listens on
-  the address). The three go together.
-* Cloud TPU VM slices: detected from the TPU environment (`TPU_WORKER_HOSTNAMES` /
-  `TPU_PROCESS_ADDRESSES` with several hosts, `MEGASCALE_COORDINATOR_ADDRESS`, or JAX's own
-  check that it runs on a Cloud TPU VM); `jax.distributed.initialize()` with no arguments then
-  reads the workers from the TPU metadata. On a single-host TPU VM that makes a one-process
-  "cluster", which changes nothing.
-* SLURM: inside `srun` with more than one task (`SLURM_NTASKS > 1` and the variables JAX's
-  SLURM detection reads: SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID),
-  `jax.distributed.initialize()` takes the coordinator (first node of the step), the process
-  count and id from SLURM; launch one task per host (or per GPU with `--gpus-per-task`).
-
-`--distributed=off` skips all of this (a single process, whatever the environment says).
-
-Every process then runs the same program: the same config, the same jitted steps over the
-global mesh; each reads its own block of every prompt batch and `allgather_objects` hands
-all of them to every process (see `uecjax.train`). `host_array` / `to_host` read a global array on every host
-(a collective when the array spans other hosts' devices, so every process must call them in
-the same order).
+`detect` reads the launch: explicit (`--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`, the three together), a Cloud TPU VM slice (the TPU environment variables or
+JAX's own Cloud TPU check; `jax.distributed.initialize()` then reads the workers from the TPU
+metadata), or SLURM (`srun` with more than one task; one task per host, or per GPU with
+`--gpus-per-task`). `--distributed=off` forces a single process. Every process then runs the
+same program over the global mesh; `uecjax.parallel.hosts` is how they share the rows.
 """
 
 from __future__ import annotations
@@ -33,12 +16,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 from typing import Mapping
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -142,48 +122,3 @@ def initialize_from_flags() -> Launch | None:
 
     f = flags.FLAGS
     return initialize(f.coordinator_address, f.num_processes, f.process_id, mode=f.distributed)
-
-
-# ---- reading global arrays on the host ----
-
-def host_array(x) -> np.ndarray:
-    """A jax Array (or numpy) as numpy holding the whole global value, on every process.
-
-    Arrays that live on this process's devices, or are replicated, are read directly; an
-    array sharded over other hosts' devices is all-gathered (a collective: all processes call).
-    """
-    if not isinstance(x, jax.Array):
-        return np.asarray(x)
-    if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def to_host(tree):
-    """`host_array` over a pytree."""
-    return jax.tree.map(host_array, tree)
-
-
-def allgather_objects(obj) -> list:
-    """[obj of process 0, obj of process 1, ...] on every process (a collective: all call).
-
-    For small host data (prompts, iterator states): each process pickles its object into a
-    uint8 buffer, the lengths are all-gathered, then the buffers padded to the next power of
-    two of the longest.
-    With one process: [obj], no collective.
-    """
-    if jax.process_count() == 1:
-        return [obj]
-    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
-    sizes = sizes.reshape(-1)
-    # A power-of-two length: process_allgather compiles once per shape, not once per step.
-    padded = np.zeros(1 << max(int(sizes.max()) - 1, 1).bit_length(), np.uint8)
-    padded[: data.size] = data
-    buffers = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [pickle.loads(buffers[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]
-
-
-def is_main_process() -> bool:
-    """Process 0: the one that writes logs, exports and other single-writer files."""
-    return jax.process_index() == 0
