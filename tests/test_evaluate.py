@@ -14,7 +14,8 @@ from flax import nnx
 
 from uecjax.config import base_config
 from uecjax.data.records import Record
-from uecjax.evaluate import _load_checkpoint, decode_responses, default_ks, evaluate
+from uecjax.evaluate import _load_checkpoint, default_ks, evaluate
+from uecjax.tokenizer import decode_responses
 from uecjax.models import Qwen2, TextConfig, save_pretrained
 from uecjax.rewards import Reward, extract_boxed, format_reward
 from uecjax.sampler import Sampler, SamplerOutput

@@ -19,14 +19,15 @@ from tiny_hf import write_tiny_vl
 from train_helpers import host, single_mesh
 
 from uecjax import checkpoint as ckpt
-from uecjax.batch import build_batch
 from uecjax.data import geometry3k_source, make_dataset
+from uecjax.groups import group_stats
 from uecjax.models import from_pretrained
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig
 from uecjax.rewards import RewardGrader
+from uecjax.rows import Rows
 from uecjax.sampler import Sampler, SamplingParams
-from uecjax.tokenizer import THINK_BOXED_INSTRUCTION, load_tokenizer, stop_token_ids
+from uecjax.tokenizer import THINK_BOXED_INSTRUCTION, decode_responses, load_tokenizer, stop_token_ids
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import (IMAGE_PAD, VISION_END, VISION_START, load_image_processor,
                                   render_record, stack_images)
@@ -75,7 +76,7 @@ def test_real_samples_through_one_uec_step(tiny_vl):
         ids.append(stops[0])
         tokens[q * G], mask[q * G] = tokenizer.pad_token_id, 0
         tokens[q * G, :len(ids)], mask[q * G, :len(ids)] = ids, 1
-    texts = [tokenizer.decode([t for t, m in zip(row, mrow) if m and t not in stops]) for row, mrow in zip(tokens, mask)]
+    texts = decode_responses(tokenizer, tokens, mask, stops)
     with RewardGrader(num_workers=1, format_weight=0.1) as grader:
         rewards = grader.grade_batch(texts, [r.answer for r in records for _ in range(G)],
                                      [r.choices for r in records for _ in range(G)]).result()
@@ -85,14 +86,18 @@ def test_real_samples_through_one_uec_step(tiny_vl):
 
     out.response_tokens, out.response_mask = tokens, mask
     hp = loss_config("uec", beta=0.0)
-    row_images = stack_images([im for im in images for _ in range(G)], 1176)
-    batch = build_batch(out, reward, np.array([r.accuracy for r in rewards], np.float32), group_size=G, hp=hp,
-                        images=row_images, vl_config=model.config)
-    assert batch.positions.shape == (10 * G, 3, batch.tokens.shape[1]) and batch.pixel_values.shape[1] == 64
+    # The rollout's path: rows with their images, group statistics, scored by the trainer.
+    rows = Rows.from_sampler(out, out.prompt_tokens.shape[1],
+                             *stack_images([im for im in images for _ in range(G)], 1176))
+    rows.reward = reward
+    rows.accuracy = np.array([r.accuracy for r in rewards], np.float32)
+    stats = group_stats(rows.reward, rows.accuracy, G, hp.advantage)
+    rows.advantage, rows.success_rate = stats.advantage, stats.success_rate
     trainer = TrainStep(model, hp, OptimConfig(learning_rate=1e-3), single_mesh(), micro_batches=2)
     params, opt_state, control = trainer.init(nnx.state(model))
-    logp, entropy = trainer.compute_logprobs(params, batch)
-    batch = batch.replace(old_logp=np.asarray(logp), old_entropy=np.asarray(entropy))
+    rows.old_logp, rows.old_entropy, _ = trainer.score(params, rows)
+    batch = trainer.device_batch(rows)
+    assert batch.positions.shape == (10 * G, 3, batch.tokens.shape[1]) and batch.pixel_values.shape[1] == 64
     before = host(params)
     params, opt_state, control, metrics = trainer.step(params, opt_state, control, batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -112,7 +112,7 @@ def _inputs(seed=0, b=4, r=6, select=None):
         entropy=jnp.asarray(rng.uniform(0.5, 2, (b, r)), jnp.float32),
         old_logp=jnp.asarray(rng.normal(-2, 1, (b, r)), jnp.float32), ref_logp=None,
         adv=jnp.asarray(adv), mask=jnp.asarray(mask),
-        difficulty=jnp.asarray([0.0, 0.2, 0.6, 1.0], jnp.float32), hard=jnp.asarray([1, 0, 0, 0.0]),
+        success_rate=jnp.asarray([0.0, 0.2, 0.6, 1.0], jnp.float32), hard=jnp.asarray([1, 0, 0, 0.0]),
         select=None if select is None else jnp.asarray(select), num_tokens=jnp.float32(mask.sum() + 3),
         num_seqs=jnp.float32(5), max_len=r, h0=jnp.float32(1.0), h_anchor=jnp.float32(1.4),
         aer_alpha=jnp.float32(0.07))
@@ -154,7 +154,7 @@ def test_method_terms_against_formulas():
     np.testing.assert_allclose(loss_terms(x, hp)[0]["pg"], ref, rtol=1e-5)
     np.testing.assert_array_equal(grads(hp, x)[1], 0.0)
     # entropy_reg / aer / uec: the entropy gradient is -coef * weight_q * m / N
-    p = np.asarray(x.difficulty)
+    p = np.asarray(x.success_rate)
     for hp, w in [(loss_config("entropy_reg", beta=0.0, entropy_coef=0.3), 0.3 * np.ones(4)),
                   (loss_config("aer", beta=0.0), 0.07 * (p <= 0.4)),
                   (loss_config("uec", beta=0.0, stabilizer=False, alpha=0.2), 0.2 * np.clip(1 - p / 0.5, 0, 1))]:

@@ -27,7 +27,7 @@ def _inputs(seed=0, noise=0.3, token_adv=False):
     adv[0] = 0.0  # a zero-advantage row
     return LossInputs(
         logp=jnp.asarray(logp), entropy=jnp.ones((B, T)), old_logp=jnp.asarray(old), ref_logp=None,
-        adv=jnp.asarray(adv), mask=jnp.asarray(mask), difficulty=jnp.zeros(B), hard=jnp.zeros(B),
+        adv=jnp.asarray(adv), mask=jnp.asarray(mask), success_rate=jnp.zeros(B), hard=jnp.zeros(B),
         select=None, num_tokens=jnp.float32(mask.sum() + 5), num_seqs=jnp.float32((lengths > 0).sum() + 2),
         max_len=T, h0=jnp.float32(1.0), h_anchor=jnp.float32(1.0), aer_alpha=jnp.float32(0.0))
 

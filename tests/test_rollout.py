@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from uecjax.batch import host_batch
 from uecjax.objectives.methods import loss_config
 from uecjax.rollout import Prompt, Rollout, RolloutConfig, rollout_config
 from uecjax.sampler import SamplerOutput
@@ -57,16 +58,22 @@ def grade_format(texts, answers, choices):
     return future
 
 
-def score(prompt_tokens, prompt_mask, response_tokens, response_mask, images=None, with_ref=True):
-    n, R = response_tokens.shape
+def score(params, rows, with_ref=True):
+    n, R = rows.response_tokens.shape
     return np.full((n, R), -0.5, np.float32), np.full((n, R), 1.0, np.float32), None
+
+
+def decode_with(text_of):
+    """The rollout's decode (tokens [n, R], mask [n, R]) -> texts, from one row's ids -> text."""
+    return lambda tokens, mask: [text_of([t for t, m in zip(row, mrow) if m])
+                                 for row, mrow in zip(tokens, mask)]
 
 
 def make(cfg, success, method="grpo", grade=grade, score=score, **hp):
     """success(i, j, T) -> 1 (correct), 0 (wrong), or 2 (wrong, well formatted: "fmt")."""
     prompts = (Prompt(ids=[i, 100 + i], answer="x") for i in itertools.count(1))
     sampler = ScriptedSampler(success)
-    decode = lambda ids: {2: "ok", 3: "fmt"}.get(ids[1], "no")  # noqa: E731
+    decode = decode_with(lambda ids: {2: "ok", 3: "fmt"}.get(ids[1], "no"))
     rollout = Rollout(cfg, loss_config(method, **hp), sampler=sampler, prompts=prompts,
                       grade=grade, score=score, decode=decode, stop_token_ids=())
     return rollout, sampler
@@ -75,16 +82,16 @@ def make(cfg, success, method="grpo", grade=grade, score=score, **hp):
 def test_grpo_round_gives_one_batch_with_group_advantages():
     cfg = RolloutConfig(prompts_per_batch=4, group_size=4, max_prompt_len=4, max_new_tokens=6)
     rollout, sampler = make(cfg, lambda i, j, T: j < i % 4)  # prompt i: (i % 4) of 4 correct
-    rows, stats = rollout.collect()
+    rows, stats = rollout.collect(None)
     assert len(rows) == 16 and sampler.calls == [(4, 4, 1.0)]
     r = rows.reward.reshape(4, 4)
     expected = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(rows.advantage, expected.reshape(-1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(rows.difficulty, np.repeat(r.mean(1), 4))
+    np.testing.assert_allclose(rows.success_rate, np.repeat(r.mean(1), 4))
     assert rows.old_logp.shape == (16, 6) and (rows.old_logp == -0.5).all()
     assert stats["reward"] == pytest.approx(r.mean()) and stats["rollout/rounds"] == 1
-    batch = rows.to_batch(tau_hard=0.0)
-    assert batch.tokens.shape == (16, 10) and (batch.is_hard == (rows.difficulty <= 0)).all()
+    batch = host_batch(rows, tau_hard=0.0)
+    assert batch.tokens.shape == (16, 10) and (batch.is_hard == (rows.success_rate <= 0)).all()
 
 
 def explore_success(i, j, T):
@@ -98,14 +105,14 @@ def test_uec_explores_hard_prompts_and_keeps_rare_successes():
                          max_new_tokens=6, explore_samples=8, explore_temperature=1.2,
                          retain_gated=False)
     rollout, sampler = make(cfg, explore_success, method="uec")
-    rows, stats = rollout.collect()
+    rows, stats = rollout.collect(None)
     assert len(rows) == 8
     assert (8 / 1, 8, 1.2) not in sampler.calls and (1, 8, 1.2) in sampler.calls
     # retain_gated=False: regular rows of hard prompts (A = 0) are dropped; the exploration
     # success (A' > 1) kept.
     explored = rows.explore
     assert explored.any() and (rows.accuracy[explored] == 1).all()
-    assert (rows.advantage[explored] > 1).all() and (rows.difficulty[explored] == 0).all()
+    assert (rows.advantage[explored] > 1).all() and (rows.success_rate[explored] == 0).all()
     assert (np.abs(rows.advantage[~explored]) > 0.05).all()
     assert stats["explore/hard_prompts"] >= 1 and stats["explore/kept"] >= 1
 
@@ -120,18 +127,18 @@ def test_gated_regular_rows_of_hard_prompts_stay():
         return j == 3 if T > 1.0 else {0: True, 1: False, 2: j < 2}[i % 3]
 
     rollout, _ = make(cfg, success, method="uec")
-    rows, _ = rollout.collect()
+    rows, _ = rollout.collect(None)
     first = rows.select(slice(0, 8))  # round 1's kept regular rows come first, prompt order
     np.testing.assert_array_equal(first.response_tokens[:, 0], [1] * 4 + [2] * 4)
-    hard = first.difficulty == 0
+    hard = first.success_rate == 0
     assert hard.sum() == 4 and (first.advantage[hard] == 0).all() and not first.explore.any()
     # The hard prompt's exploration success is in the buffer too (kept |A'| > 1).
     assert rows.explore.any() or rollout.buffer.rows.explore.any()
-    assert not (rows.difficulty == 1).any()  # the solved prompt's rows are gone (w_q = 0)
+    assert not (rows.success_rate == 1).any()  # the solved prompt's rows are gone (w_q = 0)
     for off in (dict(retain_gated=False), None):
         cfg_off = dataclasses.replace(cfg, **off) if off else cfg
         rollout, _ = make(cfg_off, success, method="uec", **({} if off else dict(explore=False)))
-        rows, _ = rollout.collect()
+        rows, _ = rollout.collect(None)
         assert (np.abs(rows.advantage[~rows.explore]) > 0.05).all()
 
 
@@ -140,11 +147,11 @@ def test_gated_rows_pass_dynamic_sampling_too():
     cfg = RolloutConfig(prompts_per_batch=2, group_size=2, max_prompt_len=4, max_new_tokens=6)
     success = lambda i, j, T: i % 2 == 0  # noqa: E731  odd prompts fail, even ones are solved
     rollout, _ = make(cfg, success, method="dapo", explore=True)
-    rows, stats = rollout.collect()
-    assert (rows.difficulty == 0).all() and stats["rollout/rounds"] == 2
+    rows, stats = rollout.collect(None)
+    assert (rows.success_rate == 0).all() and stats["rollout/rounds"] == 2
     rollout, _ = make(dataclasses.replace(cfg, retain_gated=False, max_rounds=2), success,
                       method="dapo", explore=True)
-    assert rollout.collect()[1]["rollout/padded_rows"] == 4
+    assert rollout.collect(None)[1]["rollout/padded_rows"] == 4
 
 
 def test_hard_prompts_and_dynamic_sampling_judge_accuracy():
@@ -157,11 +164,11 @@ def test_hard_prompts_and_dynamic_sampling_judge_accuracy():
     for hard_on, explored in (("accuracy", 1), ("reward", 0)):
         rollout, _ = make(rollout_config("uec", hard_on=hard_on, **kw), success, method="uec",
                           grade=grade_format)
-        assert rollout.collect()[1]["explore/hard_prompts"] == explored
+        assert rollout.collect(None)[1]["explore/hard_prompts"] == explored
     for on, kept in (("accuracy", 4), ("reward", 8)):
         rollout, _ = make(RolloutConfig(dynamic_sampling_on=on, **kw), success, method="dapo",
                           grade=grade_format)
-        assert rollout.collect()[1]["rollout/kept_fraction"] == kept / 8
+        assert rollout.collect(None)[1]["rollout/kept_fraction"] == kept / 8
     assert RolloutConfig().hard_on == RolloutConfig().dynamic_sampling_on == "accuracy"
     with pytest.raises(ValueError, match="dynamic_sampling_on='acc'"):
         RolloutConfig(dynamic_sampling_on="acc")
@@ -174,11 +181,11 @@ class CallScore:
     def __init__(self, with_ref=False):
         self.calls, self.with_ref = 0, with_ref
 
-    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None,
-                 with_ref=True):
+    def __call__(self, params, rows, with_ref=True):
+        response_tokens = rows.response_tokens
         n, R = response_tokens.shape
         c, self.calls = self.calls, self.calls + 1
-        self.last_with_ref = with_ref
+        self.last_with_ref, self.last_params = with_ref, params
         entropy = np.repeat(10.0 * c + response_tokens[:, 1:2], R, axis=1).astype(np.float32)
         ref = np.full((n, R), -0.25, np.float32) if self.with_ref else None
         return np.full((n, R), -1.0 - c, np.float32), entropy, ref
@@ -192,7 +199,7 @@ def test_prompt_metrics_and_regular_entropy_before_selection():
                          max_new_tokens=6, explore_samples=8)
     scorer = CallScore()
     rollout, sampler = make(cfg, explore_success, method="uec", score=scorer, tau_hard=0.5)
-    _, stats = rollout.collect()
+    _, stats = rollout.collect(None)
     assert stats["rollout/rounds"] == 1 and len(sampler.calls) == 2  # regular + exploration
     # Prompt 1: p_q = 0 (w = 1); prompt 2: p_q = 0.5 (w = 0, hard for tau_hard = 0.5).
     assert stats["rollout/hard_prompt_fraction"] == 1.0
@@ -202,14 +209,14 @@ def test_prompt_metrics_and_regular_entropy_before_selection():
     assert stats["rollout/regular_tokens"] == 8 * 6
     rollout, _ = make(RolloutConfig(prompts_per_batch=2, group_size=4, max_prompt_len=4,
                                     max_new_tokens=6), explore_success)
-    assert "rollout/gate_mean" not in rollout.collect()[1]  # no gate: no gate metric
+    assert "rollout/gate_mean" not in rollout.collect(None)[1]  # no gate: no gate metric
 
 
 def test_dapo_dynamic_sampling_refills_from_further_prompts():
     cfg = RolloutConfig(prompts_per_batch=2, group_size=2, max_prompt_len=4, max_new_tokens=6)
     # Only prompts divisible by 3 have mixed outcomes; the others are all-fail groups.
     rollout, sampler = make(cfg, lambda i, j, T: i % 3 == 0 and j == 0, method="dapo")
-    rows, stats = rollout.collect()
+    rows, stats = rollout.collect(None)
     assert len(rows) == 4 and (rows.advantage != 0).all()
     prompts_used = {int(t) for t in rows.response_tokens[:, 0]}
     assert all(i % 3 == 0 for i in prompts_used)
@@ -220,7 +227,7 @@ def test_batch_is_padded_with_weightless_rows_after_max_rounds():
     cfg = RolloutConfig(prompts_per_batch=2, group_size=2, max_prompt_len=4, max_new_tokens=6,
                         max_rounds=2)
     rollout, _ = make(cfg, lambda i, j, T: False, method="dapo")  # nothing is informative
-    rows, stats = rollout.collect()
+    rows, stats = rollout.collect(None)
     assert len(rows) == 4 and stats["rollout/padded_rows"] == 4
     assert rows.response_mask.sum() == 0 and (rows.advantage == 0).all()
 
@@ -231,9 +238,9 @@ def test_replay_fifo_and_schedule():
     rollout, _ = make(cfg, lambda i, j, T: j == 0)  # one success of four: A = 1.5 > A_0
     rng = np.random.default_rng(0)
     for step in range(1, 5):
-        rows, _ = rollout.collect()
-        rollout.after_update(rows)
-        batch = rollout.replay_batch(step, rng)
+        rows, _ = rollout.collect(None)
+        rollout.remember_for_replay(rows)
+        batch = rollout.replay_batch(step, rng, params=None)
         if step < 4:  # two rows a step enter the FIFO; a batch of 8 is there from step 4
             assert batch is None
     assert batch is not None and len(batch) == 8 and (batch.advantage > 1).all()
@@ -251,15 +258,17 @@ def test_replay_recompute_rescores_the_drawn_rows():
     rollout, _ = make(cfg, lambda i, j, T: j == 0, score=scorer, beta=0.01)
     rng = np.random.default_rng(0)
     for step in range(1, 5):
-        rows, _ = rollout.collect()
-        rollout.after_update(rows)
+        rows, _ = rollout.collect(f"params@{step}")
+        assert scorer.last_params == f"params@{step}"  # the rows are scored with the given params
+        rollout.remember_for_replay(rows)
         calls = scorer.calls
-        batch = rollout.replay_batch(step, rng)
+        batch = rollout.replay_batch(step, rng, params=f"params@{step}")
         assert scorer.calls == calls + (batch is not None)  # rescored only when drawn
     assert batch is not None and len(batch) == 8
     assert (batch.old_logp == -1.0 - calls).all()  # the newest call's values
     np.testing.assert_array_equal(batch.old_entropy, 10.0 * calls + batch.response_tokens[:, 1:2]
                                   * np.ones((1, 6)))
     assert (batch.ref_logp == -0.25).all() and scorer.last_with_ref is False  # no reference pass
+    assert scorer.last_params == "params@4"
     stored = rollout.replay.rows  # the FIFO keeps the values of when the rows were sampled
     assert (stored.old_logp > -1.0 - calls).all()

@@ -12,14 +12,14 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from test_rollout import ScriptedSampler, grade, score
+from test_rollout import ScriptedSampler, decode_with, grade, score
 from train_helpers import tiny_model
 from uecjax.objectives.methods import loss_config
 from uecjax.rollout import Prompt, Rollout, RolloutConfig, merge_share_stats, rollout_config
 from uecjax.rows import Rows
 from uecjax.sampler import Sampler, SamplingParams
 from uecjax.parallel.hosts import Hosts
-from uecjax.parallel.mesh import BATCH_AXES, batch_sharding, make_mesh, param_shardings
+from uecjax.parallel.mesh import batch_sharding, make_mesh, param_shardings
 
 
 # ---- which rows a process holds ----
@@ -124,7 +124,7 @@ def run_shares(cfg, success, method, count, steps=1):
     batch or None)] per step), the shares running concurrently."""
     exchange = BarrierExchange(count)
     results = [None] * count
-    decode = lambda ids: "ok" if ids[1] == 2 else "no"  # noqa: E731
+    decode = decode_with(lambda ids: "ok" if ids[1] == 2 else "no")
 
     def one(b):
         hosts = Hosts(b, count, tuple(range(count)), exchange.of(b) if count > 1 else None)
@@ -135,11 +135,11 @@ def run_shares(cfg, success, method, count, steps=1):
                           hosts=hosts)
         out, replays = [], []
         for step in range(1, steps + 1):
-            rows, stats = rollout.collect()
-            rollout.after_update(rows)
+            rows, stats = rollout.collect(None)
+            rollout.remember_for_replay(rows)
             out.append((rows, stats))
             replays.append((len(rollout.replay),
-                            rollout.replay_batch(step, np.random.default_rng((step, b)))))
+                            rollout.replay_batch(step, np.random.default_rng((step, b)), None)))
         results[b] = (out, sampler.calls, replays)
 
     threads = [threading.Thread(target=one, args=(b,)) for b in range(count)]
@@ -161,7 +161,7 @@ def test_two_shares_make_the_one_share_batch():
     for step in range(2):
         rows, stats = whole[0][step]
         joined = Rows.concat([h[0][step][0] for h in halves])
-        for field in ("prompt_tokens", "response_tokens", "advantage", "difficulty", "reward"):
+        for field in ("prompt_tokens", "response_tokens", "advantage", "success_rate", "reward"):
             np.testing.assert_array_equal(getattr(joined, field), getattr(rows, field), field)
         for h in halves:
             assert len(h[0][step][0]) == 8
@@ -215,7 +215,7 @@ def test_gated_rows_and_prompt_metrics_of_two_shares_are_the_one_share_ones():
     halves = run_shares(cfg, success, "uec", 2)
     rows, stats = whole[0][0]
     assert stats["rollout/rounds"] == 1 and not rows.explore.any()  # exploration rows wait
-    assert ((rows.advantage == 0) == (rows.difficulty == 0)).all()  # the hard rows stayed
+    assert ((rows.advantage == 0) == (rows.success_rate == 0)).all()  # the hard rows stayed
     joined = Rows.concat([h[0][0][0] for h in halves])
     np.testing.assert_array_equal(joined.response_tokens, rows.response_tokens)
     for h in halves:

@@ -67,7 +67,7 @@ def optax_norm(tree):
 
 def test_step_metrics_and_h0(model, grpo):
     params, opt_state, control = grpo.init(nnx.state(model))
-    b1 = with_logprobs(grpo, params, random_batch(seed=3, difficulty=np.repeat([0.0, 0.5, 0.0, 1.0], 2)))
+    b1 = with_logprobs(grpo, params, random_batch(seed=3, success_rate=np.repeat([0.0, 0.5, 0.0, 1.0], 2)))
     grads, _, _ = grpo.gradients(params, control, b1)
     logp, entropy = naive_logp_entropy(params, b1, grpo.graphdef)
     params, opt_state, control, m = grpo.step(params, opt_state, control, b1)
@@ -135,7 +135,7 @@ def test_entropy_bonus_is_gated_off_on_easy_prompts(model, grpo, method, over):
     ts = TrainStep(model, hp, SGD_LIKE, single_mesh())
     params, _, control = ts.init(nnx.state(model))
     p = np.repeat(np.array([0.0, 0.25, 0.75, 1.0], np.float32), 2)
-    batch = with_logprobs(grpo, params, random_batch(difficulty=p).replace(advantages=np.zeros(8, np.float32)))
+    batch = with_logprobs(grpo, params, random_batch(success_rate=p).replace(advantages=np.zeros(8, np.float32)))
     if method == "uec":
         tau = hp.gate_tau
         w = np.clip(1 - p / tau, 0, 1) if hp.gate == "linear" else (p <= tau).astype(np.float32)

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uecjax.batch import build_batch
 from uecjax.models import Qwen2, TextConfig
+from uecjax.groups import group_stats, shaped_rewards
 from uecjax.objectives.methods import loss_config
+from uecjax.rows import Rows
 from uecjax.optim import OptimConfig
 from uecjax.sampler import Sampler, SamplingParams
 from uecjax.parallel.mesh import make_mesh
@@ -53,6 +54,16 @@ def rewards(out):
     return r, (r >= 0.5).astype(np.float32)
 
 
+def sampled_rows(out, rewards, acc, loss_cfg) -> Rows:
+    """The rollout's path from sampler output to scored-ready rows (no selection)."""
+    rows = Rows.from_sampler(out, out.prompt_tokens.shape[1])
+    rows.reward, rows.accuracy = np.asarray(rewards, np.float32), np.asarray(acc, np.float32)
+    shaped = shaped_rewards(rows.reward, rows.response_mask.sum(1), R, loss_cfg)
+    stats = group_stats(shaped, rows.accuracy, G, loss_cfg.advantage)
+    rows.advantage, rows.success_rate = stats.advantage, stats.success_rate
+    return rows
+
+
 def run(toy, method, steps, **overrides):
     """Trains from the same initial policy; returns per-step metrics as arrays, plus reward."""
     model, initial, sampler = toy
@@ -65,10 +76,10 @@ def run(toy, method, steps, **overrides):
         nnx.update(model, params)  # the sampler reads the model's (current) parameters
         out = sampler(PROMPTS, SamplingParams(max_new_tokens=R, n=G, seed=step))
         r, acc = rewards(out)
-        batch = build_batch(out, r, acc, group_size=G, hp=hp)
-        old_logp, old_entropy = ts.compute_logprobs(params, batch)
-        batch = batch.replace(old_logp=old_logp, old_entropy=old_entropy)
-        params, opt_state, control, metrics = ts.step(params, opt_state, control, batch)
+        rows = sampled_rows(out, r, acc, hp)
+        rows.old_logp, rows.old_entropy, _ = ts.score(params, rows)
+        params, opt_state, control, metrics = ts.step(params, opt_state, control,
+                                                      ts.device_batch(rows))
         control = ts.update_control(control, metrics)
         history.append({**jax.device_get(metrics), "reward": r.mean()})
     return {k: np.array([h[k] for h in history]) for k in history[0]}

@@ -16,7 +16,7 @@ from PIL import Image
 from tiny_hf import TINY_VL_TOKENS, tiny_qwen2_5_vl
 from train_helpers import host, single_mesh
 
-from uecjax.batch import Batch
+from uecjax.batch import Batch, host_batch
 from uecjax.checkpoint import Checkpointer
 from uecjax.control import init_control_state
 from uecjax.models import from_pretrained, padded_vision_layout
@@ -179,11 +179,11 @@ def vl_batch(model, rng, G=2, P=32, R=5) -> tuple[Batch, list]:
             tokens[i, P:P + n] = rng.integers(1, 99, n)
             images.append(im)
     rows = vision_rows(tokens, mask, *stack_images(images, PATCH_DIM), model.config)
-    difficulty = np.repeat(np.array([0.0, 0.5, 0.0, 1.0], np.float32), G)
+    success_rate = np.repeat(np.array([0.0, 0.5, 0.0, 1.0], np.float32), G)
     batch = Batch(tokens=tokens, attention_mask=mask, positions=rows.positions,
                   response_mask=mask[:, P:].astype(np.float32),
                   advantages=np.asarray(group_advantages(rng.integers(0, 2, B).astype(np.float32), G)),
-                  difficulty=difficulty, is_hard=(difficulty <= 0).astype(np.float32),
+                  success_rate=success_rate, is_hard=(success_rate <= 0).astype(np.float32),
                   pixel_values=rows.pixel_values, vision=rows.layouts)
     return batch, images
 
@@ -211,7 +211,7 @@ def reference_loss(graphdef, params, batch: Batch, images, hp, h0):
     m = jnp.asarray(batch.response_mask)
     x = LossInputs(logp=logp, entropy=entropy, old_logp=jnp.asarray(batch.old_logp),
                    ref_logp=jnp.asarray(batch.ref_logp), adv=jnp.asarray(batch.advantages)[:, None] * m,
-                   mask=m, difficulty=jnp.asarray(batch.difficulty), hard=jnp.asarray(batch.is_hard),
+                   mask=m, success_rate=jnp.asarray(batch.success_rate), hard=jnp.asarray(batch.is_hard),
                    select=None, num_tokens=m.sum(), num_seqs=jnp.sum(m.sum(1) > 0).astype(jnp.float32),
                    max_len=batch.response_len, h0=jnp.float32(h0),
                    h_anchor=jnp.sum(m * batch.old_entropy) / m.sum(), aer_alpha=jnp.float32(0.0))
@@ -294,7 +294,7 @@ def test_rows_with_images_concat_select_and_checkpoint(vl, tmp_path):
             tokens[i, P - len(row):], mask[i, P - len(row):] = row, 1
         empty = Rows.empty(len(ids), P, R, with_ref=False)
         fields = {f: getattr(empty, f) for f in ("response_tokens", "response_mask", "sampler_logp", "old_logp",
-                                                 "old_entropy", "ref_logp", "advantage", "difficulty", "reward",
+                                                 "old_entropy", "ref_logp", "advantage", "success_rate", "reward",
                                                  "accuracy", "truncated", "explore")}
         fields["response_tokens"][:] = rng.integers(1, 99, (len(ids), R))
         fields["response_mask"][:] = 1
@@ -308,13 +308,13 @@ def test_rows_with_images_concat_select_and_checkpoint(vl, tmp_path):
     assert joined.pixel_values.shape == (5, 96, PATCH_DIM) and joined.image_grid_thw.shape == (5, 2, 3)
     np.testing.assert_array_equal(joined.image_grid_thw[2], b.image_grid_thw[0])
     np.testing.assert_array_equal(joined.pixel_values[2, :28], b.pixel_values[0])
-    batch = joined.to_batch(0.0, model.config)
+    batch = host_batch(joined, 0.0, model.config)
     assert batch.pixel_values.shape == (5, 128, PATCH_DIM) and batch.positions.shape == (5, 3, P + R)
     with pytest.raises(ValueError, match="need the model's VLConfig"):
-        joined.to_batch(0.0)
+        host_batch(joined, 0.0)
     # Processes that batch rows together agree on a patch width: at least min_patches.
     assert row_patches(joined.image_grid_thw) == 96
-    wide = joined.to_batch(0.0, model.config, min_patches=200)
+    wide = host_batch(joined, 0.0, model.config, min_patches=200)
     assert wide.pixel_values.shape == (5, 256, PATCH_DIM) and wide.vision.patch_order.shape == (5, 256)
     np.testing.assert_array_equal(wide.pixel_values[:, :128], batch.pixel_values)
     np.testing.assert_array_equal(wide.positions, batch.positions)
@@ -329,7 +329,7 @@ def test_rows_with_images_concat_select_and_checkpoint(vl, tmp_path):
                                 control_target=state["control"])
     again = RowBuffer()
     again.load(restored["buffers"]["buffer"])
-    before, after = (jax.tree.leaves(r.to_batch(0.0, model.config)) for r in (buffer.rows, again.rows))
+    before, after = (jax.tree.leaves(host_batch(r, 0.0, model.config)) for r in (buffer.rows, again.rows))
     assert again.rows.pixel_values is not None and len(before) == len(after)
     for x, y in zip(before, after):
         np.testing.assert_array_equal(x, y)

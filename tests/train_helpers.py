@@ -32,7 +32,7 @@ def single_mesh():
     return make_mesh((1, 1, 1), devices=jax.devices()[:1])
 
 
-def random_batch(B: int = 8, G: int = 4, seed: int = 0, difficulty=None) -> Batch:
+def random_batch(B: int = 8, G: int = 4, seed: int = 0, success_rate=None) -> Batch:
     """Left-padded prompts, right-padded responses (one empty), group advantages; no log-probs."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, TINY.vocab_size, (B, P + R)).astype(np.int32)
@@ -44,13 +44,13 @@ def random_batch(B: int = 8, G: int = 4, seed: int = 0, difficulty=None) -> Batc
         mask[i, P - prompt_len[i]:P + resp_len[i]] = 1
     tokens = np.where(mask > 0, tokens, 0)
     rewards = rng.integers(0, 2, B).astype(np.float32)
-    if difficulty is None:
-        difficulty = np.repeat(rng.choice([0.0, 0.25, 0.5, 1.0], B // G), G).astype(np.float32)
+    if success_rate is None:
+        success_rate = np.repeat(rng.choice([0.0, 0.25, 0.5, 1.0], B // G), G).astype(np.float32)
     return Batch(tokens=tokens, attention_mask=mask, positions=positions_from_mask(mask),
                  response_mask=mask[:, P:].astype(np.float32),
                  advantages=np.asarray(group_advantages(rewards, G)),
-                 difficulty=np.asarray(difficulty, np.float32),
-                 is_hard=(np.asarray(difficulty) <= 0.0).astype(np.float32))
+                 success_rate=np.asarray(success_rate, np.float32),
+                 is_hard=(np.asarray(success_rate) <= 0.0).astype(np.float32))
 
 
 def naive_logp_entropy(model_or_params, batch: Batch, graphdef=None):

@@ -1,15 +1,15 @@
-"""The train step's batch: fixed-shape arrays, and the host-side builder from sampler output.
+"""The train step's batch, and the one path from host rows to it.
 
 Layout: row i is one sequence, `tokens = [prompt (P, left-padded) | response (R)]`, rows
 prompt-major in groups of G (row q * G + j is response j of prompt q), as the sampler emits
-them. Everything the step needs per sequence (advantage, difficulty, hard flag, exploration
+them. Everything the step needs per sequence (advantage, success rate, hard flag, exploration
 flag) or per token (the optional importance weight) is computed on the host (ALGORITHMS.md
 sections 2, 5, 7, 8) and enters the step as arrays; every field has the batch as its leading
 axis, so one batch sharding places them all (None fields are absent leaves).
 
-    batch = build_batch(sampler_out, rewards, acc, group_size=G, hp=hp)
-    old_logp, old_entropy = trainer.compute_logprobs(params, batch)
-    batch = batch.replace(old_logp=old_logp, old_entropy=old_entropy)   # + ref_logp if beta > 0
+    batch = to_device(rows, sharding, hosts=hosts, tau_hard=..., explore_is_cap=...)
+
+is how the scorer and the trainer both get their batches (`TrainStep.device_batch`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import numpy as np
 
 from uecjax.models.config import VLConfig
 from uecjax.models.vision import VisionLayout
-from uecjax.objectives.advantages import group_advantages, overlong_penalty
-from uecjax.objectives.entropy_control import per_sequence, success_rate
-from uecjax.objectives.loss_config import LossConfig
-from uecjax.vision_inputs import DEFAULT_PATCH_BUCKETS, vision_rows
+from uecjax.parallel.hosts import Hosts
+from uecjax.rows import Rows
+from uecjax.vision_inputs import DEFAULT_PATCH_BUCKETS, row_patches, vision_rows
 
 
 @jax.tree_util.register_dataclass
@@ -38,18 +37,18 @@ class Batch:
     positions: jax.Array
     response_mask: jax.Array  # [B, R] float32, 1 on response tokens that carry loss
     advantages: jax.Array  # [B] sequence advantages, or [B, R] per token
-    difficulty: jax.Array  # [B] float32 success rate p_q of the sequence's prompt
+    success_rate: jax.Array  # [B] float32, p_q of the sequence's prompt (higher = easier)
     is_hard: jax.Array  # [B] float32, 1 where p_q <= tau_hard
     old_logp: jax.Array | None = None  # [B, R] log pi_old at temperature 1 (compute_logprobs)
     old_entropy: jax.Array | None = None  # [B, R] entropy under pi_old (same pass)
     ref_logp: jax.Array | None = None  # [B, R] log pi_ref; None when beta == 0
     sampler_logp: jax.Array | None = None  # [B, R] the sampler's own log-probs (parity metric)
     # [B] float32, 1 on UEC's exploration rows (section 8: sampled at T' for hard prompts),
-    # 0 on regular and padding rows; None = no exploration rows (build_batch, hand-made batches).
+    # 0 on regular and padding rows; None = no exploration rows (hand-made batches).
     explore: jax.Array | None = None
     # [B, R] float32 per-token weight of the policy loss: the truncated importance weight
     # min(pi_1 / pi_T', C) on exploration rows' response tokens, 1 elsewhere (section 8's
-    # switch, `Rows.to_batch(explore_is_cap=C)`); None = all ones (no correction, the default).
+    # switch, `host_batch(explore_is_cap=C)`); None = all ones (no correction, the default).
     token_weight: jax.Array | None = None
     # Images (Qwen2.5-VL), each row its own, padded to a patch bucket N
     # (`uecjax.vision_inputs.vision_rows`); None for text batches.
@@ -95,53 +94,45 @@ def sequence_inputs(tokens, mask, prompt_len: int, images=None, vl_config: VLCon
     return dict(positions=rows.positions, pixel_values=rows.pixel_values, vision=rows.layouts)
 
 
-def informative_groups(rewards, group_size: int) -> np.ndarray:
-    """DAPO dynamic sampling (section 7): True for the groups whose rewards are not all equal."""
-    r = np.asarray(rewards, np.float32).reshape(-1, group_size)
-    return r.max(axis=1) > r.min(axis=1)
+def host_batch(rows: Rows, tau_hard: float = 0.0, vl_config: VLConfig | None = None,
+               min_patches: int = 0, *, explore_is_cap: float = 0.0) -> Batch:
+    """The train step's Batch of `rows`, as numpy; rows with images need the model's VLConfig
+    (positions and patch layouts are computed here, with at least min_patches patches).
 
-
-def shaped_rewards(rewards, lengths, response_budget: int, hp: LossConfig) -> np.ndarray:
-    """Rewards plus DAPO's soft overlong penalty on token length when hp.overlong_buffer > 0."""
-    rewards = np.asarray(rewards, np.float32)
-    if hp.overlong_buffer <= 0:
-        return rewards
-    cache = max(1, int(round(hp.overlong_buffer * response_budget)))
-    return rewards + np.asarray(overlong_penalty(lengths, response_budget, cache, hp.overlong_factor))
-
-
-def build_batch(out, rewards, acc, *, group_size: int, hp: LossConfig,
-                response_budget: int | None = None, images=None,
-                vl_config: VLConfig | None = None) -> Batch:
-    """A Batch (host numpy) from a `uecjax.sampler.SamplerOutput` and per-response rewards.
-
-    rewards [N]: the scalar reward of each response (section 1); acc [N]: its accuracy
-    component in {0, 1}, from which the difficulty is measured (section 5). N = prompts x G.
-    response_budget: the generation limit for overlong shaping (default: the response width).
-    images: (pixel_values, image_grid_thw) per response row (`stack_images` of each prompt's
-    images repeated G times) with the model's vl_config, for a Qwen2.5-VL policy.
-    The old / reference log-probs are left unset: fill them with the trainer's
-    `compute_logprobs`.
+    `explore` is always set (1 on exploration rows). explore_is_cap C > 0 also sets
+    `token_weight`, the truncated importance weight min(pi_1 / pi_T', C) on exploration
+    rows' response tokens (`Rows.importance_weight`), section 8's switch; C = 0: None.
     """
-    n = out.response_tokens.shape[0]
-    rewards, acc = np.asarray(rewards, np.float32), np.asarray(acc, np.float32)
-    if rewards.shape != (n,) or acc.shape != (n,):
-        raise ValueError(f"rewards {rewards.shape} and acc {acc.shape} must both be ({n},), one per response")
-    if n % group_size:
-        raise ValueError(f"{n} responses do not form groups of {group_size}")
-    R = out.response_tokens.shape[1]
-    rewards = shaped_rewards(rewards, out.response_mask.sum(axis=1), response_budget or R, hp)
-    adv = np.asarray(group_advantages(rewards, group_size, hp.advantage), np.float32)
-    difficulty = per_sequence(success_rate(acc.reshape(-1, group_size)), group_size)
-    mask = np.concatenate([out.prompt_mask, out.response_mask], axis=1).astype(np.int32)
-    tokens = np.concatenate([out.prompt_tokens, out.response_tokens], axis=1).astype(np.int32)
+    mask = np.concatenate([rows.prompt_mask, rows.response_mask.astype(np.int32)], axis=1)
+    tokens = np.concatenate([rows.prompt_tokens, rows.response_tokens], axis=1)
+    images = None if rows.pixel_values is None else (rows.pixel_values, rows.image_grid_thw)
     return Batch(
         tokens=tokens,
         attention_mask=mask,
-        **sequence_inputs(tokens, mask, out.prompt_tokens.shape[1], images, vl_config),
-        response_mask=out.response_mask.astype(np.float32),
-        advantages=adv,
-        difficulty=difficulty,
-        is_hard=(difficulty <= hp.tau_hard).astype(np.float32),
-        sampler_logp=np.asarray(out.logprobs, np.float32),
-    )
+        **sequence_inputs(tokens, mask, rows.prompt_tokens.shape[1], images, vl_config,
+                          min_patches=min_patches),
+        response_mask=rows.response_mask.astype(np.float32),
+        advantages=rows.advantage.astype(np.float32),
+        success_rate=rows.success_rate.astype(np.float32),
+        is_hard=(rows.success_rate <= tau_hard).astype(np.float32),
+        old_logp=rows.old_logp, old_entropy=rows.old_entropy, ref_logp=rows.ref_logp,
+        sampler_logp=rows.sampler_logp, explore=rows.explore.astype(np.float32),
+        token_weight=rows.importance_weight(explore_is_cap) if explore_is_cap > 0 else None)
+
+
+def to_device(rows: Rows, sharding, *, hosts: Hosts = Hosts(), vl_config: VLConfig | None = None,
+              tau_hard: float = 0.0, explore_is_cap: float = 0.0) -> Batch:
+    """This process's rows -> the global batch (`hosts.put`: the shares' rows in block order).
+
+    With several shares a VL batch always has image arrays (a share's rows may have none), of
+    one patch width agreed between the shares (a collective: every share calls).
+    """
+    patches = 0
+    if vl_config is not None and hosts.count > 1:
+        if rows.pixel_values is None:
+            rows = dataclasses.replace(
+                rows, pixel_values=np.zeros((len(rows), 0, vl_config.vision.patch_dim), np.float32),
+                image_grid_thw=np.zeros((len(rows), 1, 3), np.int32))
+        patches = max(hosts.gather(row_patches(rows.image_grid_thw)))
+    batch = host_batch(rows, tau_hard, vl_config, patches, explore_is_cap=explore_is_cap)
+    return hosts.put(batch, sharding)

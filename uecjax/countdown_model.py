@@ -124,7 +124,7 @@ def policy_accuracy(model, tokenizer, records, *, template: str = "plain",
     exactly the problem's numbers (right or wrong value). A cheap in-process check; the
     reported evaluation uses `uecjax.evaluate`."""
     from uecjax.data.countdown import grade_countdown
-    from uecjax.evaluate import decode_responses
+    from uecjax.tokenizer import decode_responses
     from uecjax.sampler import Sampler, SamplingParams
 
     sampler = sampler or Sampler(model, pad_id=tokenizer.pad_token_id)

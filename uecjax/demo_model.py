@@ -156,7 +156,7 @@ def greedy_accuracy(model, tokenizer, records, *, template: str = "plain",
     A cheap in-process check for the demo's integer answers (no grader processes); the
     reported evaluation uses `uecjax.evaluate`.
     """
-    from uecjax.evaluate import decode_responses
+    from uecjax.tokenizer import decode_responses
     from uecjax.rewards import extract_boxed
     from uecjax.sampler import Sampler, SamplingParams
 

@@ -136,7 +136,7 @@ def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool
     return Batch(tokens=sds(tok, jnp.int32), attention_mask=sds(tok, jnp.int32),
                  positions=sds((rows, 3, T) if images else tok, jnp.int32),
                  response_mask=sds(resp, jnp.float32),
-                 advantages=sds(seq, jnp.float32), difficulty=sds(seq, jnp.float32),
+                 advantages=sds(seq, jnp.float32), success_rate=sds(seq, jnp.float32),
                  is_hard=sds(seq, jnp.float32), old_logp=sds(resp, jnp.float32),
                  old_entropy=sds(resp, jnp.float32),
                  ref_logp=sds(resp, jnp.float32) if with_ref else None,

@@ -96,7 +96,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -104,7 +104,7 @@ from uecjax.config import DATA_KINDS
 from uecjax.metrics import pass_at_k_table
 from uecjax.sampler import SamplingParams
 from uecjax.parallel.hosts import Hosts
-from uecjax.tokenizer import load_tokenizer, stop_token_ids
+from uecjax.tokenizer import decode_responses, load_tokenizer, stop_token_ids
 from uecjax.vision_inputs import ImageError, render_record, vl_chat_template
 
 logger = logging.getLogger(__name__)
@@ -120,23 +120,6 @@ def default_ks(n: int) -> list[int]:
     if ks[-1] != n:
         ks.append(n)
     return ks
-
-
-def decode_responses(tokenizer, response_tokens: np.ndarray, response_mask: np.ndarray,
-                     stop_ids: Sequence[int]) -> list[str]:
-    """Text of each response: its generated tokens without the final stop token.
-
-    Special tokens are kept (the demo's `<think>` / `</think>` are special tokens of its char
-    tokenizer and the format reward needs them).
-    """
-    stop = set(int(i) for i in stop_ids)
-    texts = []
-    for tokens, mask in zip(np.asarray(response_tokens), np.asarray(response_mask)):
-        ids = [int(t) for t, m in zip(tokens, mask) if m]
-        if ids and ids[-1] in stop:
-            ids = ids[:-1]
-        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
-    return texts
 
 
 def _seed(seed: int, index: int) -> int:

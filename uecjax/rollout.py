@@ -1,4 +1,4 @@
-"""Rollouts: groups of G responses per prompt, rewards, advantages and difficulty, UEC's
+"""Rollouts: groups of G responses per prompt, rewards, advantages and success rates, UEC's
 rollout-level exploration with selective retention, DAPO dynamic sampling, and the replay
 stabilizer (ALGORITHMS.md sections 2, 5, 7, 8).
 
@@ -9,7 +9,7 @@ One call of `Rollout.collect` returns exactly `batch_rows = B * G` rows for one 
             group advantages and success rates -> keep the informative rows (|A| > 0.05;
             DAPO: groups of mixed accuracy) and, with the section-6 gate on, every row of a
             prompt with gate weight w_q > 0 (A = 0 there: only the exploration term weighs it)
-            [UEC] hard prompts (every accuracy < hard_reward) -> G' more responses at T' ->
+            [UEC] hard prompts (every accuracy < explore_threshold) -> G' more responses at T' ->
             advantages standardised within the G' group -> keep |A'| > 1
     repeat rounds until the buffer holds a full batch (rows left over wait for the next one).
 
@@ -27,7 +27,7 @@ Several processes (`hosts`, a `uecjax.parallel.hosts.Hosts` with count > 1): eac
 B / count prompts of its own, samples them inside one SPMD sampler call and gets back only
 its own rows, grades and scores them, and fills its own buffer with batch_rows / count rows;
 the train step assembles the processes' rows into the global batch. Groups never span
-processes, so advantages, difficulty and retention are computed where the rows are. The
+processes, so advantages, success rates and retention are computed where the rows are. The
 processes agree, through `hosts.gather` (an all-gather of small host values, one per share),
 on the prompts of every sampler call (the call is collective), on whether another round is
 needed (any share short of its rows), on the exploration batch (each share's hard prompts
@@ -40,16 +40,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
-from uecjax.batch import informative_groups, shaped_rewards
-from uecjax.objectives.advantages import group_advantages
-from uecjax.objectives.entropy_control import per_sequence, success_rate
+from uecjax.groups import group_stats, informative_groups, shaped_rewards
+from uecjax.objectives.entropy_control import per_sequence
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import uec_gate
-from uecjax.rows import RowBuffer, Rows, left_pad
+from uecjax.rows import RowBuffer, Rows
 from uecjax.sampler import SamplingParams
 from uecjax.parallel.hosts import Hosts
 from uecjax.vision_inputs import PromptImages, stack_images
@@ -70,7 +69,7 @@ class RolloutConfig:
     explore: bool = False  # G' extra responses at T' for hard prompts
     explore_samples: int = 20  # G'
     explore_temperature: float = 1.2  # T'
-    hard_reward: float = 0.01  # hard for exploration: every score of the group below this
+    explore_threshold: float = 0.01  # explored: every score of the prompt's group below this
     # The score of that test: "accuracy" (the spec and the authors' code, which test the
     # accuracy reward against 0.01) or "reward", the full reward (with a format reward a
     # well-formatted wrong response scores 0.1 and hides its prompt from exploration).
@@ -153,27 +152,26 @@ class Rollout:
 
     sampler: `uecjax.sampler.Sampler` over the policy being trained (reads its parameters).
     grade: (texts, answers, choices) -> Future of a list with .reward and .accuracy per text.
-    score: (prompt_tokens, prompt_mask, response_tokens, response_mask, images=, with_ref=) ->
-        (old_logp, old_entropy, ref_logp or None), the trainer's log-probs at temperature 1
-        (with_ref=False: no reference pass, ref_logp None), dispatched
-        asynchronously so that grading in the worker processes overlaps it. images: None, or
-        the rows' (pixel_values, image_grid_thw) as `Rows` stores them. Also called by
-        `replay_batch` with replay_recompute (its reference log-probs are then unused).
-    decode: response token ids (stop token stripped) -> text.
+    score: (params, rows, with_ref=True) -> (old_logp, old_entropy, ref_logp or None), the
+        trainer's log-probs of the rows at temperature 1 (`TrainStep.score`; with_ref=False:
+        no reference pass), dispatched asynchronously so that grading in the worker processes
+        overlaps it. Also called by `replay_batch` with replay_recompute.
+    decode: (response_tokens [n, R], response_mask [n, R]) -> n texts
+        (`uecjax.tokenizer.decode_responses`).
     hosts: this process's share of the rows and the all-gather the shares agree through
         (module docstring); `Hosts()`, one share, for a single process.
     prompts: this process's prompts (its block of every batch, `uecjax.data.shard_batches`).
     """
 
-    def __init__(self, cfg: RolloutConfig, hp: LossConfig, *, sampler, prompts: Iterator[Prompt],
-                 grade: Callable, score: Callable, decode: Callable[[Sequence[int]], str],
+    def __init__(self, cfg: RolloutConfig, loss_cfg: LossConfig, *, sampler,
+                 prompts: Iterator[Prompt], grade: Callable, score: Callable, decode: Callable,
                  stop_token_ids: tuple[int, ...], seed: int = 0, hosts: Hosts = Hosts()):
         if cfg.prompts_per_batch % hosts.count:
             raise ValueError(f"rollout.prompts_per_batch={cfg.prompts_per_batch} is not a multiple "
                              f"of the {hosts.count} row shares")
         self.hosts = hosts
         self.cfg = cfg
-        self.hp = hp
+        self.loss_cfg = loss_cfg
         self.sampler = sampler
         self.prompts = prompts
         self.grade = grade
@@ -186,78 +184,68 @@ class Rollout:
         self.replay = RowBuffer((cfg.replay_capacity or 2 * cfg.batch_rows) // hosts.count)
         # Rounds fill every share exactly unless rows are dropped or added by selection.
         self.selective = (cfg.explore or cfg.retention or cfg.drop_overlong_positive
-                          or hp.dynamic_sampling)
+                          or loss_cfg.dynamic_sampling)
         self.calls = 0  # sampler calls, for distinct seeds
         self.stats: dict[str, float] = {}
 
     # -- one sampling round ----------------------------------------------------------------
-    def _sample(self, prompts: list[Prompt], n: int, temperature: float, real: int | None = None):
-        """Rows of this process's `prompts` (every share passes as many); only the first
-        `real` prompts' rows are graded and returned (the rest pad a collective call)."""
+    def _sample(self, params, prompts: list[Prompt], n: int, temperature: float,
+                real: int | None = None) -> Rows:
+        """Rows of this process's `prompts` (every share passes as many), scored with the
+        trainer's `params`; only the first `real` prompts' rows are graded and returned (the
+        rest pad a collective call)."""
         cfg = self.cfg
         self.calls += 1
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+        sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                                 top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=self.stop_ids,
                                 n=n, seed=self.seed * 1_000_003 + self.calls)
         t = time.perf_counter()
         everyone = [q for block in self.hosts.gather(prompts) for q in block]  # the call is collective
         images = [p.images for p in everyone] if any(p.images is not None for p in everyone) else None
-        out = self.sampler([p.ids for p in everyone], params, images=images, hosts=self.hosts)
+        out = self.sampler([p.ids for p in everyone], sampling, images=images, hosts=self.hosts)
         self._add("time/sampling", time.perf_counter() - t)
         keep = slice(0, n * (len(prompts) if real is None else real))
         sampled, prompts = prompts, prompts[:real]
         self._add("sampled_tokens", float(out.response_mask[keep].sum()))
-        tokens, mask = left_pad(out.prompt_tokens, out.prompt_mask, cfg.max_prompt_len)
-        texts = [self.decode([t for t, m in zip(row, mrow) if m and t not in self.stop_ids])
-                 for row, mrow in zip(out.response_tokens[keep], out.response_mask[keep])]
+        texts = self.decode(out.response_tokens[keep], out.response_mask[keep])
         answers = [p.answer for p in prompts for _ in range(n)]
         choices = [p.choices for p in prompts for _ in range(n)]
         future = self.grade(texts, answers, choices)
-        row_images = None  # each sample row carries its prompt's images
+        row_images = (None, None)  # each sample row carries its prompt's images
         if images is not None:
             patch_dim = next(im for im in images if im is not None).pixel_values.shape[1]
             row_images = stack_images([p.images for p in sampled for _ in range(n)], patch_dim)
+        rows = Rows.from_sampler(out, cfg.max_prompt_len, *row_images)
         # Scoring is collective too: every share scores all its sampled rows.
-        scored = self.score(tokens, mask, out.response_tokens, out.response_mask, images=row_images)
+        scored = self.score(params, rows)
         t = time.perf_counter()
         rewards = future.result()
         self._add("time/grading_wait", time.perf_counter() - t)
-        reward = np.array([r.reward for r in rewards], np.float32)
-        accuracy = np.array([r.accuracy for r in rewards], np.float32)
         old_logp, old_entropy, ref_logp = (None if x is None else np.asarray(x, np.float32)[keep]
                                            for x in scored)
-        row_images = None if row_images is None else tuple(x[: len(reward)] for x in row_images)
-        rows = Rows(prompt_tokens=tokens[keep], prompt_mask=mask[keep],
-                    response_tokens=out.response_tokens[keep],
-                    response_mask=out.response_mask[keep].astype(np.float32),
-                    sampler_logp=out.logprobs[keep], old_logp=old_logp, old_entropy=old_entropy,
-                    ref_logp=ref_logp, advantage=np.zeros(len(reward), np.float32),
-                    difficulty=np.zeros(len(reward), np.float32), reward=reward,
-                    accuracy=accuracy, truncated=out.truncated[keep].astype(bool),
-                    explore=np.zeros(len(reward), bool),
-                    pixel_values=None if row_images is None else row_images[0],
-                    image_grid_thw=None if row_images is None else row_images[1])
-        return rows
+        return dataclasses.replace(
+            rows.select(keep), old_logp=old_logp, old_entropy=old_entropy, ref_logp=ref_logp,
+            reward=np.array([r.reward for r in rewards], np.float32),
+            accuracy=np.array([r.accuracy for r in rewards], np.float32))
 
     def _next_prompts(self) -> list[Prompt]:
         return [next(self.prompts) for _ in range(self.cfg.prompts_per_batch // self.hosts.count)]
 
-    def _round(self) -> None:
+    def _round(self, params) -> None:
         cfg = self.cfg
         G = cfg.group_size
         prompts = self._next_prompts()
-        rows = self._sample(prompts, G, cfg.temperature)
+        rows = self._sample(params, prompts, G, cfg.temperature)
         lengths = rows.response_mask.sum(axis=1)
-        shaped = shaped_rewards(rows.reward, lengths, cfg.max_new_tokens, self.hp)
-        rows.advantage = np.asarray(group_advantages(shaped, G, self.hp.advantage), np.float32)
-        p_q = success_rate(rows.accuracy.reshape(-1, G))
-        rows.difficulty = per_sequence(p_q, G).astype(np.float32)
-        gate = np.asarray(uec_gate(p_q, self.hp), np.float32) if self.hp.explore else None
+        shaped = shaped_rewards(rows.reward, lengths, cfg.max_new_tokens, self.loss_cfg)
+        stats = group_stats(shaped, rows.accuracy, G, self.loss_cfg.advantage)
+        rows.advantage, rows.success_rate, p_q = stats.advantage, stats.success_rate, stats.prompt_success
+        gate = np.asarray(uec_gate(p_q, self.loss_cfg), np.float32) if self.loss_cfg.explore else None
         # Rows the section-6 exploration term weighs (w_q > 0) stay whatever their advantage.
         gated = (per_sequence(gate > 0, G) > 0 if gate is not None and cfg.retain_gated
                  else np.zeros(len(rows), bool))
         keep = np.ones(len(rows), bool)
-        if self.hp.dynamic_sampling:
+        if self.loss_cfg.dynamic_sampling:
             score = rows.accuracy if cfg.dynamic_sampling_on == "accuracy" else shaped
             keep &= np.repeat(informative_groups(score, G), G) | gated
         if cfg.retention:
@@ -268,21 +256,22 @@ class Rollout:
         self.buffer.push(rows.select(keep))
         if cfg.explore:
             score = rows.reward if cfg.hard_on == "reward" else rows.accuracy
-            hard = np.flatnonzero((score.reshape(-1, G) < cfg.hard_reward).all(axis=1))
+            hard = np.flatnonzero((score.reshape(-1, G) < cfg.explore_threshold).all(axis=1))
             self._add("explore/hard_prompts", len(hard))
             # One exploration call for all shares, each padded to the most hard prompts.
             most = max(self.hosts.gather(len(hard)))
             if most:
                 chosen = [prompts[i] for i in hard]
                 padding = [chosen[0] if chosen else prompts[0]] * (most - len(hard))
-                self._explore(chosen + padding, p_q[hard], real=len(hard))
+                self._explore(params, chosen + padding, p_q[hard], real=len(hard))
 
-    def _explore(self, prompts: list[Prompt], p_q: np.ndarray, real: int) -> None:
+    def _explore(self, params, prompts: list[Prompt], p_q: np.ndarray, real: int) -> None:
         cfg = self.cfg
         G2 = cfg.explore_samples
-        rows = self._sample(prompts, G2, cfg.explore_temperature, real=real)
-        rows.advantage = np.asarray(group_advantages(rows.reward, G2, "grpo"), np.float32)
-        rows.difficulty = per_sequence(p_q, G2).astype(np.float32)
+        rows = self._sample(params, prompts, G2, cfg.explore_temperature, real=real)
+        # Advantages within the G' group; each row keeps its prompt's regular success rate.
+        stats = group_stats(rows.reward, None, G2, "grpo", prompt_success=p_q)
+        rows.advantage, rows.success_rate = stats.advantage, stats.success_rate
         rows.explore[:] = True
         keep = np.abs(rows.advantage) > cfg.explore_retain_min
         if cfg.drop_overlong_positive:
@@ -293,20 +282,21 @@ class Rollout:
         self.buffer.push(rows.select(keep))
 
     # -- a batch ---------------------------------------------------------------------------
-    def collect(self) -> tuple[Rows, dict]:
-        """Exactly `batch_rows` rows for one update, and the rollout's metrics."""
+    def collect(self, params) -> tuple[Rows, dict]:
+        """Exactly `batch_rows` rows for one update, and the rollout's metrics; `params`: the
+        trainer's current parameters, which score the rows (old / reference log-probs)."""
         cfg = self.cfg
         self.stats = {}
         need = self.rows_per_batch
         rounds = 0
         while rounds < cfg.max_rounds and self._short(need):
-            self._round()
+            self._round(params)
             rounds += 1
         rows = self.buffer.pop(need)
         missing = need - (0 if rows is None else len(rows))
         if missing:  # still short after max_rounds: pad with rows that weigh nothing
             rows = Rows.concat([rows, Rows.empty(missing, cfg.max_prompt_len, cfg.max_new_tokens,
-                                                 self.hp.beta > 0)])
+                                                 self.loss_cfg.beta > 0)])
         self._add("rollout/padded_rows", missing)
         self._add("rollout/buffered_rows", len(self.buffer))
         self.stats = merge_share_stats(self.hosts.gather(self.stats))
@@ -319,39 +309,26 @@ class Rollout:
             return len(self.buffer) < need
         return any(self.hosts.gather(len(self.buffer) < need))
 
-    def after_update(self, rows: Rows) -> None:
+    def remember_for_replay(self, rows: Rows) -> None:
         """Replay stabilizer: rows with A > A_0 go to the FIFO (with their log-probs)."""
         if self.cfg.replay:
             self.replay.push(rows.select(rows.advantage > self.cfg.replay_min_advantage))
 
-    def replay_batch(self, step: int, rng: np.random.Generator) -> Rows | None:
+    def replay_batch(self, step: int, rng: np.random.Generator, params) -> Rows | None:
         """Every f steps, a batch drawn from the replay FIFO (None when not due or when any
         share's FIFO holds less than its share of a batch). rng: this share's own. With
-        replay_recompute the drawn rows are rescored with `score`, which reads the trainer's
-        current parameters: set them before calling (every share calls, as `score` is
-        collective); the FIFO keeps the stored values."""
+        replay_recompute the drawn rows' old log-probs and entropies are rescored with the
+        trainer's current `params` (reference log-probs as stored; every share calls, as
+        scoring is collective); the FIFO keeps the stored values."""
         cfg = self.cfg
         if not cfg.replay or step % cfg.replay_every:
             return None
         if not all(self.hosts.gather(len(self.replay) >= self.rows_per_batch)):
             return None
         rows = self.replay.sample(self.rows_per_batch, rng)
-        return self._rescore(rows) if cfg.replay_recompute else rows
-
-    def _rescore(self, rows: Rows) -> Rows:
-        """rows with old_logp / old_entropy from `score` (the trainer's current parameters;
-        reference log-probs as stored). Collective: every share calls it for its replay draw
-        (replay_batch answers the same on every share), with image arrays of one kind."""
-        images = None if rows.pixel_values is None else (rows.pixel_values, rows.image_grid_thw)
-        if self.hosts.count > 1:  # one share's draw may hold no image: give it empty ones
-            widths = [w for w in self.hosts.gather(None if images is None else images[0].shape[2])
-                      if w is not None]
-            if widths and images is None:
-                images = (np.zeros((len(rows), 0, widths[0]), np.float32),
-                          np.zeros((len(rows), 1, 3), np.int32))
-        old_logp, old_entropy, _ = self.score(rows.prompt_tokens, rows.prompt_mask,
-                                              rows.response_tokens, rows.response_mask,
-                                              images=images, with_ref=False)
+        if not cfg.replay_recompute:
+            return rows
+        old_logp, old_entropy, _ = self.score(params, rows, with_ref=False)
         return dataclasses.replace(rows, old_logp=np.asarray(old_logp, np.float32),
                                    old_entropy=np.asarray(old_entropy, np.float32))
 
@@ -370,7 +347,7 @@ class Rollout:
         self._add("responses", len(rows))
         self._add("kept", int(keep.sum()))
         self._add("prompts", len(p_q))
-        self._add("hard_prompts", float((p_q <= self.hp.tau_hard).sum()))
+        self._add("hard_prompts", float((p_q <= self.loss_cfg.tau_hard).sum()))
         if gate is not None:
             self._add("gate_sum", float(gate.sum()))
         # The policy's own samples at T, unselected: H_0's measurement (section 6).

@@ -13,9 +13,6 @@ import dataclasses
 
 import numpy as np
 
-from uecjax.batch import Batch, sequence_inputs
-from uecjax.models.config import VLConfig
-
 IMAGE_FIELDS = ("pixel_values", "image_grid_thw")
 
 
@@ -26,11 +23,11 @@ class Rows:
     response_tokens: np.ndarray  # [n, R] int32
     response_mask: np.ndarray  # [n, R] float32
     sampler_logp: np.ndarray  # [n, R] float32, the sampler's log-probs
-    old_logp: np.ndarray  # [n, R] float32, log pi_old at temperature 1 (trainer)
-    old_entropy: np.ndarray  # [n, R] float32
+    old_logp: np.ndarray | None  # [n, R] float32, log pi_old at temperature 1 (trainer);
+    old_entropy: np.ndarray | None  # [n, R] float32    None until the rows are scored
     ref_logp: np.ndarray | None  # [n, R] float32, or None when beta == 0
     advantage: np.ndarray  # [n] float32
-    difficulty: np.ndarray  # [n] float32, success rate p_q of the row's prompt
+    success_rate: np.ndarray  # [n] float32, p_q of the row's prompt (padding rows: 1)
     reward: np.ndarray  # [n] float32
     accuracy: np.ndarray  # [n] float32
     truncated: np.ndarray  # [n] bool, hit the length limit
@@ -56,6 +53,21 @@ class Rows:
         return Rows(**fields, **_concat_images(parts))
 
     @staticmethod
+    def from_sampler(out, prompt_width: int, pixel_values=None, image_grid_thw=None) -> "Rows":
+        """Unscored, ungraded rows of a `uecjax.sampler.SamplerOutput`, prompts re-padded to
+        prompt_width; pixel_values / image_grid_thw: each row's images (`stack_images`).
+        Rewards, advantages and success rates are zeros, the log-probs None, until set."""
+        tokens, mask = left_pad(out.prompt_tokens, out.prompt_mask, prompt_width)
+        n = len(tokens)
+        zeros = np.zeros(n, np.float32)
+        return Rows(prompt_tokens=tokens, prompt_mask=mask, response_tokens=out.response_tokens,
+                    response_mask=out.response_mask.astype(np.float32),
+                    sampler_logp=out.logprobs, old_logp=None, old_entropy=None, ref_logp=None,
+                    advantage=zeros, success_rate=zeros, reward=zeros, accuracy=zeros,
+                    truncated=np.asarray(out.truncated).astype(bool), explore=np.zeros(n, bool),
+                    pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+
+    @staticmethod
     def empty(n: int, prompt_width: int, response_width: int, with_ref: bool) -> "Rows":
         """n padding rows: no prompt, no response, zero weight in every aggregate."""
         z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
@@ -66,33 +78,8 @@ class Rows:
             response_mask=z(n, response_width), sampler_logp=z(n, response_width),
             old_logp=z(n, response_width), old_entropy=z(n, response_width),
             ref_logp=z(n, response_width) if with_ref else None,
-            advantage=z(n), difficulty=np.ones(n, np.float32), reward=z(n), accuracy=z(n),
+            advantage=z(n), success_rate=np.ones(n, np.float32), reward=z(n), accuracy=z(n),
             truncated=np.zeros(n, bool), explore=np.zeros(n, bool))
-
-    def to_batch(self, tau_hard: float, vl_config: VLConfig | None = None,
-                 min_patches: int = 0, *, explore_is_cap: float = 0.0) -> Batch:
-        """The train step's Batch; rows with images need the model's VLConfig (positions and
-        patch layouts are computed here, on the host, with at least min_patches patches).
-
-        `explore` is always set (1 on exploration rows). explore_is_cap C > 0 also sets
-        `token_weight`, the truncated importance weight min(pi_1 / pi_T', C) on exploration
-        rows' response tokens (1 elsewhere), section 8's switch; C = 0: None (no correction).
-        """
-        mask = np.concatenate([self.prompt_mask, self.response_mask.astype(np.int32)], axis=1)
-        tokens = np.concatenate([self.prompt_tokens, self.response_tokens], axis=1)
-        images = None if self.pixel_values is None else (self.pixel_values, self.image_grid_thw)
-        return Batch(
-            tokens=tokens,
-            attention_mask=mask,
-            **sequence_inputs(tokens, mask, self.prompt_tokens.shape[1], images, vl_config,
-                              min_patches=min_patches),
-            response_mask=self.response_mask.astype(np.float32),
-            advantages=self.advantage.astype(np.float32),
-            difficulty=self.difficulty.astype(np.float32),
-            is_hard=(self.difficulty <= tau_hard).astype(np.float32),
-            old_logp=self.old_logp, old_entropy=self.old_entropy, ref_logp=self.ref_logp,
-            sampler_logp=self.sampler_logp, explore=self.explore.astype(np.float32),
-            token_weight=self.importance_weight(explore_is_cap) if explore_is_cap > 0 else None)
 
     def importance_weight(self, cap: float) -> np.ndarray:
         """[n, R] float32: min(exp(old_logp - sampler_logp), cap) on exploration rows'

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
+
+import numpy as np
 
 # The common Geometry3K / math RL recipe (EasyR1's math prompt): think, then box the answer.
 THINK_BOXED_INSTRUCTION = (
@@ -97,3 +100,21 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
         if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id and i not in ids:
             ids.append(i)
     return tuple(ids)
+
+
+def decode_responses(tokenizer, response_tokens: np.ndarray, response_mask: np.ndarray,
+                     stop_ids: Sequence[int]) -> list[str]:
+    """Text of each response: its generated tokens (response_mask) without the final stop
+    token (decoding ends at the first stop, so only the last token can be one).
+
+    Special tokens are kept (the demo's `<think>` / `</think>` are special tokens of its char
+    tokenizer and the format reward needs them).
+    """
+    stop = set(int(i) for i in stop_ids)
+    texts = []
+    for tokens, mask in zip(np.asarray(response_tokens), np.asarray(response_mask)):
+        ids = [int(t) for t, m in zip(tokens, mask) if m]
+        if ids and ids[-1] in stop:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return texts

@@ -53,7 +53,7 @@ configured batch on the configured mesh and prints what it needs per device
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import sys
 import time
@@ -67,7 +67,6 @@ from ml_collections import config_flags
 
 from uecjax import checkpoint as ckpt
 from uecjax import cli
-from uecjax.batch import Batch, sequence_inputs
 from uecjax.config import ConfigValueError, validate
 from uecjax.evaluate import evaluate
 from uecjax.metrics import RunLogger
@@ -85,55 +84,11 @@ from uecjax.parallel.mesh import ShardingError, check_batch_size, put_replicated
 from uecjax.run_setup import (image_processor, iterator_states, load_policy, make_records,
                               own_iterator_state, prompt_stream, run_mesh)
 from uecjax.sampler import Sampler
-from uecjax.tokenizer import TokenizerError, stop_token_ids
+from uecjax.tokenizer import TokenizerError, decode_responses, stop_token_ids
 from uecjax.train_step import TrainStep
-from uecjax.rows import RowBuffer, Rows
+from uecjax.rows import RowBuffer
 from uecjax.updates import UpdatePlan, mean_metrics
-from uecjax.vision_inputs import VisionInputError, row_patches
-
-
-class Scorer:
-    """Old (and reference) log-probs of sampled rows with the trainer's current parameters.
-
-    Row counts vary (regular rounds, exploration rounds); they are padded to a multiple of
-    `row_bucket` so the jitted pass compiles for a few shapes only. With several row shares
-    the rows are this process's (the same count on every process) and so are the results;
-    the shares agree on one patch width for their image arrays.
-    """
-
-    def __init__(self, trainer: TrainStep, row_bucket: int, ref_params: HostParams | None = None,
-                 vl_config: VLConfig | None = None, hosts: Hosts = Hosts()):
-        self.trainer, self.row_bucket, self.ref_params = trainer, row_bucket, ref_params
-        self.vl_config, self.hosts = vl_config, hosts
-        self.params = None  # set by the loop before every rollout
-
-    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask, images=None,
-                 with_ref: bool = True):
-        """(old_logp, old_entropy, ref_logp or None) of the rows; with_ref=False skips the
-        reference pass (replay rescoring keeps the stored reference log-probs)."""
-        n = prompt_tokens.shape[0]
-        rows = -(-n // self.row_bucket) * self.row_bucket
-        pad = lambda x: np.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
-        mask = pad(np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1))
-        tokens = pad(np.concatenate([prompt_tokens, response_tokens], axis=1))
-        images = None if images is None else tuple(pad(x) for x in images)  # padded rows: none
-        patches = 0 if images is None else max(self.hosts.gather(row_patches(images[1])))
-        batch = Batch(tokens=tokens, attention_mask=mask,
-                      **sequence_inputs(tokens, mask, prompt_tokens.shape[1], images, self.vl_config,
-                                        min_patches=patches),
-                      response_mask=pad(response_mask.astype(np.float32)),
-                      advantages=np.zeros(rows, np.float32), difficulty=np.zeros(rows, np.float32),
-                      is_hard=np.zeros(rows, np.float32))
-        batch = self.hosts.put(batch, self.trainer.batch_sharding)
-        # This process's rows back on the host (with one share: whole arrays, a gather where
-        # rows live on other hosts' devices).
-        logp, entropy = (self.hosts.take(x)
-                         for x in self.trainer.compute_logprobs(self.params, batch))
-        ref = None
-        if self.ref_params is not None and with_ref:
-            ref = self.hosts.take(
-                self.trainer.compute_logprobs(self.ref_params.on_device(), batch)[0])[:n]
-        return logp[:n], entropy[:n], ref
+from uecjax.vision_inputs import VisionInputError
 
 
 def _host(metrics) -> dict[str, float]:
@@ -188,7 +143,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             f"{block[1]}, the processes holding distinct batch rows (each reads, samples and "
             "grades an equal share of every batch)")
     trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
-                        chunk_size=cfg.train.chunk_size)
+                        chunk_size=cfg.train.chunk_size, hosts=hosts,
+                        score_rows=rcfg.batch_rows // hosts.count)
     params, opt_state, control = trainer.init(nnx.state(model), seed=cfg.seed)
     ref_params = None
     if hp.beta > 0:
@@ -197,8 +153,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
         ref_params = HostParams(jax.jit(to_compute, out_shardings=trainer.param_shardings)(params),
                                 trainer.param_shardings, offload=cfg.model.offload_reference)
-    scorer = Scorer(trainer, rcfg.batch_rows // hosts.count, ref_params, vl_config, hosts)
-
     train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True, shard=block)
     eval_records = make_records(cfg, cfg.data.eval_split, train=False)
     skipped = train_records.skipped  # malformed rows, and prompts too long for the batch
@@ -223,7 +177,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
     # Rows split over the mesh's data x fsdp devices, as the train step's batches.
     sampler = Sampler(model, pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
     rollout = Rollout(rcfg, hp, sampler=sampler, prompts=prompts, grade=grader.grade_batch,
-                      score=scorer, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                      score=functools.partial(trainer.score, ref_params=ref_params),
+                      decode=functools.partial(decode_responses, tokenizer, stop_ids=stops),
                       stop_token_ids=stops, seed=cfg.seed, hosts=hosts)
 
     def run_eval(step: int) -> dict:
@@ -294,19 +249,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
         checkpointer.save(step * plan.total + done, params=params, opt_state=opt_state,
                           control=control, meta=meta, buffers=buffers or None, force=force)
 
-    def place(rows: Rows):
-        """This process's rows -> the global batch of the train step. With several shares a
-        VL batch always has image arrays (padding rows may have none), of one patch width."""
-        patches = 0
-        if vl_config is not None and hosts.count > 1:
-            if rows.pixel_values is None:
-                rows = dataclasses.replace(
-                    rows, pixel_values=np.zeros((len(rows), 0, vl_config.vision.patch_dim), np.float32),
-                    image_grid_thw=np.zeros((len(rows), 1, 3), np.int32))
-            patches = max(hosts.gather(row_patches(rows.image_grid_thw)))
-        return hosts.put(rows.to_batch(hp.tau_hard, vl_config, patches,
-                                       explore_is_cap=hp.explore_is_cap), trainer.batch_sharding)
-
     restore_handler = ckpt.install_sigterm_handler()
     if "initial" not in history:
         history["initial"] = run_eval(0)
@@ -319,8 +261,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                 updates, t_rollout = pending["metrics"], pending["t_rollout"]
                 pending = None
             else:
-                scorer.params = params
-                rows, roll_stats = rollout.collect()
+                rows, roll_stats = rollout.collect(params)
                 done, updates, t_rollout = 0, [], time.perf_counter() - t0
                 control = _set_h0(control, roll_stats, trainer)
             t1 = time.perf_counter()
@@ -330,7 +271,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
             for k in range(done, plan.total):
                 minibatch = rows.select(plan.rows_of(step, k, len(rows), hosts.index))
                 params, opt_state, control, metrics = trainer.step(params, opt_state, control,
-                                                                   place(minibatch))
+                                                                   trainer.device_batch(minibatch))
                 control = trainer.update_control(control, metrics)
                 updates.append(metrics)  # on device: fetched once, after the rollout's updates
                 # Polled after every update (a multi-host sync point needs every update count).
@@ -345,15 +286,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, log_console=sys.stdou
                             f"to {checkpointer.directory}; exiting")
                 break
             nnx.update(model, params)
-            rollout.after_update(rows)
+            rollout.remember_for_replay(rows)
             values = mean_metrics(_hosted(updates))
             values["updates"] = float(len(updates))
             rng = np.random.default_rng((cfg.seed, step) + ((hosts.index,) if hosts.count > 1 else ()))
-            scorer.params = params  # replay may recompute its rows' old log-probs
-            replay = rollout.replay_batch(step, rng)
+            replay = rollout.replay_batch(step, rng, params)  # may rescore with params
             if replay is not None:  # the replay stabilizer's extra update (section 8)
                 params, opt_state, control, replay_metrics = trainer.step(
-                    params, opt_state, control, place(replay), advance_schedule=False)
+                    params, opt_state, control, trainer.device_batch(replay), advance_schedule=False)
                 nnx.update(model, params)
                 values.update({f"replay/{k}": v for k, v in _host(replay_metrics).items()})
             t2 = time.perf_counter()

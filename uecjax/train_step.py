@@ -42,16 +42,20 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from uecjax.parallel import mesh as shd
-from uecjax.batch import Batch
+from uecjax.batch import Batch, to_device
 from uecjax.control import ControlState, init_control_state, update_control
 from uecjax.objectives.advantages import broadcast_to_tokens
 from uecjax.objectives.aggregation import batch_counts
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import LossInputs, get_method, loss_terms
+from uecjax.models.config import VLConfig
 from uecjax.objectives.policy_loss import kl_penalty
+from uecjax.offload import HostParams
 from uecjax.optim import (OptimConfig, check_frozen, make_optimizer, make_schedule, scale_updates,
                           stop_gradient_frozen)
+from uecjax.parallel import mesh as shd
+from uecjax.parallel.hosts import Hosts
+from uecjax.rows import Rows
 from uecjax.scoring import compute_logprobs, constrain, response_logprobs, split_micro
 
 
@@ -104,7 +108,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
 
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
                 images=batch.images, mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
-                ref_logp=batch.ref_logp, difficulty=batch.difficulty.astype(jnp.float32),
+                ref_logp=batch.ref_logp, success_rate=batch.success_rate.astype(jnp.float32),
                 hard=batch.is_hard.astype(jnp.float32), select=select,
                 token_weight=None if batch.token_weight is None else batch.token_weight.astype(jnp.float32))
     micro = constrain(split_micro(rows, M), micro_sharding) if M > 1 else rows
@@ -127,7 +131,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
         ent_sum = jnp.sum(m * entropy)
         x = LossInputs(
             logp=logp, entropy=entropy, old_logp=mb["old_logp"], ref_logp=mb["ref_logp"],
-            adv=mb["adv"], mask=m, difficulty=mb["difficulty"], hard=mb["hard"], select=mb["select"],
+            adv=mb["adv"], mask=m, success_rate=mb["success_rate"], hard=mb["hard"], select=mb["select"],
             num_tokens=num_tokens, num_seqs=num_seqs, max_len=hp.agg_max_len or R, h0=h0_bound,
             h_anchor=jax.lax.stop_gradient(ent_sum / n) if anchor is None else anchor,
             aer_alpha=control.aer_alpha, token_weight=mb["token_weight"])
@@ -214,16 +218,25 @@ def train_step(params, opt_state, control: ControlState, batch: Batch, *,
 
 
 class TrainStep:
-    """The jitted, sharded `train_step` and `compute_logprobs` for one model and mesh."""
+    """The jitted, sharded `train_step` and `compute_logprobs` for one model and mesh, and the
+    scoring of sampled rows (`score`).
+
+    hosts: this process's share of the batch rows (`Hosts.of_mesh`); score_rows: row counts
+    scored are padded to a multiple of this (a few compiled shapes; 0: no padding).
+    """
 
     def __init__(self, model, loss: LossConfig, optim: OptimConfig, mesh: jax.sharding.Mesh, *,
-                 micro_batches: int = 1, chunk_size: int = 1024):
+                 micro_batches: int = 1, chunk_size: int = 1024, hosts: Hosts = Hosts(),
+                 score_rows: int = 0):
         get_method(loss.method)  # an unknown method fails here, not at the first step
         if micro_batches < 1 or chunk_size < 1:
             raise ValueError(f"micro_batches={micro_batches} and chunk_size={chunk_size} must be >= 1")
         self.graphdef, params = nnx.split(model)
         self.loss, self.optim, self.mesh = loss, optim, mesh
         self.micro_batches, self.chunk_size = micro_batches, chunk_size
+        self.hosts, self.score_rows = hosts, score_rows
+        # A Qwen2.5-VL's rows carry images: their patch layouts need its config.
+        self.vl_config = model.config if isinstance(model.config, VLConfig) else None
         self.optimizer = make_optimizer(optim, external_lr=True)
         self.schedule = make_schedule(optim)
         abstract = jax.eval_shape(lambda p: p, params)
@@ -274,6 +287,32 @@ class TrainStep:
         (`uecjax.parallel.mesh.global_batch`); arrays already on devices pass through."""
         shd.check_batch_size(batch.tokens.shape[0], self.mesh, self.micro_batches)
         return shd.global_batch(batch, self.batch_sharding)
+
+    def device_batch(self, rows: Rows) -> Batch:
+        """This process's rows -> the global batch of the step (`uecjax.batch.to_device`)."""
+        return to_device(rows, self.batch_sharding, hosts=self.hosts, vl_config=self.vl_config,
+                         tau_hard=self.loss.tau_hard, explore_is_cap=self.loss.explore_is_cap)
+
+    def score(self, params, rows: Rows, with_ref: bool = True, *,
+              ref_params: HostParams | None = None):
+        """(old_logp, old_entropy, ref_logp or None) of this process's rows: the log-probs at
+        temperature 1 under `params` and, with ref_params and with_ref, the reference's.
+
+        A collective with several shares (each brings its own rows, the same count on every
+        process, and gets its own back). Row counts are padded to a multiple of score_rows
+        with rows that weigh nothing.
+        """
+        n = len(rows)
+        if self.score_rows and n % self.score_rows:
+            padding = Rows.empty(self.score_rows - n % self.score_rows, rows.prompt_tokens.shape[1],
+                                 rows.response_tokens.shape[1], rows.ref_logp is not None)
+            rows = Rows.concat([rows, padding])
+        batch = to_device(rows, self.batch_sharding, hosts=self.hosts, vl_config=self.vl_config)
+        logp, entropy = (self.hosts.take(x)[:n] for x in self.compute_logprobs(params, batch))
+        ref = None
+        if ref_params is not None and with_ref:
+            ref = self.hosts.take(self.compute_logprobs(ref_params.on_device(), batch)[0])[:n]
+        return logp, entropy, ref
 
     def step(self, params, opt_state, control: ControlState, batch: Batch, *,
              advance_schedule: bool = True):

@@ -400,7 +400,7 @@ def bench_train(model, config, tag, args, refs):
     from uecjax.batch import Batch, positions_from_mask
     from uecjax.objectives.methods import loss_config
     from uecjax.optim import OptimConfig
-    from uecjax.sharding import make_mesh
+    from uecjax.parallel.mesh import make_mesh
     from uecjax.train_step import TrainStep
 
     B, P, R = args.train_rows, args.train_prompt, args.train_response
@@ -410,7 +410,7 @@ def bench_train(model, config, tag, args, refs):
                   attention_mask=mask, positions=positions_from_mask(mask),
                   response_mask=np.ones((B, R), np.float32),
                   advantages=rng.normal(size=B).astype(np.float32),
-                  difficulty=rng.choice([0.0, 0.25, 1.0], B).astype(np.float32),
+                  success_rate=rng.choice([0.0, 0.25, 1.0], B).astype(np.float32),
                   is_hard=(rng.random(B) < 0.5).astype(np.float32))
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     ts = TrainStep(model, loss_config(args.method, beta=0.0), OptimConfig(learning_rate=1e-6), mesh,

@@ -69,7 +69,7 @@ def throughput(args):
     from uecjax.models import Qwen2, TextConfig
     from uecjax.objectives.methods import loss_config
     from uecjax.optim import OptimConfig
-    from uecjax.sharding import make_mesh
+    from uecjax.parallel.mesh import make_mesh
     from uecjax.train_step import TrainStep
 
     cfg = TextConfig(**TINY)
@@ -81,7 +81,7 @@ def throughput(args):
     batch = Batch(tokens=tokens, attention_mask=mask, positions=positions_from_mask(mask),
                   response_mask=np.ones((B, R), np.float32),
                   advantages=rng.normal(size=B).astype(np.float32),
-                  difficulty=np.repeat(rng.choice([0.0, 0.25, 1.0], B // 8), 8).astype(np.float32),
+                  success_rate=np.repeat(rng.choice([0.0, 0.25, 1.0], B // 8), 8).astype(np.float32),
                   is_hard=np.zeros(B, np.float32))
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     emit(bench="train_step_setup", device=jax.devices()[0].platform, jax=jax.__version__, batch=B,

@@ -181,7 +181,7 @@ def train_step(args, model, processor, rng):
     from uecjax.objectives import group_advantages
     from uecjax.objectives.methods import loss_config
     from uecjax.optim import OptimConfig
-    from uecjax.sharding import make_mesh
+    from uecjax.parallel.mesh import make_mesh
     from uecjax.train_step import TrainStep
     from uecjax.vision_inputs import stack_images, vision_rows
 
@@ -199,7 +199,7 @@ def train_step(args, model, processor, rng):
                        model.config, prompt_len=P)
     common = dict(tokens=tokens, attention_mask=mask, response_mask=mask[:, P:].astype(np.float32),
                   advantages=np.asarray(group_advantages(rng.integers(0, 2, B).astype(np.float32), G)),
-                  difficulty=np.full(B, 0.5, np.float32), is_hard=np.zeros(B, np.float32))
+                  success_rate=np.full(B, 0.5, np.float32), is_hard=np.zeros(B, np.float32))
     vl_batch = Batch(positions=rows.positions, pixel_values=rows.pixel_values, vision=rows.layouts, **common)
     text_tokens = np.where(tokens == TOKENS["image_token_id"], 5, tokens)  # same length, no images
     text_batch = Batch(**{**common, "tokens": text_tokens}, positions=positions_from_mask(mask))

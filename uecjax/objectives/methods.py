@@ -46,7 +46,7 @@ class LossInputs(NamedTuple):
     ref_logp: jax.Array | None  # log pi_ref; None when beta == 0
     adv: jax.Array  # token advantages A_{i,t}, 0 off the mask
     mask: jax.Array  # response mask, float32
-    difficulty: jax.Array  # success rate p_q of each sequence's prompt
+    success_rate: jax.Array  # p_q of each sequence's prompt (higher = easier)
     hard: jax.Array  # 1.0 where the prompt is hard (section 5)
     select: jax.Array | None  # the method's token selection over the global batch, or None
     num_tokens: jax.Array  # valid tokens of the global batch
@@ -113,9 +113,9 @@ def entropy_bonus(x: LossInputs, hp: LossConfig, seq_weight, coef) -> jax.Array:
                             global_seq_count=x.num_seqs, max_len=x.max_len)
 
 
-def uec_gate(difficulty, hp: LossConfig):
+def uec_gate(success_rate, hp: LossConfig):
     """Exploration weight w_q of section 6 from the success rate."""
-    return gate_weight(difficulty, hp.gate, hp.gate_tau, hp.gate_s)
+    return gate_weight(success_rate, hp.gate, hp.gate_tau, hp.gate_s)
 
 
 def stabilizer_surrogate(x: LossInputs, hp: LossConfig) -> jax.Array:
@@ -142,7 +142,7 @@ def grpo(x: LossInputs, hp: LossConfig) -> Terms:
 def entropy_reg(x: LossInputs, hp: LossConfig) -> Terms:
     """L_pg - c * agg(H) (section 7)."""
     parts, stats = policy_terms(x, hp)
-    parts["entropy"] = entropy_bonus(x, hp, jnp.ones_like(x.difficulty), hp.entropy_coef)
+    parts["entropy"] = entropy_bonus(x, hp, jnp.ones_like(x.success_rate), hp.entropy_coef)
     return parts, stats
 
 
@@ -170,7 +170,7 @@ def entropy_adv(x: LossInputs, hp: LossConfig) -> Terms:
 def aer(x: LossInputs, hp: LossConfig) -> Terms:
     """L_pg - alpha_k * agg(lambda_q H), alpha_k from the controller state (section 9)."""
     parts, stats = policy_terms(x, hp)
-    weight = aer_allocation(x.difficulty, hp.aer_alloc, hp.aer_tau)
+    weight = aer_allocation(x.success_rate, hp.aer_alloc, hp.aer_tau)
     parts["aer"] = entropy_bonus(x, hp, weight, x.aer_alpha)
     stats["aer_alloc_frac"] = token_sum(x, jnp.broadcast_to(weight[:, None], x.mask.shape))
     return parts, stats
@@ -245,7 +245,7 @@ def loss_terms(x: LossInputs, hp: LossConfig) -> Terms:
     """The method's terms plus the section-6 components switched on in `hp`."""
     parts, stats = get_method(hp.method).loss(x, hp)
     if hp.explore:
-        parts["explore"] = entropy_bonus(x, hp, uec_gate(x.difficulty, hp), hp.alpha)
+        parts["explore"] = entropy_bonus(x, hp, uec_gate(x.success_rate, hp), hp.alpha)
     if hp.stabilizer:
         parts["stab"] = stabilizer_surrogate(x, hp)
     return parts, stats

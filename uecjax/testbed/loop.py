@@ -77,7 +77,7 @@ class LoopConfig:
     explore_prompts: int = 4  # slots per step (static shapes, module docstring)
     explore_samples: int = 8  # G'
     explore_temperature: float = 1.2  # T'
-    hard_reward: float = 0.01  # a prompt is hard for exploration when every accuracy is below
+    explore_threshold: float = 0.01  # a prompt is hard for exploration when every accuracy is below
     retention: bool = False
     retain_min: float = 0.05
     explore_retain_min: float = 1.0
@@ -207,7 +207,7 @@ class CompiledLoop:
         response_mask = (rows["valid"] & rows["keep"][:, None]).astype(jnp.float32)
         batch = Batch(tokens=tokens, attention_mask=attn, positions=positions,
                       response_mask=response_mask, advantages=rows["adv"] * rows["keep"],
-                      difficulty=rows["p"], is_hard=(rows["p"] <= hp.tau_hard).astype(jnp.float32),
+                      success_rate=rows["p"], is_hard=(rows["p"] <= hp.tau_hard).astype(jnp.float32),
                       sampler_logp=rows["sampler_logp"],
                       explore=rows["explore"] if cfg.explore else None)
         old_logp, old_entropy = compute_logprobs(params, batch, graphdef=self.graphdef)
@@ -226,7 +226,7 @@ class CompiledLoop:
         """Section 8: up to explore_prompts hard prompts get G' responses at T'."""
         cfg, hp = self.cfg, self.hp
         B, G, Gx = cfg.prompts_per_step, cfg.group_size, cfg.explore_samples
-        hard = jnp.all(acc.reshape(B, G) < cfg.hard_reward, axis=1)
+        hard = jnp.all(acc.reshape(B, G) < cfg.explore_threshold, axis=1)
         # Hard prompts first, in random order among themselves.
         order = jnp.argsort(jnp.where(hard, 0.0, 1.0) + 0.5 * jax.random.uniform(k_slots, (B,)))
         slots = order[:cfg.explore_prompts]
