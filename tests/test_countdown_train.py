@@ -92,7 +92,7 @@ def test_config_trains_two_steps(tmp_path):
 
     c = countdown_config()
     c.countdown_data.num_train, c.countdown_data.num_eval = 32, 4
-    c.countdown = dict(num_train=16, sft_steps=2, batch_size=8, num_val=0, model_overrides=TINY)
+    c.countdown.update(num_train=16, sft_steps=2, batch_size=8, num_val=0, model_overrides=TINY)
     c.rollout.prompts_per_batch, c.rollout.group_size = 2, 2
     c.rollout.explore_samples = 2
     c.rollout.max_rounds = 2

@@ -84,6 +84,66 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.answer_field = "answer"
     c.data.shuffle = True
 
+    # The embedded tasks (data.kind demo / countdown; the other kinds ignore these sections).
+    # Their problems and warm-up policy depend on <task>_data.seed only, not on the run's
+    # `seed`, so runs of different seeds start from the same policy on the same problems.
+    # Change single fields (c.demo_data.num_train = 30, or c.demo_data.update(...)): assigning
+    # a dict replaces the whole section, and validate rejects one with fields missing.
+    # demo: the problems (uecjax.data.demo.demo_records arguments).
+    c.demo_data = ml_collections.ConfigDict()
+    c.demo_data.num_train = 4000  # train-split problems the RL run cycles through (>= 1)
+    c.demo_data.num_eval = 128  # held-out test-split problems (>= 1); eval.num_prompts cuts them
+    c.demo_data.levels = (1, 2, 3, 4)  # a non-empty tuple of uecjax.data.demo.LEVELS (1..4)
+    # "expression" (`3 * 4 - 5 = ?`) | "word" (word problems, about 3x longer prompts); the
+    # warm-up policy is trained on this style too.
+    c.demo_data.style = "expression"
+    c.demo_data.seed = 0  # the problems and the warm-up policy (any integer)
+    # demo: the initial policy when model.path is empty (uecjax.demo_model.prepare_demo_policy
+    # settings; its seed and style are demo_data's, its prompt format config.prompt's).
+    c.demo = ml_collections.ConfigDict()
+    # TextConfig fields replacing demo_model.DEMO_MODEL's shape (e.g. hidden_size); {}: none.
+    c.demo.model_overrides = ml_collections.ConfigDict()
+    # Levels of the warm-up problems: level 3 is left out so that it starts hard (non-empty).
+    c.demo.levels = (1, 2, 4)
+    c.demo.num_train = 2000  # warm-up problems (>= 1)
+    c.demo.sft_steps = 500  # supervised warm-up steps (>= 0; 0: an untrained policy)
+    c.demo.batch_size = 32  # warm-up examples per step (>= 1)
+    c.demo.learning_rate = 3e-3  # peak AdamW learning rate of the warm-up (> 0)
+    # Stop the warm-up once the greedy accuracy on the num_val problems reaches this, checked
+    # every 50 steps (in [0, 1]; None: run all sft_steps).
+    c.demo.target_accuracy = config_dict.placeholder(float)
+    c.demo.num_val = 64  # train-split problems kept out of the warm-up to check it (>= 0; 0: none)
+    # Fraction of warm-up solutions whose boxed answer is off by 1-2 (in [0, 1]): a careless
+    # teacher, so sampled Pass@1 starts well below Pass@k and RL has something to fix.
+    c.demo.slip = 0.0
+    c.demo.force = False  # retrain even if WORKDIR/demo_init holds a policy of these settings
+    # countdown: the problems (uecjax.data.countdown.countdown_records arguments).
+    c.countdown_data = ml_collections.ConfigDict()
+    c.countdown_data.num_train = 1500  # train-split problems the RL run cycles through (>= 1)
+    c.countdown_data.num_eval = 128  # held-out test-split problems (>= 1)
+    c.countdown_data.levels = (1, 2)  # a non-empty tuple of uecjax.data.countdown.LEVELS (1, 2)
+    c.countdown_data.seed = 0  # the problems and the warm-up policy (any integer)
+    # Percent of the problems (by a hash of their numbers and target) in the test split, 1..99.
+    c.countdown_data.heldout_percent = 20
+    # countdown: the initial policy when model.path is empty (uecjax.countdown_model.
+    # prepare_countdown_policy settings; its seed is countdown_data's, its prompt format
+    # config.prompt's).
+    c.countdown = ml_collections.ConfigDict()
+    # TextConfig fields replacing countdown_model.COUNTDOWN_MODEL's shape; {}: none.
+    c.countdown.model_overrides = ml_collections.ConfigDict()
+    c.countdown.levels = (1, 2)  # levels of the warm-up problems (non-empty)
+    c.countdown.num_train = 1000  # warm-up problems (>= 1)
+    c.countdown.samples_per_problem = 4  # warm-up targets per problem (>= 1)
+    # Chance that a target on correct_levels is a correct solution, else a random attempt (in
+    # [0, 1]); other levels get random attempts only (uecjax.countdown_model: why).
+    c.countdown.correct_fraction = 0.4
+    c.countdown.correct_levels = (1,)  # a tuple of levels, () for random attempts everywhere
+    c.countdown.sft_steps = 1000  # supervised warm-up steps (>= 0)
+    c.countdown.batch_size = 64  # warm-up examples per step (>= 1)
+    c.countdown.learning_rate = 3e-3  # peak AdamW learning rate of the warm-up (> 0)
+    c.countdown.num_val = 64  # train-split problems kept out of the warm-up to check it (>= 0)
+    c.countdown.force = False  # retrain even if WORKDIR/countdown_init matches these settings
+
     c.prompt = ml_collections.ConfigDict()
     c.prompt.template = "think_boxed"  # a key of uecjax.tokenizer.PROMPT_TEMPLATES
     c.prompt.use_chat_template = True  # wrap in the tokenizer's chat template
