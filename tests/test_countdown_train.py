@@ -75,7 +75,15 @@ def test_prepare_countdown_policy_writes_and_reuses(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda c: c.__delattr__("countdown_data"), "config.countdown_data=None"),
+    # The section is always there (base_config); a config file replacing it by a partial dict
+    # (the old style, `c.countdown_data = dict(...)`) drops fields that readers need.
+    (lambda c: c.__setattr__("countdown_data", dict(num_train=10, levels=(1,))),
+     r"config.countdown_data.heldout_percent: missing \(was the section replaced by a dict "
+     r"without \['heldout_percent', 'num_eval', 'seed'\]\?\)"),
+    (lambda c: c.countdown_data.__setattr__("heldout_percent", 0),
+     "config.countdown_data.heldout_percent=0"),
+    (lambda c: c.countdown.__setattr__("correct_fraction", 1.5),
+     r"config.countdown.correct_fraction=1.5: must be in \[0, 1\]"),
     (lambda c: c.countdown_data.__setattr__("levels", (1, 3)), "config.countdown_data.levels"),
     (lambda c: c.countdown_data.__setattr__("num_eval", 0), "config.countdown_data.num_eval=0"),
 ])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 
 import ml_collections
@@ -216,10 +217,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
-    """Raises ConfigValueError naming the first bad field, also for what the method's
-    LossConfig, RolloutConfig and OptimConfig (built here as `train` builds them) reject.
-    dry_run: data and checkpoint paths are not needed (a shape from model.preset or
-    model.path's config.json is)."""
+    """Raises ConfigValueError naming the first bad field: also for what the method's
+    LossConfig, RolloutConfig and OptimConfig (built here as `train` builds them) reject, and
+    in the embedded tasks' sections (demo, demo_data, countdown, countdown_data), whatever
+    data.kind is. dry_run: data and checkpoint paths are not needed (a shape from
+    model.preset or model.path's config.json is)."""
     def bad(field, value, why):
         raise ConfigValueError(f"config.{field}={value!r}: {why}")
 
@@ -232,8 +234,7 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
     if c.data.kind not in EMBEDDED_KINDS and not c.model.path and not (dry_run and c.model.preset):
         bad("model.path", c.model.path, "set it to a Hugging Face checkpoint directory"
             + (" (or its config.json), or set config.model.preset" if dry_run else ""))
-    if c.data.kind == "countdown":
-        _check_countdown_data(c, bad)
+    _check_tasks(c)
     if c.model.remat not in REMAT_MODES + (True, False):
         bad("model.remat", c.model.remat, f"choose from {REMAT_MODES}")
     for field in ("model.dtype", "model.param_dtype"):
@@ -285,21 +286,110 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
             f"{rollout.batch_rows} rows, into equal mini-batches; change either")
 
 
-def _check_countdown_data(c: ml_collections.ConfigDict, bad) -> None:
-    """config.countdown_data: the problems of a countdown run (`countdown_records` arguments)."""
-    from uecjax.data.countdown import LEVELS
+# Checks of single fields: (predicate, what is allowed); a field's type is checked first.
+def _at_least(low: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+            f"must be an integer >= {low}")
 
-    block = c.get("countdown_data")
-    if block is None:
-        bad("countdown_data", None, "set it for data.kind='countdown': dict(num_train=..., "
-            "num_eval=..., levels=(1, 2), seed=0), as configs/countdown.py does")
-    for name in ("num_train", "num_eval"):
-        value = block.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            bad(f"countdown_data.{name}", value, "must be an integer >= 1")
-    levels = block.get("levels")
-    if not levels or any(lv not in LEVELS for lv in tuple(levels)):
-        bad("countdown_data.levels", levels, f"choose a non-empty tuple from {sorted(LEVELS)}")
+
+def _levels(known, *, empty: bool = False):
+    return (lambda v: isinstance(v, (tuple, list)) and (empty or len(v) > 0)
+            and all(lv in known for lv in v),
+            f"choose a {'' if empty else 'non-empty '}tuple from {sorted(known)}")
+
+
+_UNIT = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+
+
+def _check_tasks(c: ml_collections.ConfigDict) -> None:
+    """The embedded tasks' sections (demo_data, demo, countdown_data, countdown), whatever
+    data.kind is (their defaults are valid): each complete, with known fields of the right
+    type and values their generators and warm-ups accept."""
+    from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
+    from uecjax.data import countdown, demo
+    from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
+
+    base = base_config()
+    styles = ("expression", "word")
+    _check_task_section(c, "demo_data", base.demo_data.to_dict(), "base_config().demo_data", {
+        "num_train": _at_least(1), "num_eval": _at_least(1), "levels": _levels(demo.LEVELS),
+        "style": (lambda v: v in styles, f"choose from {styles}")})
+    _check_task_section(c, "countdown_data", base.countdown_data.to_dict(),
+                        "base_config().countdown_data", {
+                            "num_train": _at_least(1), "num_eval": _at_least(1),
+                            "levels": _levels(countdown.LEVELS),
+                            "heldout_percent": (lambda v: 0 < v < 100, "must be in 1..99 (the "
+                                                "percent of the problems in the test split)")})
+    warmup = {"num_train": _at_least(1), "sft_steps": _at_least(0), "batch_size": _at_least(1),
+              "learning_rate": _POSITIVE, "num_val": _at_least(0)}
+    # The preparations' other arguments come from other fields (`run_setup.load_policy`).
+    prompt = {"template": "config.prompt.template",
+              "use_chat_template": "config.prompt.use_chat_template"}
+    _check_task_section(
+        c, "demo", _settings(prepare_demo_policy), "prepare_demo_policy", {
+            **warmup, "levels": _levels(demo.LEVELS), "slip": _UNIT,
+            "target_accuracy": (lambda v: v is None or _UNIT[0](v),
+                                "must be in [0, 1], or None to run all sft_steps")},
+        elsewhere={"seed": "config.demo_data.seed", "style": "config.demo_data.style", **prompt},
+        shape=DEMO_MODEL)
+    _check_task_section(
+        c, "countdown", _settings(prepare_countdown_policy), "prepare_countdown_policy", {
+            **warmup, "levels": _levels(countdown.LEVELS), "samples_per_problem": _at_least(1),
+            "correct_fraction": _UNIT, "correct_levels": _levels(countdown.LEVELS, empty=True)},
+        elsewhere={"seed": "config.countdown_data.seed", **prompt}, shape=COUNTDOWN_MODEL)
+
+
+def _settings(prepare) -> dict:
+    """{name: default} of the keyword settings of a policy preparation."""
+    return {name: p.default for name, p in inspect.signature(prepare).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name != "log"}
+
+
+def _check_task_section(c, section: str, defaults: dict, what: str, rules: dict,
+                        elsewhere: dict[str, str] | None = None, shape: dict | None = None) -> None:
+    """config.<section>: complete (every field of `defaults` but `elsewhere`'s), each field of
+    its default's type and passing its rule; shape: the tiny model's TextConfig fields, which
+    the section's model_overrides replace."""
+    block = c.get(section)
+    how = f"set single fields (c.{section}.num_train = ...) or c.{section}.update(...)"
+    if not isinstance(block, ml_collections.ConfigDict):
+        raise ConfigValueError(f"config.{section}={block!r}: must be the section of "
+                               f"base_config(); {how}")
+    elsewhere = elsewhere or {}
+    values = block.to_dict()
+    _check_fields(section, values, defaults, what, elsewhere)
+    missing = sorted(set(defaults) - set(elsewhere) - set(values))
+    if missing:
+        raise ConfigValueError(f"config.{section}.{missing[0]}: missing (was the section replaced "
+                               f"by a dict without {missing}?); {how}, which keep "
+                               "base_config()'s other fields")
+    for name, (ok, why) in rules.items():
+        if not ok(values[name]):
+            raise ConfigValueError(f"config.{section}.{name}={values[name]!r}: {why}")
+    if shape is not None:
+        _check_model_overrides(f"{section}.model_overrides", values["model_overrides"], shape)
+
+
+def _check_model_overrides(field: str, overrides, shape: dict) -> None:
+    """TextConfig fields replacing `shape`'s, of their types, giving a valid TextConfig."""
+    from uecjax.models.config import TextConfig
+
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ConfigValueError(f"config.{field}={overrides!r}: must be a dict of TextConfig "
+                               f"fields, e.g. dict(hidden_size=64)")
+    if "vocab_size" in overrides:
+        raise ConfigValueError(f"config.{field}.vocab_size: the character tokenizer sets it; "
+                               "remove it")
+    fields = {**{f.name: f.default for f in dataclasses.fields(TextConfig)}, **shape}
+    del fields["vocab_size"]
+    _check_fields(field, overrides, fields, "TextConfig")
+    try:  # the vocabulary size does not matter to TextConfig's checks
+        TextConfig(vocab_size=1, **{**shape, **overrides})
+    except (ValueError, TypeError) as e:  # models.config.ConfigError is a ValueError
+        raise ConfigValueError(f"config.{field}: {e}") from None
 
 
 # Prefixes under which LossConfig, RolloutConfig and OptimConfig name a field in their errors.
@@ -310,21 +400,8 @@ def _build_section(section: str, build, values: dict, cls, elsewhere: dict[str, 
     """build(**values), with an unknown field, a value of the wrong type or one that `cls`
     rejects raised as a ConfigValueError naming config.<section>.<field>. elsewhere: fields of
     `cls` that another config field sets."""
-    fields, elsewhere = {f.name: f for f in dataclasses.fields(cls)}, elsewhere or {}
-    for name, value in values.items():
-        if name in elsewhere:
-            raise ConfigValueError(f"config.{section}.{name}: set {elsewhere[name]} instead")
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            raise ConfigValueError(
-                f"config.{section}.{name}: {cls.__name__} has no such field"
-                + (f" (did you mean {close[0]}?)" if close else "")
-                + f"; remove it from the config file or use one of "
-                f"{sorted(set(fields) - set(elsewhere))}")
-        if not _same_kind(value, fields[name].default):
-            raise ConfigValueError(f"config.{section}.{name}={value!r}: must be of type "
-                                   f"{type(fields[name].default).__name__}, as its default "
-                                   f"{fields[name].default!r}")
+    _check_fields(section, values, {f.name: f.default for f in dataclasses.fields(cls)},
+                  cls.__name__, elsewhere)
     try:
         return build(**values)
     except (ValueError, TypeError) as e:  # LossConfigError and OptimConfigError are ValueErrors
@@ -332,6 +409,27 @@ def _build_section(section: str, build, values: dict, cls, elsewhere: dict[str, 
         if _CLASS_PREFIX.match(message):
             raise ConfigValueError(_CLASS_PREFIX.sub(f"config.{section}.", message)) from None
         raise ConfigValueError(f"config.{section}: {message}") from None
+
+
+def _check_fields(section: str, values: dict, fields: dict, what: str,
+                  elsewhere: dict[str, str] | None = None) -> None:
+    """Every one of `values` is a field of `fields` ({name: default}; `what` takes them), of
+    its default's type. elsewhere: fields that another config field sets."""
+    elsewhere = elsewhere or {}
+    for name, value in values.items():
+        if name in elsewhere:
+            raise ConfigValueError(f"config.{section}.{name}: set {elsewhere[name]} instead")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ConfigValueError(
+                f"config.{section}.{name}: {what} has no such field"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; remove it from the config file or use one of "
+                f"{sorted(set(fields) - set(elsewhere))}")
+        if not _same_kind(value, fields[name]):
+            raise ConfigValueError(f"config.{section}.{name}={value!r}: must be of type "
+                                   f"{type(fields[name]).__name__}, as its default "
+                                   f"{fields[name]!r}")
 
 
 def _same_kind(value, default) -> bool:
