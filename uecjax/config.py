@@ -24,6 +24,7 @@ from uecjax.objectives.methods import METHODS, loss_config
 from uecjax.optim import STATE_DTYPES, OptimConfig
 from uecjax.rollout import RolloutConfig, rollout_config
 from uecjax.tokenizer import PROMPT_TEMPLATES
+from uecjax.updates import UpdatePlan
 
 DATA_KINDS = ("demo", "countdown", "geometry3k", "math", "jsonl")
 # Tasks the package generates itself: no data path, and without model.path the run prepares
@@ -218,10 +219,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
     """Raises ConfigValueError naming the first bad field: also for what the method's
-    LossConfig, RolloutConfig and OptimConfig (built here as `train` builds them) reject, and
-    in the embedded tasks' sections (demo, demo_data, countdown, countdown_data), whatever
-    data.kind is. dry_run: data and checkpoint paths are not needed (a shape from
-    model.preset or model.path's config.json is)."""
+    LossConfig, RolloutConfig, OptimConfig and UpdatePlan (built here by `derive`, as `train`
+    builds them) reject, and in the embedded tasks' sections (demo, demo_data, countdown,
+    countdown_data), whatever data.kind is. dry_run: data and checkpoint paths are not needed
+    (a shape from model.preset or model.path's config.json is)."""
     def bad(field, value, why):
         raise ConfigValueError(f"config.{field}={value!r}: {why}")
 
@@ -270,20 +271,47 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
             f"must be an integer >= vision.min_pixels={c.vision.min_pixels}")
     if not isinstance(c.vision.dry_run_pixels, int) or c.vision.dry_run_pixels < 0:
         bad("vision.dry_run_pixels", c.vision.dry_run_pixels, "must be an integer >= 0 (0: vision.min_pixels)")
-    _build_section("loss", lambda **kw: loss_config(c.method, **kw), c.loss.to_dict(),
-                   LossConfig, elsewhere={"method": "config.method"})
-    rollout = _build_section("rollout", lambda **kw: rollout_config(c.method, **kw),
-                             c.rollout.to_dict(), RolloutConfig)
-    # As train() builds it; `frozen` depends on the model and is checked against its params.
-    _build_section("optim", lambda **kw: OptimConfig(
-        **{"total_steps": max(c.train.steps * c.train.updates_per_rollout * c.train.epochs,
-                              c.optim.warmup_steps + 1), **kw}),
-        c.optim.to_dict(), OptimConfig, elsewhere={"frozen": "config.model.freeze_vision"})
-    if rollout.batch_rows % c.train.updates_per_rollout:
-        bad("train.updates_per_rollout", c.train.updates_per_rollout,
+    derived = derive(c)
+    rollout, plan = derived.rollout_cfg, derived.update_plan
+    if rollout.batch_rows % plan.updates_per_rollout:
+        bad("train.updates_per_rollout", plan.updates_per_rollout,
             f"must divide the rollout batch, config.rollout.prompts_per_batch * "
             f"config.rollout.group_size = {rollout.prompts_per_batch} * {rollout.group_size} = "
             f"{rollout.batch_rows} rows, into equal mini-batches; change either")
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """The typed settings a run builds from its config (`derive`)."""
+
+    loss_cfg: LossConfig  # the method's loss preset with config.loss on top
+    rollout_cfg: RolloutConfig  # the method's rollout preset with config.rollout on top
+    optim_cfg: OptimConfig  # config.optim; total_steps: the run's scheduled updates
+    update_plan: UpdatePlan  # config.train.updates_per_rollout x epochs, shuffled by config.seed
+
+
+def derive(cfg: ml_collections.ConfigDict, frozen: tuple[str, ...] = ()) -> Derived:
+    """The LossConfig, RolloutConfig, OptimConfig and UpdatePlan of a run, as `validate`
+    checks them: what they reject is a ConfigValueError naming config.<section>.<field>.
+
+    The learning-rate schedule counts optimizer updates on fresh rollouts: total_steps =
+    max(train.steps * updates_per_rollout * epochs, optim.warmup_steps + 1) unless config.optim
+    sets it. frozen: top-level parameter groups that do not train (("visual",) for a Qwen2.5-VL
+    with model.freeze_vision); it depends on the model, so `validate` derives with none.
+    """
+    loss = _build_section("loss", lambda **kw: loss_config(cfg.method, **kw), cfg.loss.to_dict(),
+                          LossConfig, elsewhere={"method": "config.method"})
+    rollout = _build_section("rollout", lambda **kw: rollout_config(cfg.method, **kw),
+                             cfg.rollout.to_dict(), RolloutConfig)
+    plan = _build_section("train", lambda **kw: UpdatePlan(seed=cfg.seed, **kw),
+                          {"updates_per_rollout": cfg.train.updates_per_rollout,
+                           "epochs": cfg.train.epochs}, UpdatePlan,
+                          elsewhere={"seed": "config.seed"})
+    optim = _build_section("optim", lambda **kw: OptimConfig(
+        **{"total_steps": max(cfg.train.steps * plan.total, cfg.optim.warmup_steps + 1),
+           **kw, "frozen": tuple(frozen)}),
+        cfg.optim.to_dict(), OptimConfig, elsewhere={"frozen": "config.model.freeze_vision"})
+    return Derived(loss_cfg=loss, rollout_cfg=rollout, optim_cfg=optim, update_plan=plan)
 
 
 # Checks of single fields: (predicate, what is allowed); a field's type is checked first.
@@ -392,8 +420,9 @@ def _check_model_overrides(field: str, overrides, shape: dict) -> None:
         raise ConfigValueError(f"config.{field}: {e}") from None
 
 
-# Prefixes under which LossConfig, RolloutConfig and OptimConfig name a field in their errors.
-_CLASS_PREFIX = re.compile(r"^(?:LossConfig|OptimConfig|rollout)\.")
+# Prefixes under which LossConfig, RolloutConfig, OptimConfig and UpdatePlan name a field in
+# their errors.
+_CLASS_PREFIX = re.compile(r"^(?:LossConfig|OptimConfig|rollout|train)\.")
 
 
 def _build_section(section: str, build, values: dict, cls, elsewhere: dict[str, str] | None = None):
