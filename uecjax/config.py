@@ -1,10 +1,15 @@
 """The run configuration: one ml_collections ConfigDict, every field documented here.
 
-Config files (`configs/*.py`) start from `base_config()` and change what their recipe needs;
-the command line overrides any field: `--config.rl.alpha=0.02` style, e.g.
-`--config.method=grpo --config.train.steps=200`. `validate` turns a bad value into a message
-that names the field and says what is allowed: every config problem, including those that the
-method's LossConfig, RolloutConfig and OptimConfig reject, is one ConfigValueError from there.
+Config files (`configs/*.py`) start from `base_config()` and change single fields (a section
+assigned as a dict is replaced whole). The command line overrides fields the config holds,
+e.g. `--config.method=grpo --config.loss.beta=0.02 --config.train.steps=200`; other loss or
+rollout overrides (loss.alpha, ...) go into the config file first. Every section is always
+present, so readers use plain attributes (cfg.demo_data.seed).
+
+`validate(cfg, dry_run=...)` turns any bad value into one ConfigValueError naming the field
+and what is allowed, including what the method's LossConfig, RolloutConfig, OptimConfig and
+UpdatePlan reject; `derive(cfg, frozen)` builds those (a `Derived`) through the same checks,
+so a run trains with exactly what was validated.
 """
 
 from __future__ import annotations
