@@ -24,13 +24,13 @@ def get_config():
     # The problems (uecjax.data.countdown.countdown_records arguments); the warm-up policy and
     # the problems depend on countdown_data.seed only, so runs with different `seed`s
     # (sampling, data order) start from the same policy on the same problems.
-    c.countdown_data = dict(num_train=1500, num_eval=128, levels=(1, 2), seed=0)
+    c.countdown_data.update(num_train=1500, num_eval=128, levels=(1, 2), seed=0)
     # Settings of uecjax.countdown_model.prepare_countdown_policy: 1000 warm-up problems, 4
     # targets each; on level 1 they are correct solutions, on level 2 uniform random attempts,
     # so the policy starts well-formed and diverse: sampled Pass@1 about 0.12 on held-out
     # problems (level 1 about 0.24, level 2 under 0.01), response entropy about 0.66 nats. About
     # 45 s on 2 cores, once: later runs in the same workdir reuse WORKDIR/countdown_init.
-    c.countdown = dict(num_train=1000, samples_per_problem=4, correct_fraction=1.0,
+    c.countdown.update(num_train=1000, samples_per_problem=4, correct_fraction=1.0,
                        correct_levels=(1,), sft_steps=1000, batch_size=64, learning_rate=3e-3)
     c.model.dtype = "float32"
     c.model.remat = "none"

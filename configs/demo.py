@@ -18,13 +18,13 @@ def get_config():
     c.data.eval_split = "test"
     # The task: problems and the warm-up policy depend on demo_data.seed only, so runs with
     # different `seed`s (sampling, data order) start from the same policy on the same problems.
-    c.demo_data = dict(num_train=4000, num_eval=128, levels=(1, 2, 3, 4), style="expression",
+    c.demo_data.update(num_train=4000, num_eval=128, levels=(1, 2, 3, 4), style="expression",
                        seed=0)
     # Settings of uecjax.demo_model.prepare_demo_policy (tiny model + supervised warm-up). The
     # warm-up teacher is careless (`slip`): half its boxed answers are off by 1-2, so the
     # policy starts knowing the arithmetic but copying its result into the box only about
     # half the time when sampling: room for RL with a verifiable reward to show in minutes.
-    c.demo = dict(slip=0.5, sft_steps=1200, batch_size=32, learning_rate=3e-3)
+    c.demo.update(slip=0.5, sft_steps=1200, batch_size=32, learning_rate=3e-3)
     c.model.dtype = "float32"
     c.model.remat = "none"
     c.prompt.template = "plain"  # the warm-up teaches the <think>...</think> \boxed{} format

@@ -10,7 +10,7 @@ def tiny_config(policy_dir, method="grpo", steps=2):
     c.model.dtype = "float32"
     c.model.remat = "none"
     c.data.kind = "demo"
-    c.demo_data = dict(num_train=64, num_eval=4, levels=(1,), style="expression")
+    c.demo_data.update(num_train=64, num_eval=4, levels=(1,), style="expression")
     c.prompt.template = "plain"
     c.reward.num_workers = 1
     c.loss.beta = 0.01 if method in ("grpo", "uec") else 0.0

@@ -75,7 +75,15 @@ def test_prepare_countdown_policy_writes_and_reuses(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda c: c.__delattr__("countdown_data"), "config.countdown_data=None"),
+    # The section is always there (base_config); a config file replacing it by a partial dict
+    # (the old style, `c.countdown_data = dict(...)`) drops fields that readers need.
+    (lambda c: c.__setattr__("countdown_data", dict(num_train=10, levels=(1,))),
+     r"config.countdown_data.heldout_percent: missing \(was the section replaced by a dict "
+     r"without \['heldout_percent', 'num_eval', 'seed'\]\?\)"),
+    (lambda c: c.countdown_data.__setattr__("heldout_percent", 0),
+     "config.countdown_data.heldout_percent=0"),
+    (lambda c: c.countdown.__setattr__("correct_fraction", 1.5),
+     r"config.countdown.correct_fraction=1.5: must be in \[0, 1\]"),
     (lambda c: c.countdown_data.__setattr__("levels", (1, 3)), "config.countdown_data.levels"),
     (lambda c: c.countdown_data.__setattr__("num_eval", 0), "config.countdown_data.num_eval=0"),
 ])
@@ -92,7 +100,7 @@ def test_config_trains_two_steps(tmp_path):
 
     c = countdown_config()
     c.countdown_data.num_train, c.countdown_data.num_eval = 32, 4
-    c.countdown = dict(num_train=16, sft_steps=2, batch_size=8, num_val=0, model_overrides=TINY)
+    c.countdown.update(num_train=16, sft_steps=2, batch_size=8, num_val=0, model_overrides=TINY)
     c.rollout.prompts_per_batch, c.rollout.group_size = 2, 2
     c.rollout.explore_samples = 2
     c.rollout.max_rounds = 2

@@ -236,7 +236,7 @@ def test_eval_records_follow_the_training_configs():
     c.seed, c.data.kind, c.eval.num_prompts = 3, "demo", 5
     # The demo's problems follow demo_data.seed, not the run seed (runs with different seeds
     # are evaluated on the same held-out problems).
-    c.demo_data = dict(num_train=10, num_eval=12, levels=(1, 2), style="expression", seed=7)
+    c.demo_data.update(num_train=10, num_eval=12, levels=(1, 2), style="expression", seed=7)
     expected = demo_records("test", 12, seed=7, levels=(1, 2), style="expression")
     assert eval_records(c, "test") == expected[:5]
     assert eval_records(c, "test", num_prompts=0) == expected
@@ -265,7 +265,7 @@ def test_cli_prints_json_metrics(tmp_path, tok):
         def get_config():
             c = base_config()
             c.data.kind = "demo"
-            c.demo_data = dict(num_train=8, num_eval=3, levels=(1, 2), style="expression")
+            c.demo_data.update(num_train=8, num_eval=3, levels=(1, 2), style="expression")
             c.eval.n, c.eval.max_new_tokens, c.eval.batch_prompts, c.eval.num_prompts = 2, 4, 4, 3
             c.prompt.template = "plain"
             c.reward.num_workers = 1

@@ -83,7 +83,7 @@ def test_each_host_iterator_state_restores_its_own_position(demo):
 def config(prompts_per_batch=4):
     c = base_config()
     c.data.kind = "demo"
-    c.demo_data = dict(num_train=30, num_eval=4, levels=(1,), style="expression")
+    c.demo_data.update(num_train=30, num_eval=4, levels=(1,), style="expression")
     c.rollout.prompts_per_batch = prompts_per_batch
     return c
 

@@ -1,16 +1,22 @@
 """The run configuration: one ml_collections ConfigDict, every field documented here.
 
-Config files (`configs/*.py`) start from `base_config()` and change what their recipe needs;
-the command line overrides any field: `--config.rl.alpha=0.02` style, e.g.
-`--config.method=grpo --config.train.steps=200`. `validate` turns a bad value into a message
-that names the field and says what is allowed: every config problem, including those that the
-method's LossConfig, RolloutConfig and OptimConfig reject, is one ConfigValueError from there.
+Config files (`configs/*.py`) start from `base_config()` and change single fields (a section
+assigned as a dict is replaced whole). The command line overrides fields the config holds,
+e.g. `--config.method=grpo --config.loss.beta=0.02 --config.train.steps=200`; other loss or
+rollout overrides (loss.alpha, ...) go into the config file first. Every section is always
+present, so readers use plain attributes (cfg.demo_data.seed).
+
+`validate(cfg, dry_run=...)` turns any bad value into one ConfigValueError naming the field
+and what is allowed, including what the method's LossConfig, RolloutConfig, OptimConfig and
+UpdatePlan reject; `derive(cfg, frozen)` builds those (a `Derived`) through the same checks,
+so a run trains with exactly what was validated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 
 import ml_collections
@@ -23,6 +29,7 @@ from uecjax.objectives.methods import METHODS, loss_config
 from uecjax.optim import STATE_DTYPES, OptimConfig
 from uecjax.rollout import RolloutConfig, rollout_config
 from uecjax.tokenizer import PROMPT_TEMPLATES
+from uecjax.updates import UpdatePlan
 
 DATA_KINDS = ("demo", "countdown", "geometry3k", "math", "jsonl")
 # Tasks the package generates itself: no data path, and without model.path the run prepares
@@ -83,6 +90,66 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prompt_field = "problem"  # jsonl field names
     c.data.answer_field = "answer"
     c.data.shuffle = True
+
+    # The embedded tasks (data.kind demo / countdown; the other kinds ignore these sections).
+    # Their problems and warm-up policy depend on <task>_data.seed only, not on the run's
+    # `seed`, so runs of different seeds start from the same policy on the same problems.
+    # Change single fields (c.demo_data.num_train = 30, or c.demo_data.update(...)): assigning
+    # a dict replaces the whole section, and validate rejects one with fields missing.
+    # demo: the problems (uecjax.data.demo.demo_records arguments).
+    c.demo_data = ml_collections.ConfigDict()
+    c.demo_data.num_train = 4000  # train-split problems the RL run cycles through (>= 1)
+    c.demo_data.num_eval = 128  # held-out test-split problems (>= 1); eval.num_prompts cuts them
+    c.demo_data.levels = (1, 2, 3, 4)  # a non-empty tuple of uecjax.data.demo.LEVELS (1..4)
+    # "expression" (`3 * 4 - 5 = ?`) | "word" (word problems, about 3x longer prompts); the
+    # warm-up policy is trained on this style too.
+    c.demo_data.style = "expression"
+    c.demo_data.seed = 0  # the problems and the warm-up policy (any integer)
+    # demo: the initial policy when model.path is empty (uecjax.demo_model.prepare_demo_policy
+    # settings; its seed and style are demo_data's, its prompt format config.prompt's).
+    c.demo = ml_collections.ConfigDict()
+    # TextConfig fields replacing demo_model.DEMO_MODEL's shape (e.g. hidden_size); {}: none.
+    c.demo.model_overrides = ml_collections.ConfigDict()
+    # Levels of the warm-up problems: level 3 is left out so that it starts hard (non-empty).
+    c.demo.levels = (1, 2, 4)
+    c.demo.num_train = 2000  # warm-up problems (>= 1)
+    c.demo.sft_steps = 500  # supervised warm-up steps (>= 0; 0: an untrained policy)
+    c.demo.batch_size = 32  # warm-up examples per step (>= 1)
+    c.demo.learning_rate = 3e-3  # peak AdamW learning rate of the warm-up (> 0)
+    # Stop the warm-up once the greedy accuracy on the num_val problems reaches this, checked
+    # every 50 steps (in [0, 1]; None: run all sft_steps).
+    c.demo.target_accuracy = config_dict.placeholder(float)
+    c.demo.num_val = 64  # train-split problems kept out of the warm-up to check it (>= 0; 0: none)
+    # Fraction of warm-up solutions whose boxed answer is off by 1-2 (in [0, 1]): a careless
+    # teacher, so sampled Pass@1 starts well below Pass@k and RL has something to fix.
+    c.demo.slip = 0.0
+    c.demo.force = False  # retrain even if WORKDIR/demo_init holds a policy of these settings
+    # countdown: the problems (uecjax.data.countdown.countdown_records arguments).
+    c.countdown_data = ml_collections.ConfigDict()
+    c.countdown_data.num_train = 1500  # train-split problems the RL run cycles through (>= 1)
+    c.countdown_data.num_eval = 128  # held-out test-split problems (>= 1)
+    c.countdown_data.levels = (1, 2)  # a non-empty tuple of uecjax.data.countdown.LEVELS (1, 2)
+    c.countdown_data.seed = 0  # the problems and the warm-up policy (any integer)
+    # Percent of the problems (by a hash of their numbers and target) in the test split, 1..99.
+    c.countdown_data.heldout_percent = 20
+    # countdown: the initial policy when model.path is empty (uecjax.countdown_model.
+    # prepare_countdown_policy settings; its seed is countdown_data's, its prompt format
+    # config.prompt's).
+    c.countdown = ml_collections.ConfigDict()
+    # TextConfig fields replacing countdown_model.COUNTDOWN_MODEL's shape; {}: none.
+    c.countdown.model_overrides = ml_collections.ConfigDict()
+    c.countdown.levels = (1, 2)  # levels of the warm-up problems (non-empty)
+    c.countdown.num_train = 1000  # warm-up problems (>= 1)
+    c.countdown.samples_per_problem = 4  # warm-up targets per problem (>= 1)
+    # Chance that a target on correct_levels is a correct solution, else a random attempt (in
+    # [0, 1]); other levels get random attempts only (uecjax.countdown_model: why).
+    c.countdown.correct_fraction = 0.4
+    c.countdown.correct_levels = (1,)  # a tuple of levels, () for random attempts everywhere
+    c.countdown.sft_steps = 1000  # supervised warm-up steps (>= 0)
+    c.countdown.batch_size = 64  # warm-up examples per step (>= 1)
+    c.countdown.learning_rate = 3e-3  # peak AdamW learning rate of the warm-up (> 0)
+    c.countdown.num_val = 64  # train-split problems kept out of the warm-up to check it (>= 0)
+    c.countdown.force = False  # retrain even if WORKDIR/countdown_init matches these settings
 
     c.prompt = ml_collections.ConfigDict()
     c.prompt.template = "think_boxed"  # a key of uecjax.tokenizer.PROMPT_TEMPLATES
@@ -156,10 +223,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
-    """Raises ConfigValueError naming the first bad field, also for what the method's
-    LossConfig, RolloutConfig and OptimConfig (built here as `train` builds them) reject.
-    dry_run: data and checkpoint paths are not needed (a shape from model.preset or
-    model.path's config.json is)."""
+    """Raises ConfigValueError naming the first bad field: also for what the method's
+    LossConfig, RolloutConfig, OptimConfig and UpdatePlan (built here by `derive`, as `train`
+    builds them) reject, and in the embedded tasks' sections (demo, demo_data, countdown,
+    countdown_data), whatever data.kind is. dry_run: data and checkpoint paths are not needed
+    (a shape from model.preset or model.path's config.json is)."""
     def bad(field, value, why):
         raise ConfigValueError(f"config.{field}={value!r}: {why}")
 
@@ -172,8 +240,7 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
     if c.data.kind not in EMBEDDED_KINDS and not c.model.path and not (dry_run and c.model.preset):
         bad("model.path", c.model.path, "set it to a Hugging Face checkpoint directory"
             + (" (or its config.json), or set config.model.preset" if dry_run else ""))
-    if c.data.kind == "countdown":
-        _check_countdown_data(c, bad)
+    _check_tasks(c)
     if c.model.remat not in REMAT_MODES + (True, False):
         bad("model.remat", c.model.remat, f"choose from {REMAT_MODES}")
     for field in ("model.dtype", "model.param_dtype"):
@@ -209,62 +276,166 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
             f"must be an integer >= vision.min_pixels={c.vision.min_pixels}")
     if not isinstance(c.vision.dry_run_pixels, int) or c.vision.dry_run_pixels < 0:
         bad("vision.dry_run_pixels", c.vision.dry_run_pixels, "must be an integer >= 0 (0: vision.min_pixels)")
-    _build_section("loss", lambda **kw: loss_config(c.method, **kw), c.loss.to_dict(),
-                   LossConfig, elsewhere={"method": "config.method"})
-    rollout = _build_section("rollout", lambda **kw: rollout_config(c.method, **kw),
-                             c.rollout.to_dict(), RolloutConfig)
-    # As train() builds it; `frozen` depends on the model and is checked against its params.
-    _build_section("optim", lambda **kw: OptimConfig(
-        **{"total_steps": max(c.train.steps * c.train.updates_per_rollout * c.train.epochs,
-                              c.optim.warmup_steps + 1), **kw}),
-        c.optim.to_dict(), OptimConfig, elsewhere={"frozen": "config.model.freeze_vision"})
-    if rollout.batch_rows % c.train.updates_per_rollout:
-        bad("train.updates_per_rollout", c.train.updates_per_rollout,
+    derived = derive(c)
+    rollout, plan = derived.rollout_cfg, derived.update_plan
+    if rollout.batch_rows % plan.updates_per_rollout:
+        bad("train.updates_per_rollout", plan.updates_per_rollout,
             f"must divide the rollout batch, config.rollout.prompts_per_batch * "
             f"config.rollout.group_size = {rollout.prompts_per_batch} * {rollout.group_size} = "
             f"{rollout.batch_rows} rows, into equal mini-batches; change either")
 
 
-def _check_countdown_data(c: ml_collections.ConfigDict, bad) -> None:
-    """config.countdown_data: the problems of a countdown run (`countdown_records` arguments)."""
-    from uecjax.data.countdown import LEVELS
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """The typed settings a run builds from its config (`derive`)."""
 
-    block = c.get("countdown_data")
-    if block is None:
-        bad("countdown_data", None, "set it for data.kind='countdown': dict(num_train=..., "
-            "num_eval=..., levels=(1, 2), seed=0), as configs/countdown.py does")
-    for name in ("num_train", "num_eval"):
-        value = block.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            bad(f"countdown_data.{name}", value, "must be an integer >= 1")
-    levels = block.get("levels")
-    if not levels or any(lv not in LEVELS for lv in tuple(levels)):
-        bad("countdown_data.levels", levels, f"choose a non-empty tuple from {sorted(LEVELS)}")
+    loss_cfg: LossConfig  # the method's loss preset with config.loss on top
+    rollout_cfg: RolloutConfig  # the method's rollout preset with config.rollout on top
+    optim_cfg: OptimConfig  # config.optim; total_steps: the run's scheduled updates
+    update_plan: UpdatePlan  # config.train.updates_per_rollout x epochs, shuffled by config.seed
 
 
-# Prefixes under which LossConfig, RolloutConfig and OptimConfig name a field in their errors.
-_CLASS_PREFIX = re.compile(r"^(?:LossConfig|OptimConfig|rollout)\.")
+def derive(cfg: ml_collections.ConfigDict, frozen: tuple[str, ...] = ()) -> Derived:
+    """The LossConfig, RolloutConfig, OptimConfig and UpdatePlan of a run, as `validate`
+    checks them: what they reject is a ConfigValueError naming config.<section>.<field>.
+
+    The learning-rate schedule counts optimizer updates on fresh rollouts: total_steps =
+    max(train.steps * updates_per_rollout * epochs, optim.warmup_steps + 1) unless config.optim
+    sets it. frozen: top-level parameter groups that do not train (("visual",) for a Qwen2.5-VL
+    with model.freeze_vision); it depends on the model, so `validate` derives with none.
+    """
+    loss = _build_section("loss", lambda **kw: loss_config(cfg.method, **kw), cfg.loss.to_dict(),
+                          LossConfig, elsewhere={"method": "config.method"})
+    rollout = _build_section("rollout", lambda **kw: rollout_config(cfg.method, **kw),
+                             cfg.rollout.to_dict(), RolloutConfig)
+    plan = _build_section("train", lambda **kw: UpdatePlan(seed=cfg.seed, **kw),
+                          {"updates_per_rollout": cfg.train.updates_per_rollout,
+                           "epochs": cfg.train.epochs}, UpdatePlan,
+                          elsewhere={"seed": "config.seed"})
+    optim = _build_section("optim", lambda **kw: OptimConfig(
+        **{"total_steps": max(cfg.train.steps * plan.total, cfg.optim.warmup_steps + 1),
+           **kw, "frozen": tuple(frozen)}),
+        cfg.optim.to_dict(), OptimConfig, elsewhere={"frozen": "config.model.freeze_vision"})
+    return Derived(loss_cfg=loss, rollout_cfg=rollout, optim_cfg=optim, update_plan=plan)
+
+
+# Checks of single fields: (predicate, what is allowed); a field's type is checked first.
+def _at_least(low: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+            f"must be an integer >= {low}")
+
+
+def _levels(known, *, empty: bool = False):
+    return (lambda v: isinstance(v, (tuple, list)) and (empty or len(v) > 0)
+            and all(lv in known for lv in v),
+            f"choose a {'' if empty else 'non-empty '}tuple from {sorted(known)}")
+
+
+_UNIT = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+
+
+def _check_tasks(c: ml_collections.ConfigDict) -> None:
+    """The embedded tasks' sections (demo_data, demo, countdown_data, countdown), whatever
+    data.kind is (their defaults are valid): each complete, with known fields of the right
+    type and values their generators and warm-ups accept."""
+    from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
+    from uecjax.data import countdown, demo
+    from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
+
+    base = base_config()
+    styles = ("expression", "word")
+    _check_task_section(c, "demo_data", base.demo_data.to_dict(), "base_config().demo_data", {
+        "num_train": _at_least(1), "num_eval": _at_least(1), "levels": _levels(demo.LEVELS),
+        "style": (lambda v: v in styles, f"choose from {styles}")})
+    _check_task_section(c, "countdown_data", base.countdown_data.to_dict(),
+                        "base_config().countdown_data", {
+                            "num_train": _at_least(1), "num_eval": _at_least(1),
+                            "levels": _levels(countdown.LEVELS),
+                            "heldout_percent": (lambda v: 0 < v < 100, "must be in 1..99 (the "
+                                                "percent of the problems in the test split)")})
+    warmup = {"num_train": _at_least(1), "sft_steps": _at_least(0), "batch_size": _at_least(1),
+              "learning_rate": _POSITIVE, "num_val": _at_least(0)}
+    # The preparations' other arguments come from other fields (`run_setup.load_policy`).
+    prompt = {"template": "config.prompt.template",
+              "use_chat_template": "config.prompt.use_chat_template"}
+    _check_task_section(
+        c, "demo", _settings(prepare_demo_policy), "prepare_demo_policy", {
+            **warmup, "levels": _levels(demo.LEVELS), "slip": _UNIT,
+            "target_accuracy": (lambda v: v is None or _UNIT[0](v),
+                                "must be in [0, 1], or None to run all sft_steps")},
+        elsewhere={"seed": "config.demo_data.seed", "style": "config.demo_data.style", **prompt},
+        shape=DEMO_MODEL)
+    _check_task_section(
+        c, "countdown", _settings(prepare_countdown_policy), "prepare_countdown_policy", {
+            **warmup, "levels": _levels(countdown.LEVELS), "samples_per_problem": _at_least(1),
+            "correct_fraction": _UNIT, "correct_levels": _levels(countdown.LEVELS, empty=True)},
+        elsewhere={"seed": "config.countdown_data.seed", **prompt}, shape=COUNTDOWN_MODEL)
+
+
+def _settings(prepare) -> dict:
+    """{name: default} of the keyword settings of a policy preparation."""
+    return {name: p.default for name, p in inspect.signature(prepare).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name != "log"}
+
+
+def _check_task_section(c, section: str, defaults: dict, what: str, rules: dict,
+                        elsewhere: dict[str, str] | None = None, shape: dict | None = None) -> None:
+    """config.<section>: complete (every field of `defaults` but `elsewhere`'s), each field of
+    its default's type and passing its rule; shape: the tiny model's TextConfig fields, which
+    the section's model_overrides replace."""
+    block = c.get(section)
+    how = f"set single fields (c.{section}.num_train = ...) or c.{section}.update(...)"
+    if not isinstance(block, ml_collections.ConfigDict):
+        raise ConfigValueError(f"config.{section}={block!r}: must be the section of "
+                               f"base_config(); {how}")
+    elsewhere = elsewhere or {}
+    values = block.to_dict()
+    _check_fields(section, values, defaults, what, elsewhere)
+    missing = sorted(set(defaults) - set(elsewhere) - set(values))
+    if missing:
+        raise ConfigValueError(f"config.{section}.{missing[0]}: missing (was the section replaced "
+                               f"by a dict without {missing}?); {how}, which keep "
+                               "base_config()'s other fields")
+    for name, (ok, why) in rules.items():
+        if not ok(values[name]):
+            raise ConfigValueError(f"config.{section}.{name}={values[name]!r}: {why}")
+    if shape is not None:
+        _check_model_overrides(f"{section}.model_overrides", values["model_overrides"], shape)
+
+
+def _check_model_overrides(field: str, overrides, shape: dict) -> None:
+    """TextConfig fields replacing `shape`'s, of their types, giving a valid TextConfig."""
+    from uecjax.models.config import TextConfig
+
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ConfigValueError(f"config.{field}={overrides!r}: must be a dict of TextConfig "
+                               f"fields, e.g. dict(hidden_size=64)")
+    if "vocab_size" in overrides:
+        raise ConfigValueError(f"config.{field}.vocab_size: the character tokenizer sets it; "
+                               "remove it")
+    fields = {**{f.name: f.default for f in dataclasses.fields(TextConfig)}, **shape}
+    del fields["vocab_size"]
+    _check_fields(field, overrides, fields, "TextConfig")
+    try:  # the vocabulary size does not matter to TextConfig's checks
+        TextConfig(vocab_size=1, **{**shape, **overrides})
+    except (ValueError, TypeError) as e:  # models.config.ConfigError is a ValueError
+        raise ConfigValueError(f"config.{field}: {e}") from None
+
+
+# Prefixes under which LossConfig, RolloutConfig, OptimConfig and UpdatePlan name a field in
+# their errors.
+_CLASS_PREFIX = re.compile(r"^(?:LossConfig|OptimConfig|rollout|train)\.")
 
 
 def _build_section(section: str, build, values: dict, cls, elsewhere: dict[str, str] | None = None):
     """build(**values), with an unknown field, a value of the wrong type or one that `cls`
     rejects raised as a ConfigValueError naming config.<section>.<field>. elsewhere: fields of
     `cls` that another config field sets."""
-    fields, elsewhere = {f.name: f for f in dataclasses.fields(cls)}, elsewhere or {}
-    for name, value in values.items():
-        if name in elsewhere:
-            raise ConfigValueError(f"config.{section}.{name}: set {elsewhere[name]} instead")
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            raise ConfigValueError(
-                f"config.{section}.{name}: {cls.__name__} has no such field"
-                + (f" (did you mean {close[0]}?)" if close else "")
-                + f"; remove it from the config file or use one of "
-                f"{sorted(set(fields) - set(elsewhere))}")
-        if not _same_kind(value, fields[name].default):
-            raise ConfigValueError(f"config.{section}.{name}={value!r}: must be of type "
-                                   f"{type(fields[name].default).__name__}, as its default "
-                                   f"{fields[name].default!r}")
+    _check_fields(section, values, {f.name: f.default for f in dataclasses.fields(cls)},
+                  cls.__name__, elsewhere)
     try:
         return build(**values)
     except (ValueError, TypeError) as e:  # LossConfigError and OptimConfigError are ValueErrors
@@ -272,6 +443,27 @@ def _build_section(section: str, build, values: dict, cls, elsewhere: dict[str, 
         if _CLASS_PREFIX.match(message):
             raise ConfigValueError(_CLASS_PREFIX.sub(f"config.{section}.", message)) from None
         raise ConfigValueError(f"config.{section}: {message}") from None
+
+
+def _check_fields(section: str, values: dict, fields: dict, what: str,
+                  elsewhere: dict[str, str] | None = None) -> None:
+    """Every one of `values` is a field of `fields` ({name: default}; `what` takes them), of
+    its default's type. elsewhere: fields that another config field sets."""
+    elsewhere = elsewhere or {}
+    for name, value in values.items():
+        if name in elsewhere:
+            raise ConfigValueError(f"config.{section}.{name}: set {elsewhere[name]} instead")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ConfigValueError(
+                f"config.{section}.{name}: {what} has no such field"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; remove it from the config file or use one of "
+                f"{sorted(set(fields) - set(elsewhere))}")
+        if not _same_kind(value, fields[name]):
+            raise ConfigValueError(f"config.{section}.{name}={value!r}: must be of type "
+                                   f"{type(fields[name]).__name__}, as its default "
+                                   f"{fields[name]!r}")
 
 
 def _same_kind(value, default) -> bool:
