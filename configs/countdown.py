@@ -5,7 +5,7 @@
 No downloads: the run builds a character-level tokenizer and a tiny Qwen2
 (`uecjax.countdown_model`), warms it up on diverse attempts (a fraction of them correct), then
 trains it with RL on `uecjax.data.countdown` problems, graded in process by
-`uecjax.rewards.CountdownGrader`. Level 1 (3 numbers) is solved by a uniform guess about 9% of
+`uecjax.rewards.grader.CountdownGrader`. Level 1 (3 numbers) is solved by a uniform guess about 9% of
 the time, level 2 (4 numbers, rare targets) under 1%: there, success needs exploration.
 The settings are those of the entropy-collapse testbed (`experiments/entropy_collapse.py`,
 which runs the same task and model through the compiled loop `uecjax.testbed`): this is the

@@ -217,7 +217,7 @@ def prepare_init(out: str, cfg) -> str:
 
 def compare(variants, seeds, *, steps: int, eval_every: int, eval_prompts: int, out: str,
             overrides=(), log=print) -> dict:
-    from uecjax.train import train
+    from uecjax.loop import train
 
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)

@@ -138,7 +138,7 @@ def test_task_sections_default_to_what_the_code_does_without_them():
         settings = c[section].to_dict()
         assert settings.pop("model_overrides") == {} and defaults["model_overrides"] is None
         assert settings == {name: defaults[name] for name in settings}, section
-        # The rest comes from other fields (run_setup.load_policy passes them).
+        # The rest comes from other fields (setup.load_policy passes them).
         assert set(defaults) - set(settings) - {"model_overrides"} == \
             {"seed", "template", "use_chat_template", "log"} | ({"style"} if section == "demo" else set())
     assert c.demo_data.seed == 0 and c.countdown_data.seed == 0

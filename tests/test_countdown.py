@@ -13,7 +13,7 @@ from uecjax.data.countdown import (LEVELS, MAX_VALUE, answer_key, countdown_accu
                                    parse_answer_key, problem_key, random_attempt, random_success,
                                    solutions)
 from uecjax.data.demo import split_of
-from uecjax.rewards import CountdownGrader, make_grader
+from uecjax.rewards.grader import CountdownGrader, make_grader
 from uecjax.testbed.countdown_reward import (OTHER, SPACE, STOP, countdown_accuracy_batch,
                                              countdown_accuracy_jnp, token_classes)
 from uecjax.tokenizer import char_tokenizer

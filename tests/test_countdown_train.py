@@ -96,7 +96,7 @@ def test_config_validation(change, match):
 
 
 def test_config_trains_two_steps(tmp_path):
-    from uecjax.train import train
+    from uecjax.loop import train
 
     c = countdown_config()
     c.countdown_data.num_train, c.countdown_data.num_eval = 32, 4
@@ -122,11 +122,11 @@ def test_config_trains_two_steps(tmp_path):
 
 def test_eval_records_carry_the_numbers():
     from uecjax.data.countdown import countdown_source
-    from uecjax.evaluate import eval_records
+    from uecjax.setup import make_records
 
     c = countdown_config()
     c.countdown_data.num_eval, c.countdown_data.seed = 5, 3
-    records = eval_records(c, "test")
+    records = make_records(c, "test", train=False)
     assert records == list(countdown_source("test", 5, seed=3, levels=(1, 2)))
     assert all(r.answer == " ".join(map(str, r.meta["numbers"])) + f"|{r.meta['target']}"
                for r in records)

@@ -23,7 +23,7 @@ from uecjax.data import (
     make_iterator,
     math_source,
 )
-from uecjax.rewards import RewardGrader
+from uecjax.rewards.grader import RewardGrader
 
 GEO3K_DIR = Path(__file__).parent / "data" / "geometry3k"
 GEO3K = GEO3K_DIR / "samples-00000-of-00001.parquet"

@@ -14,13 +14,16 @@ from flax import nnx
 
 from uecjax.config import base_config
 from uecjax.data.records import Record
-from uecjax.evaluate import _load_checkpoint, default_ks, evaluate
+from uecjax.evaluate import default_ks, evaluate
 from uecjax.tokenizer import decode_responses
 from uecjax.models import Qwen2, TextConfig, save_pretrained
-from uecjax.rewards import Reward, extract_boxed, format_reward
+from uecjax.rewards.grading import Reward, extract_boxed, format_reward
 from uecjax.sampler import Sampler, SamplerOutput
 from uecjax.tokenizer import char_tokenizer, render_prompt, stop_token_ids, load_tokenizer
+from uecjax.models import CheckpointError
 from uecjax.parallel.hosts import Hosts
+from uecjax.parallel.mesh import make_mesh
+from uecjax.setup import load_policy, make_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -230,7 +233,6 @@ def test_checkpoint_tokenizer_round_trip(tmp_path, tok):
 def test_eval_records_follow_the_training_configs():
 
     from uecjax.data.demo import demo_records
-    from uecjax.evaluate import eval_records
 
     c = base_config()
     c.seed, c.data.kind, c.eval.num_prompts = 3, "demo", 5
@@ -238,22 +240,26 @@ def test_eval_records_follow_the_training_configs():
     # are evaluated on the same held-out problems).
     c.demo_data.update(num_train=10, num_eval=12, levels=(1, 2), style="expression", seed=7)
     expected = demo_records("test", 12, seed=7, levels=(1, 2), style="expression")
-    assert eval_records(c, "test") == expected[:5]
-    assert eval_records(c, "test", num_prompts=0) == expected
+    assert make_records(c, "test", train=False) == expected[:5]
+    assert make_records(c, "test", train=False, num_prompts=0) == expected
     assert expected != demo_records("test", 12, seed=3, levels=(1, 2), style="expression")
     c.data.kind = "csv"
     with pytest.raises(ValueError, match="data.kind"):
-        eval_records(c, "test")
+        make_records(c, "test", train=False)
 
 
 def test_missing_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="directory not found"):
-        _load_checkpoint(str(tmp_path / "nope"), {})
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        _load_checkpoint(None, {})
+    c, mesh = base_config(), make_mesh()
+    with pytest.raises(CheckpointError, match="--checkpoint=.*nope: directory not found"):
+        load_policy(c, mesh, checkpoint=str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_policy(c, mesh)
+    c.data.kind = "demo"  # an embedded task prepares its policy only for a training run
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_policy(c, mesh)
     (tmp_path / "orbax").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        _load_checkpoint(str(tmp_path / "orbax"), {})
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_policy(c, mesh, checkpoint=str(tmp_path / "orbax"))
 
 
 def test_cli_prints_json_metrics(tmp_path, tok):

@@ -24,7 +24,7 @@ from uecjax.groups import group_stats
 from uecjax.models import from_pretrained
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfig
-from uecjax.rewards import RewardGrader
+from uecjax.rewards.grader import RewardGrader
 from uecjax.rows import Rows
 from uecjax.sampler import Sampler, SamplingParams
 from uecjax.tokenizer import THINK_BOXED_INSTRUCTION, decode_responses, load_tokenizer, stop_token_ids
@@ -173,7 +173,7 @@ def test_vision_input_mistakes_say_what_to_fix(tiny_vl):
 
     from uecjax.config import ConfigValueError, validate
     from uecjax.data import Record, SkipCounter
-    from uecjax.run_setup import prompt_stream
+    from uecjax.setup import prompt_stream
     from uecjax.vision_inputs import ImageError, VisionInputError, render_vl_prompt
 
     model, tokenizer = from_pretrained(tiny_vl), load_tokenizer(tiny_vl)

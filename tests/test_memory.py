@@ -209,7 +209,7 @@ def test_model_config_reads_a_vl_config_json(tmp_path):
     from uecjax.config import ConfigValueError
     from uecjax.dry_run import dry_run_image
     from uecjax.models.presets import preset
-    from uecjax.run_setup import model_config
+    from uecjax.setup import model_config
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(preset("tiny-vl").to_hf()))

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from loop_helpers import fsdp_config, geo3k_config, write_policy
 from uecjax import checkpoint as ckpt
 from uecjax.parallel.launch import DistributedError, Launch, detect
-from uecjax.train import train
+from uecjax.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("loss", "entropy", "grad_norm", "kl_ref", "reward", "response_length")

@@ -8,8 +8,10 @@ import pytest
 from uecjax.config import base_config
 from uecjax.data import demo_source, make_dataset, make_iterator, shard_batches
 from uecjax.models import CheckpointError
-from uecjax.parallel.hosts import GlobalPrompts, allgather_objects
-from uecjax.run_setup import make_records, own_iterator_state
+from uecjax.parallel.gather import allgather_objects
+from uecjax.parallel.hosts import GlobalPrompts
+from uecjax.run_state import own_iterator_state
+from uecjax.setup import make_records
 
 
 @pytest.fixture(scope="module")

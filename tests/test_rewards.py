@@ -8,14 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from uecjax.rewards import (
-    RewardGrader,
-    brace_depth,
-    extract_boxed,
-    format_reward,
-    grade_answer,
-    grade_batch,
-)
+from uecjax.rewards.grader import RewardGrader, grade_batch
+from uecjax.rewards.grading import brace_depth, extract_boxed, format_reward, grade_answer
 
 GEO3K = Path(__file__).parent / "data" / "geometry3k" / "samples-00000-of-00001.parquet"
 TIMEOUT_S = 1.5

@@ -14,7 +14,7 @@ from uecjax.data.demo import demo_records
 from uecjax.demo_model import SETTINGS_FILE, demo_solution, prepare_demo_policy, slip_offsets
 from uecjax.models import Qwen2, TextConfig
 from uecjax.optim import OptimConfig, make_optimizer
-from uecjax.rewards import RewardGrader
+from uecjax.rewards.grader import RewardGrader
 from uecjax.sampler import Sampler, SamplingParams
 from uecjax.sft import make_sft_batch, sft_step, supervised_warmup
 from uecjax.tokenizer import char_tokenizer, render_prompt

@@ -15,7 +15,7 @@ from uecjax import checkpoint as ckpt
 from loop_helpers import tiny_config, write_policy
 from uecjax.config import ConfigValueError
 from uecjax.objectives.methods import METHODS
-from uecjax.train import train
+from uecjax.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -138,7 +138,7 @@ def _record_steps(monkeypatch):
 
 
 def test_loop_one_update_is_the_rollout_batch_and_two_split_it(policy_dir, tmp_path, monkeypatch):
-    from uecjax.train import train
+    from uecjax.loop import train
 
     batches, rollouts = _record_steps(monkeypatch)
     c = tiny_config(policy_dir, "grpo", steps=1)
@@ -162,7 +162,7 @@ def test_resume_between_updates_of_a_rollout_equals_uninterrupted(policy_dir, tm
     """A preemption after the first of two updates of rollout 2 saves the rollout's rows and
     position; the resumed run takes the remaining update and goes on exactly as the run that
     was never stopped."""
-    from uecjax.train import train
+    from uecjax.loop import train
 
     def cfg():
         c = tiny_config(policy_dir, "uec", steps=2)

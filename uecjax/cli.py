@@ -19,7 +19,23 @@ from typing import NoReturn
 import ml_collections
 from absl import flags
 
+from uecjax import checkpoint as ckpt
+from uecjax.config import ConfigValueError
+from uecjax.data import DataNotFoundError
+from uecjax.models import CheckpointError, ConfigError
+from uecjax.objectives.loss_config import LossConfigError
+from uecjax.optim import OptimConfigError
+from uecjax.parallel.launch import DistributedError
+from uecjax.parallel.mesh import ShardingError
+from uecjax.tokenizer import TokenizerError
+from uecjax.vision_inputs import VisionInputError
+
 USAGE_EXIT_CODE = 2
+# Errors that mean a user mistake (bad config value, missing data or checkpoint, a checkpoint
+# that does not match): printed as one message, no traceback.
+USER_ERRORS = (ConfigValueError, LossConfigError, OptimConfigError, ConfigError, CheckpointError,
+               DataNotFoundError, TokenizerError, ckpt.CheckpointNotFoundError,
+               ckpt.CheckpointMismatchError, ShardingError, VisionInputError, DistributedError)
 
 
 def fail(message: str) -> NoReturn:

@@ -22,7 +22,10 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from uecjax.models.config import REMAT_MODES
+from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
+from uecjax.data import countdown, demo
+from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
+from uecjax.models.config import REMAT_MODES, TextConfig
 from uecjax.models.presets import PRESETS
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import METHODS, loss_config
@@ -209,6 +212,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_prompts = 256  # held-out prompts per evaluation (0: all)
     c.eval.n = 8  # samples per prompt for Pass@k
     c.eval.temperature = 1.0
+    c.eval.top_p = 1.0
     c.eval.max_new_tokens = 1024
     c.eval.batch_prompts = 32
 
@@ -339,10 +343,6 @@ def _check_tasks(c: ml_collections.ConfigDict) -> None:
     """The embedded tasks' sections (demo_data, demo, countdown_data, countdown), whatever
     data.kind is (their defaults are valid): each complete, with known fields of the right
     type and values their generators and warm-ups accept."""
-    from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
-    from uecjax.data import countdown, demo
-    from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
-
     base = base_config()
     styles = ("expression", "word")
     _check_task_section(c, "demo_data", base.demo_data.to_dict(), "base_config().demo_data", {
@@ -356,7 +356,7 @@ def _check_tasks(c: ml_collections.ConfigDict) -> None:
                                                 "percent of the problems in the test split)")})
     warmup = {"num_train": _at_least(1), "sft_steps": _at_least(0), "batch_size": _at_least(1),
               "learning_rate": _POSITIVE, "num_val": _at_least(0)}
-    # The preparations' other arguments come from other fields (`run_setup.load_policy`).
+    # The preparations' other arguments come from other fields (`setup.load_policy`).
     prompt = {"template": "config.prompt.template",
               "use_chat_template": "config.prompt.use_chat_template"}
     _check_task_section(
@@ -406,8 +406,6 @@ def _check_task_section(c, section: str, defaults: dict, what: str, rules: dict,
 
 def _check_model_overrides(field: str, overrides, shape: dict) -> None:
     """TextConfig fields replacing `shape`'s, of their types, giving a valid TextConfig."""
-    from uecjax.models.config import TextConfig
-
     if overrides is None:
         return
     if not isinstance(overrides, dict):

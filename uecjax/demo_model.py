@@ -157,7 +157,7 @@ def greedy_accuracy(model, tokenizer, records, *, template: str = "plain",
     reported evaluation uses `uecjax.evaluate`.
     """
     from uecjax.tokenizer import decode_responses
-    from uecjax.rewards import extract_boxed
+    from uecjax.rewards.grading import extract_boxed
     from uecjax.sampler import Sampler, SamplingParams
 
     sampler = sampler or Sampler(model, pad_id=tokenizer.pad_token_id)

@@ -46,15 +46,13 @@ import numpy as np
 from flax import nnx
 
 from uecjax.batch import Batch
-from uecjax.config import ConfigValueError, validate
+from uecjax.config import ConfigValueError, derive, validate
 from uecjax.control import init_control_state
 from uecjax.models import Qwen2, Qwen2_5_VL, VLConfig
 from uecjax.models.presets import parameter_count
 from uecjax.models.vision import VisionLayout, padded_vision_layout
-from uecjax.objectives.methods import loss_config
-from uecjax.optim import OptimConfig
-from uecjax.rollout import rollout_config
-from uecjax.run_setup import model_config, run_mesh
+from uecjax.offload import host_memory_supported
+from uecjax.setup import model_config, run_mesh
 from uecjax.parallel.mesh import check_batch_size, check_model_mesh
 from uecjax.train_step import TrainStep
 from uecjax.vision_inputs import patch_bucket, resized_size
@@ -114,7 +112,7 @@ def dry_run_image(config: VLConfig, cfg: ml_collections.ConfigDict, prompt_len: 
 
 def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool, sharding,
                    vision=None, token_weight: bool = False) -> Batch:
-    """The loop's batch (`Rows.to_batch`) as ShapeDtypeStructs on the batch sharding.
+    """The loop's batch (`uecjax.batch.host_batch`) as ShapeDtypeStructs on the batch sharding.
 
     token_weight: the rows carry per-token importance weights (loss.explore_is_cap > 0).
     vision: None for text rows, else (VisionConfig, image_grid_thw [k, 3] of each row's images,
@@ -152,11 +150,9 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     text = config.text if is_vl else config
     mesh = run_mesh(cfg, devices)
     warnings = check_model_mesh(config, mesh)
-    hp = loss_config(cfg.method, **cfg.loss.to_dict())
-    rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
-    frozen = ("visual",) if is_vl and cfg.model.freeze_vision else ()  # as uecjax.train
-    optim = OptimConfig(**{"total_steps": max(cfg.train.steps, cfg.optim.warmup_steps + 1),
-                           **cfg.optim.to_dict(), "frozen": frozen})
+    frozen = ("visual",) if is_vl and cfg.model.freeze_vision else ()
+    derived = derive(cfg, frozen)  # as the training loop builds them
+    hp, rcfg, optim = derived.loss_cfg, derived.rollout_cfg, derived.optim_cfg
     rows = rcfg.batch_rows // cfg.train.updates_per_rollout  # one update's mini-batch (uecjax.updates)
     check_batch_size(rows, mesh, cfg.train.micro_batches)
     image = dry_run_image(config, cfg, rcfg.max_prompt_len) if is_vl else None
@@ -227,8 +223,6 @@ def _count(tree) -> int:
 
 
 def _offloads(cfg, mesh) -> bool:
-    from uecjax.offload import host_memory_supported
-
     if not cfg.model.offload_reference or mesh.devices.flat[0].platform == "cpu":
         return False
     return host_memory_supported([jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())])

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from uecjax.data.files import DownloadHint, iter_rows, parquet_columns, resolve_files
 from uecjax.data.records import Record, SkipCounter
-from uecjax.rewards import extract_boxed
+from uecjax.rewards.grading import extract_boxed
 
 IMAGE_PLACEHOLDER = "<image>"
 GEOMETRY3K_HINT = DownloadHint("Geometry3K", "hiyouga/geometry3k")

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from uecjax.parallel.hosts import to_host
+from uecjax.parallel.gather import to_host
 from uecjax.models.config import ConfigError, VLConfig, model_config_from_hf, read_hf_config
 from uecjax.models.qwen2 import LAYER_PARAM_AXES, MODEL_PARAM_AXES, Qwen2
 from uecjax.models.qwen2_5_vl import Qwen2_5_VL

@@ -18,14 +18,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import pickle
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from uecjax.parallel.gather import allgather_objects, host_array
 from uecjax.parallel.mesh import BATCH_AXES, batch_shards, global_batch
 
 
@@ -143,50 +142,6 @@ def _blocks_local(sharding, shape, count: int) -> bool:
     size = shape[0] // count
     return rows is not None and all(
         len(r) == size and min(r) % size == 0 and max(r) == min(r) + size - 1 for r in rows.values())
-
-
-# ---- host views of global arrays, and small host data across processes ----
-
-def host_array(x) -> np.ndarray:
-    """A jax Array (or numpy) as numpy holding the whole global value, on every process.
-
-    Arrays on this process's devices, or replicated, are read directly; an array sharded over
-    other hosts' devices is all-gathered (a collective: all processes call, in the same order).
-    """
-    if not isinstance(x, jax.Array):
-        return np.asarray(x)
-    if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def to_host(tree):
-    """`host_array` over a pytree."""
-    return jax.tree.map(host_array, tree)
-
-
-def allgather_objects(obj) -> list:
-    """[obj of process 0, obj of process 1, ...] on every process (a collective: all call).
-
-    For small host data (prompts, iterator states): each process pickles its object into a
-    uint8 buffer, the lengths are all-gathered, then the buffers padded to the next power of
-    two of the longest (process_allgather compiles once per shape, not once per step).
-    With one process: [obj], no collective.
-    """
-    if jax.process_count() == 1:
-        return [obj]
-    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
-    sizes = sizes.reshape(-1)
-    padded = np.zeros(1 << max(int(sizes.max()) - 1, 1).bit_length(), np.uint8)
-    padded[: data.size] = data
-    buffers = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [pickle.loads(buffers[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]
-
-
-def is_main_process() -> bool:
-    """Process 0: the one that writes logs, exports and other single-writer files."""
-    return jax.process_index() == 0
 
 
 class GlobalPrompts:

@@ -122,3 +122,8 @@ def initialize_from_flags() -> Launch | None:
 
     f = flags.FLAGS
     return initialize(f.coordinator_address, f.num_processes, f.process_id, mode=f.distributed)
+
+
+def is_main_process() -> bool:
+    """Process 0: the one that writes logs, exports and other single-writer files."""
+    return jax.process_index() == 0

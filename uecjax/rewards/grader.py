@@ -1,40 +1,16 @@
-r"""Rewards for verifiable answers: `\boxed{}` extraction, format, and time-bounded grading.
+r"""Time-bounded grading of batches of responses (ALGORITHMS.md section 1).
 
     with RewardGrader(timeout_s=5.0) as grader:
         future = grader.grade_batch(responses, answers, choices)  # returns at once
         ...                                                       # next rollout meanwhile
         rewards = future.result()                                 # list[Reward]
 
-Reward (ALGORITHMS.md section 1): r = w_f * format + (1 - w_f) * accuracy, w_f = 0.1 by default,
-accuracy and format in {0, 1}.
-
-Accuracy: the content of the LAST `\boxed{...}` of the response (braces matched, nested braces
-allowed; an unbalanced last box means no answer) is compared with the reference answer by
-math-verify: symbolic and numeric equivalence, so `5\sqrt{3}` == `5 \sqrt { 3 }` and
-`\frac{15}{2}` == `7.5`. When the problem has multiple choices (Geometry3K), a bare letter
-(`C`, `(C)`, `C.`, `\text{C}`) stands for that choice's text, which is then graded; the choice
-text itself is graded like any answer.
-
-Format (`format_reward`), after stripping surrounding whitespace the response must be
-`<think>THINKING</think>ANSWER` with exactly one `<think>` (the first characters) and exactly one
-`</think>` after it, THINKING anything (empty allowed), and ANSWER containing a `\boxed{...}`
-with balanced braces and a non-empty answer of at most `max_answer_chars` characters. This is
-the common Geometry3K recipe's `<think>.*</think>.*\\boxed\{.*\}.*` with real brace matching and a
-single think block. With `think_prefilled=True` (a chat template that already ends the prompt
-with `<think>`) the response must not open another one and only the `</think>` is required.
-
-Why worker processes: model output can hold `10^{10^{10^{10}}}` or `(10^{10})!`, which sympy may
-try to evaluate for hours, possibly inside C code that never checks for signals (GMP via gmpy2
-when it is installed, a backtracking regular expression); a thread cannot be stopped at all, and
-math-verify's own timeout uses `signal.alarm`, which works only in a main thread. So the
-symbolic comparison runs in separate worker processes, one answer at a time each, with two
-bounds: a soft SIGALRM inside the worker (cuts pure-Python sympy work, the worker lives on) and
-a hard deadline kept by the caller (the worker is killed and replaced). Either way that answer
-scores 0. Everything cheap and linear (extraction, format, whitespace-equal answers, choice
-letters) runs in the caller, and inputs are capped (length, brace depth) before any parser sees
-them. Nothing evaluates model output as code: the only parser applied to it is math-verify's
-LaTeX grammar parser (latex2sympy2); its `ExprExtractionConfig`, which goes through sympy's
-`parse_expr` (eval), is not used.
+Model output can hold `10^{10^{10^{10}}}`, which sympy may evaluate for hours inside C code
+that ignores signals; so the symbolic comparison runs in worker processes (`worker.py`) with
+a soft SIGALRM inside the worker and a hard deadline kept here (the worker is killed and
+replaced); either way that answer scores 0. Everything cheap (extraction, format, equal
+strings, choice letters) runs in the caller. Nothing evaluates model output as code.
+`CountdownGrader` grades the countdown task in process; `make_grader` picks by data kind.
 """
 
 from __future__ import annotations
@@ -43,239 +19,25 @@ import concurrent.futures
 import json
 import logging
 import os
-import re
 import select
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from typing import NamedTuple, Sequence
+from typing import Sequence
+
+from uecjax.data.countdown import grade_countdown, parse_answer_key
+from uecjax.rewards import worker
+from uecjax.rewards.grading import FORMAT_WEIGHT, MAX_ANSWER_CHARS, Reward, _prepare
 
 logger = logging.getLogger(__name__)
-
-FORMAT_WEIGHT = 0.1  # w_f of ALGORITHMS.md section 1
-MAX_ANSWER_CHARS = 1000  # a longer boxed answer counts as no answer (never parsed)
-MAX_BRACE_DEPTH = 32  # a deeper boxed answer is graded 0 without parsing
-MAX_RESPONSE_CHARS = 200_000  # only this many final characters are searched for the box
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-_BOXED = re.compile(r"\\boxed\s*\{")
-_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)  # `\{` and `\\` are not group braces
-_LETTER = re.compile(
-    r"^\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?\(?\s*([A-Z])\s*\)?\s*[.:]?\s*\}?\s*$")
-
-
-class Reward(NamedTuple):
-    """The grade of one response. `status` says why accuracy is what it is."""
-
-    reward: float  # w_f * format + (1 - w_f) * accuracy
-    accuracy: float  # 1.0 if the extracted answer is equivalent to the reference, else 0.0
-    format: float  # 1.0 if the response follows the format rule (module docstring)
-    extracted: str | None  # content of the last \boxed{}, None if there is none
-    # ok | no_answer | too_long | too_deep | bad_choice | timeout | crashed | error
-    status: str
-
-
-# ----------------------------------------------------------------------------- extraction
-
-
-def _last_box(text: str, max_chars: int | None) -> tuple[str | None, str]:
-    """(content of the last box, "ok") or (None, "no_answer" | "too_long")."""
-    text = text[-MAX_RESPONSE_CHARS:]
-    last = None
-    for last in _BOXED.finditer(text):
-        pass
-    if last is None:
-        return None, "no_answer"
-    open_pos = last.end() - 1
-    # Scan at most max_chars + 2 characters: the cost of matching is bounded whatever follows.
-    end = len(text) if max_chars is None else min(len(text), open_pos + 2 + max_chars)
-    depth = 0
-    for m in _BRACE_OR_ESCAPE.finditer(text, open_pos, end):
-        c = m.group()
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[last.end():m.start()].strip(), "ok"
-    return None, ("too_long" if end < len(text) else "no_answer")
-
-
-def extract_boxed(text: str, max_chars: int | None = MAX_ANSWER_CHARS) -> str | None:
-    r"""Content of the LAST `\boxed{...}` in `text`, stripped; None if there is none.
-
-    Braces are matched (`\boxed{\frac{1}{2}}` -> `\frac{1}{2}`); escaped braces `\{ \}` do
-    not count. If the last box is unbalanced, or its content is longer than `max_chars`, the
-    result is None: an earlier box is not used instead, because the model's final answer is the
-    last one. Only the last `MAX_RESPONSE_CHARS` characters are searched, and at most
-    `max_chars` of them are scanned for the closing brace, so the cost is bounded.
-    """
-    return _last_box(text, max_chars)[0]
-
-
-def brace_depth(text: str) -> int:
-    """Maximum nesting depth of (unescaped) braces in `text`."""
-    depth = best = 0
-    for m in _BRACE_OR_ESCAPE.finditer(text):
-        c = m.group()
-        if c == "{":
-            depth += 1
-            best = max(best, depth)
-        elif c == "}":
-            depth -= 1
-    return best
-
-
-def format_reward(response: str, *, think_prefilled: bool = False,
-                  max_answer_chars: int = MAX_ANSWER_CHARS) -> float:
-    """1.0 if `response` follows the `<think>...</think>` + `\\boxed{}` rule (module docstring)."""
-    text = response.strip()
-    if think_prefilled:
-        if THINK_OPEN in text:
-            return 0.0
-    else:
-        if not text.startswith(THINK_OPEN) or text.count(THINK_OPEN) != 1:
-            return 0.0
-    if text.count(THINK_CLOSE) != 1:
-        return 0.0
-    answer_part = text[text.index(THINK_CLOSE) + len(THINK_CLOSE):]
-    return 1.0 if extract_boxed(answer_part, max_answer_chars) else 0.0
-
-
-def _squash(s: str) -> str:
-    """`s` without whitespace and `$`: cheap equality that needs no parser."""
-    return re.sub(r"[\s$]+", "", s)
-
-
-def choice_letter(answer: str, num_choices: int) -> int | None:
-    r"""Index of the choice a bare letter names (`C`, `(C)`, `C.`, `\text{C}`), else None."""
-    m = _LETTER.match(answer)
-    if m is None:
-        return None
-    index = ord(m.group(1)) - ord("A")
-    return index if index < num_choices else -1  # -1: a letter, but no such choice
-
-
-# ----------------------------------------------------------------------------- grading
-
-
-def grade_answer(pred: str, gold: str) -> bool:
-    """math-verify equivalence of `pred` to `gold`, IN THIS PROCESS AND WITHOUT A TIME BOUND.
-
-    For trusted strings (tests, a dataset's own answers). Model output goes through
-    `RewardGrader`, which runs this in a worker process under a deadline.
-    """
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    # Both sides become `\boxed{...}` so the LaTeX extractor reads the whole string (a bare
-    # `5\sqrt{3}` has no anchor it would find); the braces are balanced by construction.
-    config = [LatexExtractionConfig(boxed_match_priority=0)]
-    gold_parsed = parse("\\boxed{" + gold + "}", extraction_config=config, parsing_timeout=None)
-    pred_parsed = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-def _prepare(response: str, gold: str, choices: Sequence[str] | None, format_weight: float,
-             think_prefilled: bool, max_answer_chars: int):
-    """The cheap, in-process part of grading one response.
-
-    Returns (Reward, None) when decided here, or (partial Reward, (pred, gold)) when the
-    symbolic comparison is needed.
-    """
-    fmt = format_reward(response, think_prefilled=think_prefilled,
-                        max_answer_chars=max_answer_chars)
-    extracted, why = _last_box(response, max_answer_chars)
-
-    def done(acc: float, status: str) -> Reward:
-        return Reward(format_weight * fmt + (1.0 - format_weight) * acc, acc, fmt, extracted,
-                      status)
-
-    if not extracted:
-        return done(0.0, why if extracted is None else "no_answer"), None
-    pred = extracted.strip("$").strip()
-    if not pred:
-        return done(0.0, "no_answer"), None
-    if _squash(pred) == _squash(gold):  # most correct answers: no parser needed
-        return done(1.0, "ok"), None
-    if choices:
-        # Letters stand for their choice's text, on either side (some datasets store the
-        # reference answer as a letter).
-        gold_index = choice_letter(gold, len(choices))
-        if gold_index is not None and gold_index >= 0:
-            gold = choices[gold_index]
-        index = choice_letter(pred, len(choices))
-        if index == -1:
-            return done(0.0, "bad_choice"), None
-        if index is not None:
-            pred = choices[index]
-        if _squash(pred) == _squash(gold):
-            return done(1.0, "ok"), None
-    if brace_depth(pred) > MAX_BRACE_DEPTH:
-        return done(0.0, "too_deep"), None
-    return done(0.0, "ok"), (pred, gold)
-
-
-# ----------------------------------------------------------------------------- worker process
-
-
-class _SoftTimeout(BaseException):
-    """Raised by SIGALRM in a worker; a BaseException so math-verify's `except Exception`
-    handlers do not swallow it and carry on with the next comparison."""
-
-
-def _serve_worker(soft_timeout_s: float, memory_limit_mb: int) -> None:
-    """A grading worker: JSON lines `[id, pred, gold]` in on stdin, `[id, ok, status]` out.
-
-    Runs as `python -P rewards.py --worker ...` (not a fork of the caller, which may hold JAX
-    threads). The soft timeout (SIGALRM, this is the worker's main thread) ends slow pure-Python
-    work and keeps the worker; the caller's hard deadline kills it when C code ignores signals.
-    """
-    import signal
-
-    proto = os.fdopen(os.dup(1), "w", buffering=1)  # protocol channel
-    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
-    try:  # die with the parent even if it is killed without cleaning up (Linux only)
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-    logging.basicConfig(level=logging.ERROR)
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its own timeouts are off
-    grade_answer("1", "1")  # import and warm up before saying ready
-    if memory_limit_mb > 0:
-        import resource
-        limit = memory_limit_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    def on_alarm(signum, frame):
-        raise _SoftTimeout()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    proto.write('["ready"]\n')
-    for line in sys.stdin:
-        task_id, pred, gold = json.loads(line)
-        try:
-            signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
-            try:
-                ok, status = grade_answer(pred, gold), "ok"
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _SoftTimeout:
-            ok, status = False, "timeout"
-        except (Exception, RecursionError, MemoryError):
-            ok, status = False, "error"
-        proto.write(json.dumps([task_id, ok, status]) + "\n")
-
 
 class _Worker:
     """One worker process and the task it is running."""
 
     def __init__(self, soft_timeout_s: float, memory_limit_mb: int):
-        cmd = [sys.executable, "-P", os.path.abspath(__file__), "--worker",
+        cmd = [sys.executable, "-P", os.path.abspath(worker.__file__), "--worker",
                repr(soft_timeout_s), str(memory_limit_mb)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -511,7 +273,7 @@ class RewardGrader:
                else f"exited during start-up with code {w.proc.returncode} (its error is "
                     "printed above)")
         raise RuntimeError(
-            f"reward grading worker {why}. It runs `{sys.executable} -P {__file__} --worker` "
+            f"reward grading worker {why}. It runs `{sys.executable} -P {worker.__file__} --worker` "
             "and needs math-verify: check `python -c 'import math_verify'` "
             "(pip install 'math-verify>=0.9').")
 
@@ -540,8 +302,6 @@ class CountdownGrader:
                     choices: Sequence[Sequence[str] | None] | None = None, *,
                     format_weight: float | None = None) -> concurrent.futures.Future:
         """A finished Future of `list[Reward]`, in the order of `responses`."""
-        from uecjax.data.countdown import grade_countdown, parse_answer_key
-
         if self._closed:
             raise RuntimeError("CountdownGrader.grade_batch called after close()")
         responses, answers = list(responses), list(answers)
@@ -614,7 +374,3 @@ def grade_batch(responses: Sequence[str], answers: Sequence[str],
     """Submit a batch for grading; returns a Future of `list[Reward]` (see `RewardGrader`)."""
     grader = grader or default_grader()
     return grader.grade_batch(responses, answers, choices, format_weight=format_weight)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    _serve_worker(float(sys.argv[2]), int(sys.argv[3]))

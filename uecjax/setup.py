@@ -1,31 +1,38 @@
-"""What a run needs before its first step: the policy and tokenizer, the records, the prompts."""
+"""What a run needs before its first step, built from the config: the input checks, the mesh,
+the policy (model, tokenizer, image processor: `load_policy`, for training, evaluation and the
+dry run alike), the records and the prompt stream."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
+from typing import Callable
 
 import jax
 import ml_collections
 
-from uecjax.config import EMBEDDED_KINDS
+from uecjax.config import DATA_KINDS, EMBEDDED_KINDS, ConfigValueError
+from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
 from uecjax.data import (DataNotFoundError, Fields, countdown_source, demo_source,
                          geometry3k_source, load_source, make_dataset, make_iterator, math_source,
                          shard_batches)
 from uecjax.data.records import SkipCounter
 from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
-from uecjax.models import CheckpointError, VLConfig, from_pretrained
+from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
+from uecjax.models import CheckpointError, TextConfig, VLConfig, from_pretrained
 from uecjax.models.config import model_config_from_hf, read_hf_config
-from uecjax.rollout import Prompt
-from uecjax.parallel.hosts import allgather_objects
+from uecjax.models.presets import preset
 from uecjax.parallel.mesh import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
-from uecjax.tokenizer import load_tokenizer
+from uecjax.rollout import Prompt
+from uecjax.tokenizer import char_tokenizer, load_tokenizer
 from uecjax.vision_inputs import (ImageError, ImageProcessor, load_image_processor, render_record,
                                   vl_chat_template)
 
 MODEL_DOWNLOAD = "huggingface-cli download {repo} --local-dir {path}"
 DATA_DOWNLOAD = "huggingface-cli download {repo} --repo-type dataset --local-dir {path}"
 DATA_REPOS = {"geometry3k": GEOMETRY3K_HINT.hf_repo, "math": MATH_HINT.hf_repo}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def check_inputs(cfg: ml_collections.ConfigDict) -> None:
@@ -66,11 +73,7 @@ def model_config(cfg: ml_collections.ConfigDict):
     """The model's config without loading weights: model.preset, else model.path (a
     checkpoint directory or its config.json, read as `load_policy` reads it: VLConfig for a
     Qwen2.5-VL, the decoder's TextConfig for other checkpoints), else the embedded task's tiny
-    model (the countdown task's for data.kind "countdown", else the demo's); with the run's
-    dtype, param_dtype and remat."""
-    from uecjax.models.config import TextConfig
-    from uecjax.models.presets import preset
-
+    model; with the run's dtype, param_dtype and remat."""
     numerics = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
     if cfg.model.preset:
         return preset(cfg.model.preset, **numerics)
@@ -81,17 +84,9 @@ def model_config(cfg: ml_collections.ConfigDict):
         hf_config = read_hf_config(cfg.model.path)
         return model_config_from_hf(hf_config, source=cfg.model.path,
                                     language_model_only=_text_only(hf_config), **numerics)
-    from uecjax.tokenizer import char_tokenizer
-
-    if cfg.data.kind == "countdown":
-        from uecjax.countdown_model import COUNTDOWN_MODEL as shape
-
-        settings = cfg.get("countdown") or {}
-    else:
-        from uecjax.demo_model import DEMO_MODEL as shape
-
-        settings = cfg.get("demo") or {}
-    shape = {**shape, **dict(settings.get("model_overrides") or {})}
+    shape, settings = ((COUNTDOWN_MODEL, cfg.countdown) if cfg.data.kind == "countdown"
+                       else (DEMO_MODEL, cfg.demo))
+    shape = {**shape, **dict(settings.model_overrides)}
     return TextConfig(vocab_size=len(char_tokenizer()), **{**shape, **numerics})
 
 
@@ -100,83 +95,119 @@ def _text_only(hf_config: dict) -> bool:
     return hf_config.get("model_type") != "qwen2_5_vl"
 
 
-def load_policy(cfg: ml_collections.ConfigDict, workdir: str, mesh, logger):
-    """(model, tokenizer): an embedded task's self-prepared policy (the demo's, the countdown
-    task's) when config.model.path is empty, or a Hugging Face checkpoint:
-    Qwen2.5-VL as `Qwen2_5_VL` (images reach the vision tower), Qwen2 / Qwen2.5 as `Qwen2`.
+@dataclasses.dataclass
+class Policy:
+    model: object  # uecjax.models.Qwen2 or Qwen2_5_VL, its parameters on the mesh
+    tokenizer: object  # a transformers tokenizer (the VL chat template set for a Qwen2.5-VL)
+    image_processor: ImageProcessor | None  # a Qwen2.5-VL's; None for a text policy
 
-    The mesh is checked against the model's shape first (`check_model_mesh`): a split that
-    cannot be even is an error naming config.mesh.*, a vocabulary fallback a logged warning.
+    @property
+    def vl_config(self) -> VLConfig | None:
+        return self.model.config if isinstance(self.model.config, VLConfig) else None
+
+
+def load_policy(cfg: ml_collections.ConfigDict, mesh, *, log: Callable[[str], None] = print,
+                workdir: str | None = None, checkpoint: str | None = None) -> Policy:
+    """The policy on `mesh`: from `checkpoint` (a Hugging Face layout directory, e.g. a run's
+    export), else config.model.path, else (with a workdir, data.kind an embedded task) the
+    task's own tiny policy, prepared in workdir. Qwen2.5-VL loads as `Qwen2_5_VL` (images reach
+    the vision tower), Qwen2 / Qwen2.5 and other VL families' decoders as `Qwen2`.
+
+    The mesh is checked against the model's shape first (`check_model_mesh`): an uneven split
+    is an error naming config.mesh.*, a vocabulary fallback a warning (`log`). Tokenizer and
+    image processor come from the checkpoint, else from config.model.path (an export made by
+    an older version may lack them).
     """
-    if cfg.data.kind in EMBEDDED_KINDS and not cfg.model.path:
-        task, init = (("countdown", "countdown_init") if cfg.data.kind == "countdown"
-                      else ("demo", "demo_init"))
-        if jax.process_count() > 1:  # every process would train and write workdir/<init>
-            raise CheckpointError(
-                f"config.model.path='': the {task} policy is prepared by a single process; run "
-                f"the {task} config once on one process (it writes WORKDIR/{init}) and pass "
-                f"--config.model.path=WORKDIR/{init} to the multi-process run")
-        for warning in check_model_mesh(model_config(cfg), mesh):
-            logger.text(f"warning: {warning}")
-
-        # The warm-up must see the prompts the RL run will render.
-        if task == "countdown":
-            from uecjax.countdown_model import prepare_countdown_policy
-
-            settings = cfg.get("countdown")
-            model, tokenizer, path = prepare_countdown_policy(
-                workdir, seed=cfg.countdown_data.get("seed", 0), template=cfg.prompt.template,
-                use_chat_template=cfg.prompt.use_chat_template, log=logger.text,
-                **(settings.to_dict() if settings is not None else {}))
-        else:
-            from uecjax.demo_model import prepare_demo_policy
-
-            model, tokenizer, path = prepare_demo_policy(
-                workdir, seed=cfg.demo_data.get("seed", 0), style=cfg.demo_data.style, template=cfg.prompt.template,
-                use_chat_template=cfg.prompt.use_chat_template, log=logger.text, **cfg.demo.to_dict())
-        logger.text(f"{task} policy: {path}")
-        return model, tokenizer
-    check_inputs(cfg)
-    path = cfg.model.path
+    path = checkpoint or cfg.model.path
+    if not path:
+        if cfg.data.kind in EMBEDDED_KINDS and workdir is not None:
+            return _embedded_policy(cfg, mesh, workdir, log)
+        raise CheckpointError("no checkpoint: pass --checkpoint=DIR (an HF-layout directory, as "
+                              "the training loop exports) or set config.model.path")
+    if checkpoint is None:
+        check_inputs(cfg)  # the download commands for what is missing
+    _check_hf_dir(path, "--checkpoint" if checkpoint else "config.model.path")
     hf_config = read_hf_config(path)
     text_only = _text_only(hf_config)
     config = model_config_from_hf(hf_config, source=os.path.join(path, "config.json"),
                                   language_model_only=text_only)
     for warning in check_model_mesh(config, mesh):
-        logger.text(f"warning: {warning}")
+        log(f"warning: {warning}")
     model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, config),
                             language_model_only=text_only)
-    tokenizer = load_tokenizer(path)
+    sources = [path] + ([cfg.model.path] if cfg.model.path and cfg.model.path != path else [])
+    tokenizer_dir = _first_with(sources, TOKENIZER_FILES)
+    if tokenizer_dir is None:
+        raise CheckpointError(
+            f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {' or '.join(sources)}; save "
+            "the tokenizer next to the weights (tokenizer.save_pretrained(DIR))")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    processor = None
     if not text_only:
-        template = vl_chat_template(path)  # the processor's template places the images
+        template = vl_chat_template(tokenizer_dir)  # the processor's template places the images
         if template:
             tokenizer.chat_template = template
-        logger.text(f"Qwen2.5-VL policy: vision tower {'frozen' if cfg.model.freeze_vision else 'trained'}")
-    return model, tokenizer
+        processor = load_image_processor(_first_with(sources, ("preprocessor_config.json",)),
+                                         model.config.vision, min_pixels=cfg.vision.min_pixels,
+                                         max_pixels=cfg.vision.max_pixels)
+        log(f"Qwen2.5-VL policy: vision tower {'frozen' if cfg.model.freeze_vision else 'trained'}")
+    return Policy(model, tokenizer, processor)
 
 
-def image_processor(cfg: ml_collections.ConfigDict, model) -> ImageProcessor | None:
-    """The image processor of a Qwen2.5-VL policy (None for a text model), with the config's
-    pixel bounds."""
-    if not isinstance(model.config, VLConfig):
-        return None
-    return load_image_processor(cfg.model.path or None, model.config.vision,
-                                min_pixels=cfg.vision.min_pixels, max_pixels=cfg.vision.max_pixels)
+def _check_hf_dir(path: str, where: str) -> None:
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{where}={path}: directory not found. Pass an HF-layout directory (config.json, "
+            "*.safetensors and tokenizer files), such as the final policy the training loop "
+            "exports or, for the demo, WORKDIR/demo_init.")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(
+            f"{where}={path}: no config.json there. It must be a Hugging Face layout "
+            "directory (config.json + *.safetensors), not an orbax training checkpoint.")
+
+
+def _first_with(dirs: list[str], files: tuple[str, ...]) -> str | None:
+    """The first directory holding one of `files`."""
+    return next((d for d in dirs if any(os.path.exists(os.path.join(d, f)) for f in files)), None)
+
+
+def _embedded_policy(cfg: ml_collections.ConfigDict, mesh, workdir: str, log) -> Policy:
+    """The demo's or the countdown task's tiny policy, warmed up in workdir (or reused)."""
+    task, init = (("countdown", "countdown_init") if cfg.data.kind == "countdown"
+                  else ("demo", "demo_init"))
+    if jax.process_count() > 1:  # every process would train and write workdir/<init>
+        raise CheckpointError(
+            f"config.model.path='': the {task} policy is prepared by a single process; run "
+            f"the {task} config once on one process (it writes WORKDIR/{init}) and pass "
+            f"--config.model.path=WORKDIR/{init} to the multi-process run")
+    for warning in check_model_mesh(model_config(cfg), mesh):
+        log(f"warning: {warning}")
+    # The warm-up must see the prompts the RL run will render.
+    prompt = dict(template=cfg.prompt.template, use_chat_template=cfg.prompt.use_chat_template)
+    if task == "countdown":
+        model, tokenizer, path = prepare_countdown_policy(
+            workdir, seed=cfg.countdown_data.seed, log=log, **prompt, **cfg.countdown.to_dict())
+    else:
+        model, tokenizer, path = prepare_demo_policy(
+            workdir, seed=cfg.demo_data.seed, style=cfg.demo_data.style, log=log, **prompt,
+            **cfg.demo.to_dict())
+    log(f"{task} policy: {path}")
+    return Policy(model, tokenizer, None)
 
 
 def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
     kind = cfg.data.kind
     if kind == "demo":
         num = cfg.demo_data.num_train if train else cfg.demo_data.num_eval
-        return demo_source("train" if train else "test", num, seed=cfg.demo_data.get("seed", 0),
+        return demo_source("train" if train else "test", num, seed=cfg.demo_data.seed,
                            levels=tuple(cfg.demo_data.levels), style=cfg.demo_data.style)
     if kind == "countdown":  # records whose answers carry the numbers (countdown_source)
         d = cfg.countdown_data
         return countdown_source("train" if train else "test",
-                                d.num_train if train else d.num_eval, seed=d.get("seed", 0),
+                                d.num_train if train else d.num_eval, seed=d.seed,
                                 levels=tuple(d.levels),
-                                heldout_percent=d.get("heldout_percent", 20))
+                                heldout_percent=d.heldout_percent)
     if kind == "geometry3k":
         return geometry3k_source(cfg.data.path, split)
     if kind == "math":
@@ -186,13 +217,16 @@ def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):
 
 
 def make_records(cfg: ml_collections.ConfigDict, split: str, *, train: bool,
-                 shard: tuple[int, int] | None = None):
+                 shard: tuple[int, int] | None = None, num_prompts: int | None = None):
     """Training: (source, checkpointable endless shuffled iterator); eval: a list of records.
 
     The training iterator reads only this process's block of every global batch of
     config.rollout.prompts_per_batch records (`shard` = (index, count), by default
-    (jax.process_index(), jax.process_count())); with one process, the whole stream.
+    (jax.process_index(), jax.process_count())); with one process, the whole stream. The
+    eval list holds the first num_prompts records (default config.eval.num_prompts; 0: all).
     """
+    if cfg.data.kind not in DATA_KINDS:
+        raise ConfigValueError(f"config.data.kind={cfg.data.kind!r}: choose from {DATA_KINDS}")
     source = _source(cfg, split, train=train)
     if train:
         index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
@@ -200,7 +234,8 @@ def make_records(cfg: ml_collections.ConfigDict, split: str, *, train: bool,
         dataset = shard_batches(dataset, cfg.rollout.prompts_per_batch, index, count)
         return source, make_iterator(dataset)
     records = list(make_dataset(source, shuffle=False, num_epochs=1))
-    return records[: cfg.eval.num_prompts] if cfg.eval.num_prompts else records
+    num = cfg.eval.num_prompts if num_prompts is None else num_prompts
+    return records[:num] if num else records
 
 
 def prompt_stream(records, tokenizer, cfg: ml_collections.ConfigDict, max_prompt_len: int,
@@ -222,26 +257,3 @@ def prompt_stream(records, tokenizer, cfg: ml_collections.ConfigDict, max_prompt
                          f"{len(ids)} tokens > rollout.max_prompt_len={max_prompt_len}")
             continue
         yield Prompt(ids=ids, answer=record.answer, choices=tuple(record.choices), images=images)
-
-
-def iterator_states(state) -> list:
-    """Every process's data iterator state, in process order (a collective when several)."""
-    return allgather_objects(state)
-
-
-def own_iterator_state(meta: dict, process_index: int, process_count: int):
-    """This process's data iterator state from a checkpoint's meta (`data_iterators` saved by
-    multi-process runs, one per process; `data_iterator`, process 0's, otherwise)."""
-    states = meta.get("data_iterators")
-    if states is None:
-        if process_count > 1:
-            raise CheckpointError(
-                f"the checkpoint holds one data iterator state, this run has {process_count} "
-                "processes: resume it with one process (it was written before per-process "
-                "data shards, or by a one-process run)")
-        return meta["data_iterator"]
-    if len(states) != process_count:
-        raise CheckpointError(
-            f"the checkpoint holds data iterator states of {len(states)} processes, this run "
-            f"has {process_count}: resume with {len(states)} processes")
-    return states[process_index]
