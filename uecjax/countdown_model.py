@@ -44,7 +44,8 @@ import random
 from typing import Callable, Sequence
 
 from uecjax.data.countdown import countdown_accuracy, countdown_records, random_attempt, solutions
-from uecjax.demo_model import cached_policy, num_parameters, tiny_qwen2
+from uecjax.demo_model import (PolicySettings, cached_policy, num_parameters, tiny_model_fields,
+                               tiny_qwen2)
 from uecjax.tokenizer import render_prompt, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -52,13 +53,12 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = "countdown_settings.json"
 SETTINGS_VERSION = 1  # bump when the preparation itself changes
 # The tiny model (TextConfig fields); vocab_size comes from the tokenizer.
-COUNTDOWN_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       rope_theta=10000.0, tie_word_embeddings=True)
+COUNTDOWN_MODEL = tiny_model_fields(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    max_position_embeddings=128)
 
 
 @dataclasses.dataclass(frozen=True)
-class CountdownPolicySettings:
+class CountdownPolicySettings(PolicySettings):
     """Everything the prepared policy depends on (saved as countdown_settings.json)."""
 
     seed: int = 0
@@ -75,13 +75,6 @@ class CountdownPolicySettings:
     learning_rate: float = 3e-3
     num_val: int = 64
     version: int = SETTINGS_VERSION
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = dict(self.model)
-        d["levels"] = list(self.levels)
-        d["correct_levels"] = list(self.correct_levels)
-        return d
 
 
 def warmup_target(record, rng: random.Random, correct_fraction: float) -> str:

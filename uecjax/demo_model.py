@@ -45,12 +45,33 @@ from uecjax.tokenizer import char_tokenizer, render_prompt, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
+
+def tiny_model_fields(*, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                      max_position_embeddings: int) -> dict:
+    """The TextConfig fields (but vocab_size, which comes from the tokenizer) of a
+    self-prepared policy's tiny Qwen2 (the demo's, the countdown task's): 4 heads / 2 KV heads,
+    RoPE theta 1e4, tied embeddings, and this width, depth and context."""
+    return dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=max_position_embeddings, rope_theta=10000.0,
+                tie_word_embeddings=True)
+
+
+class PolicySettings:
+    """Base of the settings dataclasses of the self-prepared policies (saved as JSON)."""
+
+    def to_json(self) -> dict:
+        """The fields as JSON values: `model` (sorted (field, value) pairs) as a dict, the other
+        tuples as lists."""
+        return {k: dict(v) if k == "model" else list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
 SETTINGS_FILE = "demo_settings.json"
 SETTINGS_VERSION = 1  # bump when the preparation itself changes
 # The tiny model (TextConfig fields); vocab_size comes from the tokenizer.
-DEMO_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rope_theta=10000.0, tie_word_embeddings=True)
+DEMO_MODEL = tiny_model_fields(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                               max_position_embeddings=512)
 # Levels of the warm-up problems. Level 3 (two-digit +-) is left out so that it starts hard.
 WARMUP_LEVELS = (1, 2, 4)
 
@@ -90,7 +111,7 @@ def demo_solution(record, *, answer_offset: int = 0) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoPolicySettings:
+class DemoPolicySettings(PolicySettings):
     """Everything the prepared policy depends on (saved as demo_settings.json)."""
 
     seed: int = 0
@@ -107,12 +128,6 @@ class DemoPolicySettings:
     num_val: int = 64
     slip: float = 0.0
     version: int = SETTINGS_VERSION
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = dict(self.model)
-        d["levels"] = list(self.levels)
-        return d
 
 
 def slip_offsets(n: int, slip: float, answers: Sequence[int], seed: int) -> list[int]:

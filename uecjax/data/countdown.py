@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import math
 import random
 from typing import NamedTuple, Sequence
 
 from uecjax.data.demo import SPLITS as demo_splits
-from uecjax.data.demo import check_generator_args, seeded_rng, split_of
+from uecjax.data.demo import check_generator_args, distinct_records, record_id, seeded_rng
 from uecjax.data.records import Record
 from uecjax.data.sources import RecordSource
 
@@ -309,34 +308,27 @@ def countdown_records(split: str = "train", num: int = 1000, *, seed: int = 0,
     if num < 0:
         raise ValueError(f"num={num}: must be >= 0")
     rng = seeded_rng(f"countdown/{seed}/{split}")
-    records: list[Record] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(records) < num:
-        attempts += 1
-        if attempts > 200 * num + 1000:
-            raise ValueError(f"only {len(records)} distinct {split!r} countdown problems found for "
-                             f"levels={levels}; ask for fewer (num={num}) or add levels")
+
+    def draw():
         level = rng.choice(levels)
         spec = LEVELS[level]
         numbers = tuple(sorted(rng.randint(spec.low, spec.high) for _ in range(spec.count)))
         targets = _targets(numbers, spec)
         if not targets:
-            continue
+            return None
         target = rng.choice(targets)
         key = problem_key(numbers, target)
-        if key in seen or split_of(key, heldout_percent) != split:
-            continue
-        seen.add(key)
-        prompt = f"{' '.join(str(n) for n in numbers)} to {target}:"
-        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-        records.append(Record(
-            prompt=prompt, answer=str(target), id=f"countdown-{level}-{digest}",
-            source="countdown",
+        return key, key, lambda: Record(
+            prompt=f"{' '.join(str(n) for n in numbers)} to {target}:", answer=str(target),
+            id=record_id("countdown", level, key), source="countdown",
             meta={"level": level, "numbers": numbers, "target": target,
                   "num_solutions": len(_table(numbers)[target]),
-                  "success": random_success(numbers, target)}))
-    return records
+                  "success": random_success(numbers, target)})
+
+    return distinct_records(
+        num, draw, split, heldout_percent,
+        too_few=lambda found: (f"only {found} distinct {split!r} countdown problems found for "
+                               f"levels={levels}; ask for fewer (num={num}) or add levels"))
 
 
 def countdown_source(split: str = "train", num: int = 1000, **kwargs) -> RecordSource:

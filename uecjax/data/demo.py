@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+from typing import Callable
 
 from uecjax.data.records import Record
 from uecjax.data.sources import RecordSource
@@ -102,6 +103,39 @@ def seeded_rng(key: str) -> random.Random:
     return random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:16], 16))
 
 
+def record_id(task: str, level: int, key: str) -> str:
+    """A generated record's id: the task, the level and a digest of the problem's `key`."""
+    return f"{task}-{level}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def distinct_records(num: int, draw: Callable[[], tuple | None], split: str, heldout_percent: int,
+                     *, too_few: Callable[[int], str]) -> list[Record]:
+    """The sampling loop every generated task shares (demo, countdown): `num` distinct records
+    of `split`.
+
+    Each `draw()` makes one random problem: None when it has none to offer, else
+    (key, expression, make). A problem whose `key` was kept already, or whose `expression` is
+    of the other split (`split_of`), is passed over; `make()` builds a kept one's Record. Raises
+    ValueError(too_few(number found)) once 200 * num + 1000 draws have not found `num`.
+    """
+    records: list[Record] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(records) < num:
+        attempts += 1
+        if attempts > 200 * num + 1000:
+            raise ValueError(too_few(len(records)))
+        problem = draw()
+        if problem is None:
+            continue
+        key, expression, make = problem
+        if key in seen or split_of(expression, heldout_percent) != split:
+            continue
+        seen.add(key)
+        records.append(make())
+    return records
+
+
 def demo_records(split: str = "train", num: int = 1000, *, seed: int = 0,
                  levels: tuple[int, ...] = (1, 2, 3, 4), style: str = "word",
                  heldout_percent: int = 20) -> list[Record]:
@@ -115,23 +149,18 @@ def demo_records(split: str = "train", num: int = 1000, *, seed: int = 0,
     if style not in ("word", "expression"):
         raise ValueError(f"style={style!r}: must be 'word' or 'expression'")
     rng = seeded_rng(f"{seed}/{split}")
-    records: list[Record] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(records) < num:
-        attempts += 1
-        if attempts > 200 * num + 1000:
-            raise ValueError(f"only {len(records)} distinct {split!r} demo problems found for "
-                             f"levels={levels}, style={style!r}; ask for fewer or add levels")
+
+    def draw():
         level = rng.choice(levels)
         prompt, expr, answer = _problem(rng, level, style)
-        if prompt in seen or split_of(expr, heldout_percent) != split:
-            continue
-        seen.add(prompt)
-        digest = hashlib.sha256(prompt.encode()).hexdigest()[:10]
-        records.append(Record(prompt=prompt, answer=str(answer), id=f"demo-{level}-{digest}",
-                              source="demo", meta={"level": level, "expression": expr}))
-    return records
+        return prompt, expr, lambda: Record(
+            prompt=prompt, answer=str(answer), id=record_id("demo", level, prompt), source="demo",
+            meta={"level": level, "expression": expr})
+
+    return distinct_records(
+        num, draw, split, heldout_percent,
+        too_few=lambda found: (f"only {found} distinct {split!r} demo problems found for "
+                               f"levels={levels}, style={style!r}; ask for fewer or add levels"))
 
 
 def demo_source(split: str = "train", num: int = 1000, **kwargs) -> RecordSource:

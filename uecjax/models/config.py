@@ -56,6 +56,20 @@ class _Dtypes:
     def weight_dtype(self):
         return jnp.dtype(self.param_dtype)
 
+    def _check_dtypes(self) -> None:
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use float32 or bfloat16")
+
+
+def _from_fields(cls, fields: dict[str, Any], overrides: dict[str, Any], where: str):
+    """`cls(**fields)` with `overrides` on top; what the config rejects (a ConfigError, or a
+    TypeError for a field it does not have) is raised as a ConfigError starting with `where`."""
+    try:
+        return cls(**{**fields, **overrides})
+    except (TypeError, ConfigError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig(_Dtypes):
@@ -90,9 +104,7 @@ class TextConfig(_Dtypes):
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
         object.__setattr__(self, "remat", remat_mode(self.remat))
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"{name}={getattr(self, name)!r}: use float32 or bfloat16")
+        self._check_dtypes()
         rope_type = self.rope_dict().get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
@@ -147,11 +159,7 @@ class TextConfig(_Dtypes):
             max_position_embeddings=text.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(tie),
         )
-        fields.update(overrides)
-        try:
-            return cls(**fields)
-        except (TypeError, ConfigError) as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return _from_fields(cls, fields, overrides, source)
 
     def to_hf(self) -> dict[str, Any]:
         """The flat hub layout of config.json (readable by transformers 4 and 5)."""
@@ -243,9 +251,7 @@ class VisionConfig(_Dtypes):
             raise ConfigError(f"vision fullatt_block_indexes {bad} are outside 0..depth-1={self.depth - 1}")
         if self.hidden_act not in VISION_ACTIVATIONS:
             raise ConfigError(f"vision hidden_act={self.hidden_act!r}: supported {VISION_ACTIVATIONS}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"{name}={getattr(self, name)!r}: use float32 or bfloat16")
+        self._check_dtypes()
 
     @property
     def head_dim(self) -> int:
@@ -267,11 +273,7 @@ class VisionConfig(_Dtypes):
             fields["in_channels"] = vision["in_chans"]
         rope = vision.get("rope_parameters") or {}
         fields["rope_theta"] = float(rope.get("rope_theta", 10000.0))
-        fields.update(overrides)
-        try:
-            return cls(**fields)
-        except (TypeError, ConfigError) as e:
-            raise ConfigError(f"{source}: vision_config: {e}") from None
+        return _from_fields(cls, fields, overrides, f"{source}: vision_config")
 
     def to_hf(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in VISION_DEFAULTS}

@@ -33,49 +33,49 @@ class CheckpointError(ValueError):
     """A checkpoint whose files or tensors do not match the model; the message names them."""
 
 
-# uecjax layer parameter -> (HF suffix after "layers.{i}.", transposed?)
+def _linear(name: str, hf_name: str, *, bias: bool = True) -> dict[str, tuple[str, str]]:
+    """The key table entries of a linear layer: `{name}_w` is `{hf_name}.weight` transposed
+    and, with `bias`, `{name}_b` is `{hf_name}.bias`."""
+    keys = {f"{name}_w": (f"{hf_name}.weight", "transposed")}
+    if bias:
+        keys[f"{name}_b"] = (f"{hf_name}.bias", "same")
+    return keys
+
+
+# The key tables: uecjax parameter -> (HF name, how ours is stored): "same", "transposed"
+# (ours is input-major, torch's nn.Linear weight output-major), or "patch" (the Conv3d kernel
+# [H, C, T, P, P] flattened to a [C * T * P * P, H] matmul). LAYER_KEYS: the HF name after
+# "layers.{i}.".
 LAYER_KEYS = {
-    "input_norm": ("input_layernorm.weight", False),
-    "q_w": ("self_attn.q_proj.weight", True),
-    "q_b": ("self_attn.q_proj.bias", False),
-    "k_w": ("self_attn.k_proj.weight", True),
-    "k_b": ("self_attn.k_proj.bias", False),
-    "v_w": ("self_attn.v_proj.weight", True),
-    "v_b": ("self_attn.v_proj.bias", False),
-    "o_w": ("self_attn.o_proj.weight", True),
-    "post_norm": ("post_attention_layernorm.weight", False),
-    "gate_w": ("mlp.gate_proj.weight", True),
-    "up_w": ("mlp.up_proj.weight", True),
-    "down_w": ("mlp.down_proj.weight", True),
+    "input_norm": ("input_layernorm.weight", "same"),
+    **_linear("q", "self_attn.q_proj"),
+    **_linear("k", "self_attn.k_proj"),
+    **_linear("v", "self_attn.v_proj"),
+    **_linear("o", "self_attn.o_proj", bias=False),
+    "post_norm": ("post_attention_layernorm.weight", "same"),
+    **_linear("gate", "mlp.gate_proj", bias=False),
+    **_linear("up", "mlp.up_proj", bias=False),
+    **_linear("down", "mlp.down_proj", bias=False),
 }
 # Where the decoder's weights live in the known layouts (text model, VL model in
 # transformers 4 and 5); the first prefix whose embed_tokens exists is used.
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
-# uecjax vision parameter -> (HF name after the vision prefix, how ours is stored):
-# "same", "transposed" (input-major), or "patch" (the Conv3d kernel [H, C, T, P, P] flattened
-# to a [C * T * P * P, H] matmul).
+# The vision tower's: the HF name after the vision prefix (and "blocks.{i}.").
 VISION_BLOCK_KEYS = {
     "norm1": ("norm1.weight", "same"),
-    "qkv_w": ("attn.qkv.weight", "transposed"),
-    "qkv_b": ("attn.qkv.bias", "same"),
-    "proj_w": ("attn.proj.weight", "transposed"),
-    "proj_b": ("attn.proj.bias", "same"),
+    **_linear("qkv", "attn.qkv"),
+    **_linear("proj", "attn.proj"),
     "norm2": ("norm2.weight", "same"),
-    "gate_w": ("mlp.gate_proj.weight", "transposed"),
-    "gate_b": ("mlp.gate_proj.bias", "same"),
-    "up_w": ("mlp.up_proj.weight", "transposed"),
-    "up_b": ("mlp.up_proj.bias", "same"),
-    "down_w": ("mlp.down_proj.weight", "transposed"),
-    "down_b": ("mlp.down_proj.bias", "same"),
+    **_linear("gate", "mlp.gate_proj"),
+    **_linear("up", "mlp.up_proj"),
+    **_linear("down", "mlp.down_proj"),
 }
 VISION_KEYS = {
     "patch_w": ("patch_embed.proj.weight", "patch"),
     "merger_norm": ("merger.ln_q.weight", "same"),
-    "merger_fc1_w": ("merger.mlp.0.weight", "transposed"),
-    "merger_fc1_b": ("merger.mlp.0.bias", "same"),
-    "merger_fc2_w": ("merger.mlp.2.weight", "transposed"),
-    "merger_fc2_b": ("merger.mlp.2.bias", "same"),
+    **_linear("merger_fc1", "merger.mlp.0"),
+    **_linear("merger_fc2", "merger.mlp.2"),
 }
 # The vision tower in the layout transformers 5.23 writes (and the older hub's), then the
 # layout of transformers 5's in-memory module names.
@@ -141,7 +141,8 @@ def _check_shape(reader, name, expected, param):
 
 
 def _layer_param_callback(reader, prefix, param, shape, dtype):
-    suffix, transposed = LAYER_KEYS[param]
+    suffix, kind = LAYER_KEYS[param]
+    transposed = kind == "transposed"
     names = [f"{prefix}layers.{i}.{suffix}" for i in range(shape[0])]
     for name in names:
         _check_shape(reader, name, shape[1:][::-1] if transposed else shape[1:], param)
@@ -175,23 +176,25 @@ def _model_param_callback(reader, prefix, param, shape, dtype, cfg):
     return callback
 
 
-def _text_prefix(reader):
-    for prefix in TEXT_PREFIXES:
-        if f"{prefix}embed_tokens.weight" in reader:
+def _find_prefix(reader, prefixes, tensor: str, what: str, advice: str) -> str:
+    """The first of `prefixes` under which `reader` holds `tensor`; a CheckpointError saying
+    that no `what` was found, then `advice`, where none does."""
+    for prefix in prefixes:
+        if f"{prefix}{tensor}" in reader:
             return prefix
     raise CheckpointError(
-        f"{reader.source}: no embedding tensor found (looked for "
-        f"{[p + 'embed_tokens.weight' for p in TEXT_PREFIXES]}); is this a Qwen2 checkpoint?")
+        f"{reader.source}: no {what} found (looked for {[p + tensor for p in prefixes]}); {advice}")
+
+
+def _text_prefix(reader):
+    return _find_prefix(reader, TEXT_PREFIXES, "embed_tokens.weight", "embedding tensor",
+                        "is this a Qwen2 checkpoint?")
 
 
 def _vision_prefix(reader):
-    for prefix in VISION_PREFIXES:
-        if f"{prefix}patch_embed.proj.weight" in reader:
-            return prefix
-    raise CheckpointError(
-        f"{reader.source}: no vision tower found (looked for "
-        f"{[p + 'patch_embed.proj.weight' for p in VISION_PREFIXES]}); to load the language model "
-        "of this checkpoint alone, pass language_model_only=True")
+    return _find_prefix(reader, VISION_PREFIXES, "patch_embed.proj.weight", "vision tower",
+                        "to load the language model of this checkpoint alone, pass "
+                        "language_model_only=True")
 
 
 def _to_ours(t, kind):
@@ -305,10 +308,10 @@ def hf_tensors(model: Qwen2 | Qwen2_5_VL) -> dict[str, np.ndarray]:
     out = {"model.embed_tokens.weight": host["embed"], "model.norm.weight": host["final_norm"]}
     if host["lm_head"] is not None:
         out["lm_head.weight"] = host["lm_head"].T
-    for param, (suffix, transposed) in LAYER_KEYS.items():
+    for param, (suffix, kind) in LAYER_KEYS.items():
         stacked = host["layers"][param]
         for i in range(cfg.num_hidden_layers):
-            out[f"model.layers.{i}.{suffix}"] = stacked[i].T if transposed else stacked[i]
+            out[f"model.layers.{i}.{suffix}"] = stacked[i].T if kind == "transposed" else stacked[i]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

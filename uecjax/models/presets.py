@@ -28,31 +28,34 @@ _TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_l
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
              max_position_embeddings=2048)
 
+# The TextConfig fields that tell the Qwen2.5 sizes apart, and their values per size (the
+# Qwen2.5-VL 3B and 7B decoders are those of the 3B and 7B).
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+_QWEN25_SIZES = {
+    "0.5b": (151936, 896, 4864, 24, 14, 2, True),
+    "1.5b": (151936, 1536, 8960, 28, 12, 2, True),
+    "3b": (151936, 2048, 11008, 36, 16, 2, True),
+    "7b": (152064, 3584, 18944, 28, 28, 4, False),
+}
+
+
+def _qwen25(size: str, **rest) -> dict:
+    """A Qwen2.5 size's preset: its decoder's shape (`_QWEN25_SIZES`), then `rest`."""
+    return {**dict(zip(_SIZE_FIELDS, _QWEN25_SIZES[size])), **rest}
+
+
 # Text presets: TextConfig fields. VL presets: the decoder's fields plus "vision"
 # (VisionConfig fields but out_hidden_size) and "tokens" (VLConfig's special token ids).
 PRESETS: dict[str, dict] = {
     "tiny": _TINY,
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         tie_word_embeddings=True, **_QWEN25),
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         tie_word_embeddings=True, **_QWEN25),
-    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                       tie_word_embeddings=True, **_QWEN25),
-    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       tie_word_embeddings=False, **_QWEN25),
+    "qwen2.5-0.5b": _qwen25("0.5b", **_QWEN25),
+    "qwen2.5-1.5b": _qwen25("1.5b", **_QWEN25),
+    "qwen2.5-3b": _qwen25("3b", **_QWEN25),
+    "qwen2.5-7b": _qwen25("7b", **_QWEN25),
     # Qwen2.5-VL: the text shapes above with M-RoPE positions, and the vision tower.
-    "qwen2.5-vl-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                          num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                          tie_word_embeddings=True, **_MROPE,
-                          vision=_QWEN25_VL_VISION, tokens=_QWEN25_VL_TOKENS),
-    "qwen2.5-vl-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                          num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                          tie_word_embeddings=False, **_MROPE,
-                          vision=_QWEN25_VL_VISION, tokens=_QWEN25_VL_TOKENS),
+    "qwen2.5-vl-3b": _qwen25("3b", **_MROPE, vision=_QWEN25_VL_VISION, tokens=_QWEN25_VL_TOKENS),
+    "qwen2.5-vl-7b": _qwen25("7b", **_MROPE, vision=_QWEN25_VL_VISION, tokens=_QWEN25_VL_TOKENS),
     # "tiny" with M-RoPE (head_dim 16: sections summing to 8) and a 2-block tower whose 56 px
     # windows (2x2 merged tokens) split larger images; block 1 attends whole images.
     "tiny-vl": dict(**_TINY, rope_scaling=(("mrope_section", (2, 3, 3)), ("rope_type", "default")),

@@ -20,26 +20,35 @@ from flax import nnx
 from uecjax.models.config import TextConfig
 from uecjax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
+
+def linear_axes(name: str, in_axis: str, out_axis: str, *, bias: bool = True,
+                stacked: bool = True) -> dict[str, tuple[str, ...]]:
+    """The logical axes of a linear layer: its weight `{name}_w` [in, out] and, with `bias`,
+    its bias `{name}_b` [out], behind the leading "layers" axis where `stacked`."""
+    lead = ("layers",) if stacked else ()
+    axes = {f"{name}_w": (*lead, in_axis, out_axis)}
+    if bias:
+        axes[f"{name}_b"] = (*lead, out_axis)
+    return axes
+
+
 # Logical axes of every parameter; uecjax.parallel.mesh maps them to mesh axes. One source of
 # truth for parameter, optimizer-state and checkpoint placement.
-LAYER_PARAM_AXES = {
-    "input_norm": ("layers", "norm"),
-    "q_w": ("layers", "embed", "q_heads"),
-    "q_b": ("layers", "q_heads"),
-    "k_w": ("layers", "embed", "kv_heads"),
-    "k_b": ("layers", "kv_heads"),
-    "v_w": ("layers", "embed", "kv_heads"),
-    "v_b": ("layers", "kv_heads"),
-    "o_w": ("layers", "q_heads", "embed"),
-    "post_norm": ("layers", "norm"),
-    "gate_w": ("layers", "embed", "mlp"),
-    "up_w": ("layers", "embed", "mlp"),
-    "down_w": ("layers", "mlp", "embed"),
-}
 MODEL_PARAM_AXES = {
     "embed": ("vocab", "embed"),
     "final_norm": ("norm",),
     "lm_head": ("embed", "vocab"),
+}
+LAYER_PARAM_AXES = {
+    "input_norm": ("layers", "norm"),
+    **linear_axes("q", "embed", "q_heads"),
+    **linear_axes("k", "embed", "kv_heads"),
+    **linear_axes("v", "embed", "kv_heads"),
+    **linear_axes("o", "q_heads", "embed", bias=False),
+    "post_norm": ("layers", "norm"),
+    **linear_axes("gate", "embed", "mlp", bias=False),
+    **linear_axes("up", "embed", "mlp", bias=False),
+    **linear_axes("down", "mlp", "embed", bias=False),
 }
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from uecjax.models.config import VisionConfig
-from uecjax.models.qwen2 import NEG_INF, rms_norm
+from uecjax.models.qwen2 import NEG_INF, linear_axes, rms_norm
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 
@@ -38,25 +38,18 @@ VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 # stacked block axis; the hidden axes split over fsdp, heads and MLP stay whole.
 BLOCK_PARAM_AXES = {
     "norm1": ("layers", "norm"),
-    "qkv_w": ("layers", "vision_embed", "vision_heads"),
-    "qkv_b": ("layers", "vision_heads"),
-    "proj_w": ("layers", "vision_heads", "vision_embed"),
-    "proj_b": ("layers", "vision_embed"),
+    **linear_axes("qkv", "vision_embed", "vision_heads"),
+    **linear_axes("proj", "vision_heads", "vision_embed"),
     "norm2": ("layers", "norm"),
-    "gate_w": ("layers", "vision_embed", "vision_mlp"),
-    "gate_b": ("layers", "vision_mlp"),
-    "up_w": ("layers", "vision_embed", "vision_mlp"),
-    "up_b": ("layers", "vision_mlp"),
-    "down_w": ("layers", "vision_mlp", "vision_embed"),
-    "down_b": ("layers", "vision_embed"),
+    **linear_axes("gate", "vision_embed", "vision_mlp"),
+    **linear_axes("up", "vision_embed", "vision_mlp"),
+    **linear_axes("down", "vision_mlp", "vision_embed"),
 }
 TOWER_PARAM_AXES = {
     "patch_w": ("vision_patch", "vision_embed"),
     "merger_norm": ("norm",),
-    "merger_fc1_w": ("vision_merge", "vision_merge"),
-    "merger_fc1_b": ("vision_merge",),
-    "merger_fc2_w": ("vision_merge", "embed"),
-    "merger_fc2_b": ("embed",),
+    **linear_axes("merger_fc1", "vision_merge", "vision_merge", stacked=False),
+    **linear_axes("merger_fc2", "vision_merge", "embed", stacked=False),
 }
 
 ACTIVATIONS = {
