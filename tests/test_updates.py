@@ -127,8 +127,8 @@ def _record_steps(monkeypatch):
         batches.append(host(batch.response_mask))
         return step(self, params, opt_state, control, batch, **kw)
 
-    def recording_collect(self):
-        rows, stats = collect(self)
+    def recording_collect(self, params):
+        rows, stats = collect(self, params)
         rollouts.append(rows.response_mask.copy())
         return rows, stats
 
