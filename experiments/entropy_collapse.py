@@ -163,14 +163,14 @@ def run_variant(name, model, tokenizer, train, heldout, settings, sweep=None):
     def reward(tokens, mask, numbers, count, target):
         return countdown_accuracy_jnp(tokens, mask, numbers, count, target, classes)
 
-    hp = loss_config(method, **loss_overrides)
+    loss_cfg = loss_config(method, **loss_overrides)
     cfg = loop_config(method, **{**TRAIN, **loop_overrides}, steps=settings["steps"],
                       eval_every=settings["eval_every"], eval_samples=settings["eval_samples"],
                       eval_chunk=8, stop_token_ids=stop_token_ids(tokenizer),
                       pad_id=tokenizer.pad_token_id)
     optim = OptimConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
                         weight_decay=0.0, eps=1e-6)
-    loop = CompiledLoop(model, train, heldout, reward, cfg, hp, optim)
+    loop = CompiledLoop(model, train, heldout, reward, cfg, loss_cfg, optim)
     seeds = np.arange(settings["seeds"], dtype=np.int32)
     values = {}
     if sweep:

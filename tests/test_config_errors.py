@@ -85,13 +85,13 @@ def train_expressions(cfg, frozen=()):
     from uecjax.rollout import rollout_config
     from uecjax.updates import UpdatePlan
 
-    hp = loss_config(cfg.method, **cfg.loss.to_dict())
-    rcfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
+    loss_cfg = loss_config(cfg.method, **cfg.loss.to_dict())
+    rollout_cfg = rollout_config(cfg.method, **cfg.rollout.to_dict())
     plan = UpdatePlan(cfg.train.updates_per_rollout, cfg.train.epochs, cfg.seed)
     scheduled = cfg.train.steps * plan.total
     optim = OptimConfig(**{"total_steps": max(scheduled, cfg.optim.warmup_steps + 1),
                            **cfg.optim.to_dict(), "frozen": frozen})
-    return hp, rcfg, optim, plan
+    return loss_cfg, rollout_cfg, optim, plan
 
 
 @pytest.mark.parametrize("name, changes, frozen", [
@@ -111,8 +111,8 @@ def test_derive_is_what_train_builds(name, changes, frozen):
         node[field] = value
     validate(c, dry_run=True)
     derived = derive(c, frozen=frozen)
-    hp, rcfg, optim, plan = train_expressions(c, frozen)
-    assert derived == Derived(loss_cfg=hp, rollout_cfg=rcfg, optim_cfg=optim, update_plan=plan)
+    loss_cfg, rollout_cfg, optim, plan = train_expressions(c, frozen)
+    assert derived == Derived(loss_cfg=loss_cfg, rollout_cfg=rollout_cfg, optim_cfg=optim, update_plan=plan)
     assert derived.optim_cfg.total_steps == max(c.train.steps * c.train.updates_per_rollout
                                                 * c.train.epochs, c.optim.warmup_steps + 1)
     assert derived.optim_cfg.frozen == frozen

@@ -85,15 +85,15 @@ def test_real_samples_through_one_uec_step(tiny_vl):
     assert reward[1::G].max() < 0.9
 
     out.response_tokens, out.response_mask = tokens, mask
-    hp = loss_config("uec", beta=0.0)
+    loss_cfg = loss_config("uec", beta=0.0)
     # The rollout's path: rows with their images, group statistics, scored by the trainer.
     rows = Rows.from_sampler(out, out.prompt_tokens.shape[1],
                              *stack_images([im for im in images for _ in range(G)], 1176))
     rows.reward = reward
     rows.accuracy = np.array([r.accuracy for r in rewards], np.float32)
-    stats = group_stats(rows.reward, rows.accuracy, G, hp.advantage)
+    stats = group_stats(rows.reward, rows.accuracy, G, loss_cfg.advantage)
     rows.advantage, rows.success_rate = stats.advantage, stats.success_rate
-    trainer = TrainStep(model, hp, OptimConfig(learning_rate=1e-3), single_mesh(), micro_batches=2)
+    trainer = TrainStep(model, loss_cfg, OptimConfig(learning_rate=1e-3), single_mesh(), micro_batches=2)
     params, opt_state, control = trainer.init(nnx.state(model))
     rows.old_logp, rows.old_entropy, _ = trainer.score(params, rows)
     batch = trainer.device_batch(rows)

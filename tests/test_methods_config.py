@@ -125,9 +125,9 @@ def test_method_terms_against_formulas():
     from uecjax.objectives import ppo_clip_loss
     from uecjax.objectives.methods import loss_terms
 
-    def grads(hp, x):
+    def grads(loss_cfg, x):
         def total(logp, ent):
-            parts, _ = loss_terms(x._replace(logp=logp, entropy=ent), hp)
+            parts, _ = loss_terms(x._replace(logp=logp, entropy=ent), loss_cfg)
             return sum(parts.values())
         return jax.grad(total, argnums=(0, 1))(x.logp, x.entropy)
 
@@ -148,21 +148,21 @@ def test_method_terms_against_formulas():
     kl_grad = 2.0 * np.sign(np.asarray(x.logp - x.old_logp)) * select * m / n
     np.testing.assert_allclose(g, np.asarray(g_pg) + kl_grad, rtol=1e-5, atol=1e-7)
     # entropy_adv: the policy loss with A + min(a H, |A| / k), no gradient through H
-    hp = loss_config("entropy_adv", beta=0.0)
-    shaped = (np.asarray(x.adv) + np.minimum(hp.entropy_adv_a * np.asarray(x.entropy), np.abs(x.adv) / 2)) * m
+    loss_cfg = loss_config("entropy_adv", beta=0.0)
+    shaped = (np.asarray(x.adv) + np.minimum(loss_cfg.entropy_adv_a * np.asarray(x.entropy), np.abs(x.adv) / 2)) * m
     ref = (np.asarray(ppo_clip_loss(x.logp, x.old_logp, shaped)[0]) * m).sum() / n
-    np.testing.assert_allclose(loss_terms(x, hp)[0]["pg"], ref, rtol=1e-5)
-    np.testing.assert_array_equal(grads(hp, x)[1], 0.0)
+    np.testing.assert_allclose(loss_terms(x, loss_cfg)[0]["pg"], ref, rtol=1e-5)
+    np.testing.assert_array_equal(grads(loss_cfg, x)[1], 0.0)
     # entropy_reg / aer / uec: the entropy gradient is -coef * weight_q * m / N
     p = np.asarray(x.success_rate)
-    for hp, w in [(loss_config("entropy_reg", beta=0.0, entropy_coef=0.3), 0.3 * np.ones(4)),
+    for loss_cfg, w in [(loss_config("entropy_reg", beta=0.0, entropy_coef=0.3), 0.3 * np.ones(4)),
                   (loss_config("aer", beta=0.0), 0.07 * (p <= 0.4)),
                   (loss_config("uec", beta=0.0, stabilizer=False, alpha=0.2), 0.2 * np.clip(1 - p / 0.5, 0, 1))]:
-        np.testing.assert_allclose(grads(hp, x)[1], -w[:, None] * m / n, rtol=1e-6, atol=1e-8, err_msg=hp.method)
+        np.testing.assert_allclose(grads(loss_cfg, x)[1], -w[:, None] * m / n, rtol=1e-6, atol=1e-8, err_msg=loss_cfg.method)
     # the stabilizer's surrogate: 2 lambda relu(anchor - kappa H_0) on d(sum m H / N)
-    hp = loss_config("uec", beta=0.0, explore=False, lam=1.5)
-    np.testing.assert_allclose(grads(hp, x)[1], 2 * 1.5 * 0.4 * m / n, rtol=1e-5)
-    np.testing.assert_array_equal(grads(hp, x._replace(h_anchor=jnp.float32(0.9)))[1], 0.0)
+    loss_cfg = loss_config("uec", beta=0.0, explore=False, lam=1.5)
+    np.testing.assert_allclose(grads(loss_cfg, x)[1], 2 * 1.5 * 0.4 * m / n, rtol=1e-5)
+    np.testing.assert_array_equal(grads(loss_cfg, x._replace(h_anchor=jnp.float32(0.9)))[1], 0.0)
 
 
 def test_kl_cov_at_ratio_one_is_grpo():
@@ -174,8 +174,8 @@ def test_kl_cov_at_ratio_one_is_grpo():
     x = _inputs(seed=2)
     x = x._replace(old_logp=x.logp, select=jnp.asarray((np.asarray(x.mask) > 0).astype(np.float32)))
 
-    def grad(hp):
-        return jax.grad(lambda lp: sum(loss_terms(x._replace(logp=lp), hp)[0].values()))(x.logp)
+    def grad(loss_cfg):
+        return jax.grad(lambda lp: sum(loss_terms(x._replace(logp=lp), loss_cfg)[0].values()))(x.logp)
     g_grpo = grad(loss_config("grpo", beta=0.0))
     np.testing.assert_array_equal(grad(loss_config("kl_cov", beta=0.0, kl_cov_coef=5.0)), g_grpo)
     assert np.abs(np.asarray(g_grpo)).max() > 0
@@ -198,7 +198,7 @@ def test_gspo_micro_batches_equal_one_big_batch(case):
     from uecjax.train_step import TrainStep
 
     model = tiny_model()
-    hp = loss_config(**GSPO_MICRO[case])
+    loss_cfg = loss_config(**GSPO_MICRO[case])
     scorer = TrainStep(model, loss_config("grpo", beta=0.0), SGD_LIKE, single_mesh())
     base = nnx.state(model)
     batch = with_logprobs(scorer, base, random_batch(seed=5), ref_params=perturbed(base, 0.05, 7), noise=0.01)
@@ -206,7 +206,7 @@ def test_gspo_micro_batches_equal_one_big_batch(case):
     h0 = 0.7 * float(np.sum(m * batch.old_entropy) / m.sum())
     results = []
     for micro in (1, 4):
-        ts = TrainStep(model, hp, SGD_LIKE, single_mesh(), micro_batches=micro, chunk_size=8)
+        ts = TrainStep(model, loss_cfg, SGD_LIKE, single_mesh(), micro_batches=micro, chunk_size=8)
         params, opt_state, control = ts.init(base, h0=h0)
         results.append(host(ts.gradients(params, control, batch)))
     (g1, m1, _), (g4, m4, _) = results
@@ -222,10 +222,10 @@ def test_gspo_micro_batches_equal_one_big_batch(case):
     s = np.exp(np.sum(m * (np.asarray(logp) - batch.old_logp), -1) / n_i)
     a = np.asarray(batch.advantages)
     valid = m.sum(-1) > 0
-    low, high = valid & (a < 0) & (s < 1 - hp.eps_low), valid & (a > 0) & (s > 1 + hp.eps_high)
+    low, high = valid & (a < 0) & (s < 1 - loss_cfg.eps_low), valid & (a > 0) & (s > 1 + loss_cfg.eps_high)
     assert (low | high).any() and not (low | high)[valid].all()
     np.testing.assert_allclose(m1["seq_clip_frac"], (low | high).sum() / valid.sum(), rtol=1e-6)
     np.testing.assert_allclose(m1["seq_clip_frac_low"], low.sum() / valid.sum(), rtol=1e-6)
-    if hp.stabilizer:
+    if loss_cfg.stabilizer:
         assert m1["stabilizer_penalty"] > 1e-3 and m1["loss/kl"] > 0
     assert float(jnp.abs(jnp.asarray(jax.tree.leaves(g1)[0])).max()) > 0

@@ -66,9 +66,9 @@ def _numpy_gspo(x, el, eh, mode, token_grad, weight=None):
     return value, grad * m, valid & (a_seq < 0) & (s < 1 - el), valid & (a_seq > 0) & (s > 1 + eh)
 
 
-def _value_and_grad(x, hp):
+def _value_and_grad(x, loss_cfg):
     def total(logp):
-        parts, stats = loss_terms(x._replace(logp=logp), hp)
+        parts, stats = loss_terms(x._replace(logp=logp), loss_cfg)
         return sum(parts.values()), stats
     (value, stats), grad = jax.value_and_grad(total, has_aux=True)(x.logp)
     return value, grad, stats
@@ -83,8 +83,8 @@ CASES = [("sequence", "seq-mean-token-mean", 3e-4, 4e-4, 1e-3), ("sequence", "to
 def test_sequence_ratio_loss_matches_numpy(level, mode, el, eh, noise):
     token_grad = level == "sequence_token"
     x = _inputs(seed=1, noise=noise, token_adv=token_grad)
-    hp = loss_config("gspo", ratio_level=level, agg=mode, eps_low=el, eps_high=eh)
-    value, grad, stats = _value_and_grad(x, hp)
+    loss_cfg = loss_config("gspo", ratio_level=level, agg=mode, eps_low=el, eps_high=eh)
+    value, grad, stats = _value_and_grad(x, loss_cfg)
     ref_value, ref_grad, low, high = _numpy_gspo(x, el, eh, mode, token_grad)
     assert low.any() and high.any() and not (low | high).all()  # both regimes are exercised
     np.testing.assert_allclose(value, ref_value, rtol=2e-5, atol=1e-7)
@@ -110,13 +110,13 @@ def test_token_ratio_level_is_the_ppo_loss():
     """ratio_level="token" (default) is exactly the per-token dual-clip loss, aggregated."""
     x = _inputs(seed=3)
     for mode in ("token-mean", "seq-mean-token-mean"):
-        hp = loss_config("grpo", beta=0.0, agg=mode)
-        assert hp.ratio_level == "token"
+        loss_cfg = loss_config("grpo", beta=0.0, agg=mode)
+        assert loss_cfg.ratio_level == "token"
 
         def ref(logp):
             return aggregate(ppo_clip_loss(logp, x.old_logp, x.adv)[0], x.mask, mode,
                              global_token_count=x.num_tokens, global_seq_count=x.num_seqs, max_len=T)
-        value, grad, stats = _value_and_grad(x, hp)
+        value, grad, stats = _value_and_grad(x, loss_cfg)
         np.testing.assert_array_equal(value, ref(x.logp))
         np.testing.assert_array_equal(grad, jax.grad(ref)(x.logp))
         assert not any(k.startswith("seq_") for k in stats)
@@ -125,14 +125,14 @@ def test_token_ratio_level_is_the_ppo_loss():
 @pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
 def test_token_weight(level):
     x = _inputs(seed=4, noise=0.3)
-    hp = loss_config("grpo", ratio_level=level, eps_low=0.2, eps_high=0.28, beta=0.0, agg="token-mean")
-    base = _value_and_grad(x, hp)
-    ones = _value_and_grad(x._replace(token_weight=jnp.ones((B, T))), hp)
+    loss_cfg = loss_config("grpo", ratio_level=level, eps_low=0.2, eps_high=0.28, beta=0.0, agg="token-mean")
+    base = _value_and_grad(x, loss_cfg)
+    ones = _value_and_grad(x._replace(token_weight=jnp.ones((B, T))), loss_cfg)
     np.testing.assert_array_equal(ones[0], base[0])
     np.testing.assert_array_equal(ones[1], base[1])
 
     w = np.random.default_rng(5).uniform(0.0, 2.0, (B, T)).astype(np.float32)
-    value, grad, _ = _value_and_grad(x._replace(token_weight=jnp.asarray(w)), hp)
+    value, grad, _ = _value_and_grad(x._replace(token_weight=jnp.asarray(w)), loss_cfg)
     m, n = np.asarray(x.mask, np.float64), float(x.num_tokens)
     if level == "token":
         lp, old, a = (np.asarray(v, np.float64) for v in (x.logp, x.old_logp, x.adv))
@@ -154,11 +154,11 @@ def test_token_weight(level):
 def test_token_weight_leaves_kl_and_entropy_terms_alone():
     x = _inputs(seed=6)
     x = x._replace(ref_logp=x.old_logp - 0.1, entropy=jnp.asarray(np.random.default_rng(7).uniform(0.5, 2, (B, T))))
-    hp = loss_config("entropy_reg", beta=0.1, entropy_coef=0.3)
+    loss_cfg = loss_config("entropy_reg", beta=0.1, entropy_coef=0.3)
     w = jnp.asarray(np.random.default_rng(8).uniform(0.0, 2.0, (B, T)), jnp.float32)
 
     def parts(xx):
-        return loss_terms(xx, hp)[0]
+        return loss_terms(xx, loss_cfg)[0]
     a, b = parts(x), parts(x._replace(token_weight=w))
     np.testing.assert_array_equal(b["kl"], a["kl"])
     np.testing.assert_array_equal(b["entropy"], a["entropy"])

@@ -68,10 +68,10 @@ def test_entropy_gradient_matches_finite_difference():
     h64 = hidden.astype(np.float64)
     eps = 1e-5
     for idx in [(0, 0, 0), (0, 2, 1), (0, 3, 3)]:
-        hp, hm = h64.copy(), h64.copy()
-        hp[idx] += eps
+        loss_cfg, hm = h64.copy(), h64.copy()
+        loss_cfg[idx] += eps
         hm[idx] -= eps
-        fd = (_numpy_ref(hp, w, targets, 1.0)[1].sum() - _numpy_ref(hm, w, targets, 1.0)[1].sum()) / (2 * eps)
+        fd = (_numpy_ref(loss_cfg, w, targets, 1.0)[1].sum() - _numpy_ref(hm, w, targets, 1.0)[1].sum()) / (2 * eps)
         np.testing.assert_allclose(g[idx], fd, rtol=1e-3, atol=1e-4)
 
 

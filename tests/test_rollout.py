@@ -69,12 +69,12 @@ def decode_with(text_of):
                                  for row, mrow in zip(tokens, mask)]
 
 
-def make(cfg, success, method="grpo", grade=grade, score=score, **hp):
+def make(cfg, success, method="grpo", grade=grade, score=score, **loss_cfg):
     """success(i, j, T) -> 1 (correct), 0 (wrong), or 2 (wrong, well formatted: "fmt")."""
     prompts = (Prompt(ids=[i, 100 + i], answer="x") for i in itertools.count(1))
     sampler = ScriptedSampler(success)
     decode = decode_with(lambda ids: {2: "ok", 3: "fmt"}.get(ids[1], "no"))
-    rollout = Rollout(cfg, loss_config(method, **hp), sampler=sampler, prompts=prompts,
+    rollout = Rollout(cfg, loss_config(method, **loss_cfg), sampler=sampler, prompts=prompts,
                       grade=grade, score=score, decode=decode, stop_token_ids=())
     return rollout, sampler
 

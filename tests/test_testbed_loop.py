@@ -43,13 +43,13 @@ def toy_task(n: int, seed: int, width: int = 6) -> TaskArrays:
 
 
 def make_testbed(method="uec", steps=2, eval_every=1, **overrides):
-    hp = loss_config(method, beta=0.01, tau_hard=0.0)
+    loss_cfg = loss_config(method, beta=0.01, tau_hard=0.0)
     cfg = loop_config(method, prompts_per_step=4, group_size=4, max_new_tokens=5, steps=steps,
                          eval_every=eval_every, eval_samples=8, eval_chunk=4,
                          stop_token_ids=(STOP,), explore_prompts=2, explore_samples=4,
                          **overrides)
     return CompiledLoop(tiny_model(0, scale=2.0), toy_task(16, 1), toy_task(8, 2), first_token_reward,
-                   cfg, hp, OPTIM)
+                   cfg, loss_cfg, OPTIM)
 
 
 def test_generate_traced_samples_what_the_sampler_samples():
@@ -73,15 +73,15 @@ def test_one_testbed_update_is_one_train_step_update(method):
     """The testbed's batch (sampled, graded, selected, scored inside its jit) through its update
     equals TrainStep's update of the same batch, with the old log-probs TrainStep computes."""
     bed = make_testbed(method)
-    hp = bed.hp
-    batch, _ = jax.jit(lambda p, k: bed.rollout(p, k, hp))(bed.params0, jax.random.key(3))
+    loss_cfg = bed.loss_cfg
+    batch, _ = jax.jit(lambda p, k: bed.rollout(p, k, loss_cfg))(bed.params0, jax.random.key(3))
     assert float(jnp.sum(batch.response_mask)) > 0
-    control = init_control_state(hp, 0, h0=1.5)
+    control = init_control_state(loss_cfg, 0, h0=1.5)
     opt_state = bed.optimizer.init(bed.params0)
-    params_bed, _, _, m_bed = jax.jit(lambda *a: bed.update(*a, hp))(bed.params0, opt_state, control, batch)
+    params_bed, _, _, m_bed = jax.jit(lambda *a: bed.update(*a, loss_cfg))(bed.params0, opt_state, control, batch)
 
     model = nnx.merge(bed.graphdef, bed.params0)
-    trainer = TrainStep(model, hp, OPTIM, single_mesh())
+    trainer = TrainStep(model, loss_cfg, OPTIM, single_mesh())
     params, opt_state, _ = trainer.init(nnx.state(model), seed=0, h0=1.5)
     host_batch = jax.tree.map(np.asarray, batch)
     old_logp, old_entropy = trainer.compute_logprobs(params, host_batch)
@@ -116,7 +116,7 @@ def test_a_vmapped_seed_equals_that_seed_alone_and_a_swept_value_its_static_twin
                            np.asarray(both["metrics"]["train/loss"][1]))
     assert both["eval_correct"].shape == (2, 3, 8)
     # A traced coefficient equal to the config's is the same run; 0 removes the bonus.
-    swept = bed.run(seeds=[7, 7], sweep={"entropy_coef": [bed.hp.entropy_coef, 0.0]})
+    swept = bed.run(seeds=[7, 7], sweep={"entropy_coef": [bed.loss_cfg.entropy_coef, 0.0]})
     for k, v in alone["metrics"].items():
         np.testing.assert_allclose(np.asarray(swept["metrics"][k][0]), np.asarray(v[0]),
                                    rtol=1e-4, atol=1e-4, err_msg=k)
@@ -129,17 +129,17 @@ def test_sweep_values_are_checked():
     with pytest.raises(LossConfigError, match="alpha"):
         bed.run(seeds=[0], sweep={"alpha": [-1.0]})
     with pytest.raises(LossConfigError, match="cannot be traced"):
-        bed.hp.with_traced(beta=jnp.float32(0.0))
+        bed.loss_cfg.with_traced(beta=jnp.float32(0.0))
     with pytest.raises(ValueError, match="one value per seed"):
         bed.run(seeds=[0, 1], sweep={"alpha": [0.1]})
 
 
 def test_traced_aer_update_equals_the_host_update():
-    hp = loss_config("aer", aer_eta=0.05, aer_alpha_max=0.08)
+    loss_cfg = loss_config("aer", aer_eta=0.05, aer_alpha_max=0.08)
     for h0, alpha, entropy in [(1.0, 0.02, 0.3), (1.0, 0.07, 0.1), (0.5, 0.01, 2.0), (np.nan, 0.03, 0.2)]:
-        control = init_control_state(hp, 0, None if np.isnan(h0) else h0).replace(aer_alpha=jnp.float32(alpha))
-        want = update_control(control, {"entropy": jnp.float32(entropy)}, hp)
-        got = jax.jit(lambda c, e: update_control_traced(c, e, hp))(control, jnp.float32(entropy))
+        control = init_control_state(loss_cfg, 0, None if np.isnan(h0) else h0).replace(aer_alpha=jnp.float32(alpha))
+        want = update_control(control, {"entropy": jnp.float32(entropy)}, loss_cfg)
+        got = jax.jit(lambda c, e: update_control_traced(c, e, loss_cfg))(control, jnp.float32(entropy))
         np.testing.assert_allclose(float(got.aer_alpha), float(want.aer_alpha), rtol=1e-6)
 
 

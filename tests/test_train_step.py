@@ -107,22 +107,22 @@ MICRO_CASES = {
 
 @pytest.mark.parametrize("case", sorted(MICRO_CASES))
 def test_micro_batches_equal_one_big_batch(model, grpo, case):
-    hp = loss_config(**MICRO_CASES[case])
+    loss_cfg = loss_config(**MICRO_CASES[case])
     base, _, _ = grpo.init(nnx.state(model))
     batch = with_logprobs(grpo, base, random_batch(seed=5), ref_params=perturbed(base, 0.05, 7), noise=0.05)
     h0 = 0.7 * float(token_mean(batch.old_entropy, batch))
     results = []
     for micro in (1, 4):
-        ts = TrainStep(model, hp, SGD_LIKE, single_mesh(), micro_batches=micro, chunk_size=8)
+        ts = TrainStep(model, loss_cfg, SGD_LIKE, single_mesh(), micro_batches=micro, chunk_size=8)
         params, opt_state, control = ts.init(nnx.state(model), h0=h0)
         results.append(host(ts.step(params, opt_state, control, batch)))
     (p1, _, _, m1), (p4, _, _, m4) = results
     assert_trees_close(p4, p1)
     assert_metrics_close(m4, m1)
     assert m1["clip_frac_low"] + m1["clip_frac_high"] > 0  # the clip is exercised
-    if hp.stabilizer:
+    if loss_cfg.stabilizer:
         assert m1["stabilizer_penalty"] > 1e-3 and m1["loss/explore"] < 0
-    if hp.method.endswith("cov"):
+    if loss_cfg.method.endswith("cov"):
         assert m1["cov_selected"] > 0.05
 
 
@@ -131,17 +131,17 @@ def test_micro_batches_equal_one_big_batch(model, grpo, case):
                                          ("aer", dict(aer_alloc="hard", aer_tau=0.4, aer_alpha0=0.1))])
 def test_entropy_bonus_is_gated_off_on_easy_prompts(model, grpo, method, over):
     """Zero advantages: the gradient is the gated entropy bonus alone; easy rows add nothing."""
-    hp = loss_config(method, beta=0.0, stabilizer=False, alpha=0.1, **over)
-    ts = TrainStep(model, hp, SGD_LIKE, single_mesh())
+    loss_cfg = loss_config(method, beta=0.0, stabilizer=False, alpha=0.1, **over)
+    ts = TrainStep(model, loss_cfg, SGD_LIKE, single_mesh())
     params, _, control = ts.init(nnx.state(model))
     p = np.repeat(np.array([0.0, 0.25, 0.75, 1.0], np.float32), 2)
     batch = with_logprobs(grpo, params, random_batch(success_rate=p).replace(advantages=np.zeros(8, np.float32)))
     if method == "uec":
-        tau = hp.gate_tau
-        w = np.clip(1 - p / tau, 0, 1) if hp.gate == "linear" else (p <= tau).astype(np.float32)
-        coef = hp.alpha
+        tau = loss_cfg.gate_tau
+        w = np.clip(1 - p / tau, 0, 1) if loss_cfg.gate == "linear" else (p <= tau).astype(np.float32)
+        coef = loss_cfg.alpha
     else:
-        w, coef = (p <= hp.aer_tau).astype(np.float32), hp.aer_alpha0
+        w, coef = (p <= loss_cfg.aer_tau).astype(np.float32), loss_cfg.aer_alpha0
     assert w[4:].max() == 0 and w[:2].min() == 1  # rows 4..7 are easy
 
     grads, metrics, _ = ts.gradients(params, control, batch)
@@ -162,8 +162,8 @@ def test_entropy_bonus_is_gated_off_on_easy_prompts(model, grpo, method, over):
 def test_stabilizer_gradient(model, grpo):
     """Zero below H_max; above, the exact gradient of lambda (Hbar - H_max)^2, and descent
     along it lowers the entropy."""
-    hp = loss_config("uec", beta=0.0, explore=False, lam=2.0, kappa=1.0)
-    ts = TrainStep(model, hp, SGD_LIKE, single_mesh())
+    loss_cfg = loss_config("uec", beta=0.0, explore=False, lam=2.0, kappa=1.0)
+    ts = TrainStep(model, loss_cfg, SGD_LIKE, single_mesh())
     params, _, _ = ts.init(nnx.state(model))
     batch = with_logprobs(grpo, params, random_batch(seed=2).replace(advantages=np.zeros(8, np.float32)))
 
@@ -171,16 +171,16 @@ def test_stabilizer_gradient(model, grpo):
         return token_mean(naive_logp_entropy(q, batch, ts.graphdef)[1], batch)
 
     h = float(hbar(params))
-    below = jax.device_put(init_control_state(hp, h0=1.1 * h), ts.replicated)
+    below = jax.device_put(init_control_state(loss_cfg, h0=1.1 * h), ts.replicated)
     grads, metrics, _ = ts.gradients(params, below, batch)
     assert all(np.all(g == 0) for g in jax.tree.leaves(host(grads)))
     assert float(metrics["stabilizer_penalty"]) == 0.0
 
     h0 = 0.8 * h
-    above = jax.device_put(init_control_state(hp, h0=h0), ts.replicated)
+    above = jax.device_put(init_control_state(loss_cfg, h0=h0), ts.replicated)
     grads, metrics, _ = ts.gradients(params, above, batch)
-    assert_trees_close(grads, jax.jit(jax.grad(lambda q: hp.lam * (hbar(q) - h0) ** 2))(params))
-    np.testing.assert_allclose(metrics["stabilizer_penalty"], hp.lam * (h - h0) ** 2, rtol=1e-5)
+    assert_trees_close(grads, jax.jit(jax.grad(lambda q: loss_cfg.lam * (hbar(q) - h0) ** 2))(params))
+    np.testing.assert_allclose(metrics["stabilizer_penalty"], loss_cfg.lam * (h - h0) ** 2, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss/stab"], metrics["stabilizer_penalty"])
     np.testing.assert_allclose(metrics["h_max"], h0, rtol=1e-6)
     stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
@@ -188,14 +188,14 @@ def test_stabilizer_gradient(model, grpo):
 
 
 def test_aer_coefficient_moves_toward_its_target():
-    hp = loss_config("aer", aer_eta=0.1, aer_alpha_max=0.5, aer_alpha0=0.2, aer_rho=0.6)
-    control = init_control_state(hp, h0=2.0)  # H* = 1.2
-    assert float(update_control(control, {"entropy": 1.5}, hp).aer_alpha) == pytest.approx(0.17)
-    assert float(update_control(control, {"entropy": 0.7}, hp).aer_alpha) == pytest.approx(0.25)
+    loss_cfg = loss_config("aer", aer_eta=0.1, aer_alpha_max=0.5, aer_alpha0=0.2, aer_rho=0.6)
+    control = init_control_state(loss_cfg, h0=2.0)  # H* = 1.2
+    assert float(update_control(control, {"entropy": 1.5}, loss_cfg).aer_alpha) == pytest.approx(0.17)
+    assert float(update_control(control, {"entropy": 0.7}, loss_cfg).aer_alpha) == pytest.approx(0.25)
     low, high = control, control
     for _ in range(20):
-        low = update_control(low, {"entropy": 0.0}, hp)  # far below target: up to alpha_max
-        high = update_control(high, {"entropy": 3.0}, hp)  # far above: down to 0
+        low = update_control(low, {"entropy": 0.0}, loss_cfg)  # far below target: up to alpha_max
+        high = update_control(high, {"entropy": 3.0}, loss_cfg)  # far above: down to 0
     assert float(low.aer_alpha) == pytest.approx(0.5) and float(high.aer_alpha) == 0.0
     grpo_hp = loss_config("grpo")
     assert update_control(control, {"entropy": 0.0}, grpo_hp) is control

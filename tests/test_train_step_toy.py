@@ -68,15 +68,15 @@ def run(toy, method, steps, **overrides):
     """Trains from the same initial policy; returns per-step metrics as arrays, plus reward."""
     model, initial, sampler = toy
     nnx.update(model, initial)
-    hp = loss_config(method, beta=0.0, **overrides)
-    ts = TrainStep(model, hp, OPTIM, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    loss_cfg = loss_config(method, beta=0.0, **overrides)
+    ts = TrainStep(model, loss_cfg, OPTIM, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     params, opt_state, control = ts.init(initial)
     history = []
     for step in range(steps):
         nnx.update(model, params)  # the sampler reads the model's (current) parameters
         out = sampler(PROMPTS, SamplingParams(max_new_tokens=R, n=G, seed=step))
         r, acc = rewards(out)
-        rows = sampled_rows(out, r, acc, hp)
+        rows = sampled_rows(out, r, acc, loss_cfg)
         rows.old_logp, rows.old_entropy, _ = ts.score(params, rows)
         params, opt_state, control, metrics = ts.step(params, opt_state, control,
                                                       ts.device_batch(rows))

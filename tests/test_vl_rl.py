@@ -194,7 +194,7 @@ def _perturbed(params, noise, seed):
     return jax.tree.map(lambda x: x + noise * rng.normal(size=x.shape).astype(np.float32), host(params))
 
 
-def reference_loss(graphdef, params, batch: Batch, images, hp, h0):
+def reference_loss(graphdef, params, batch: Batch, images, loss_cfg, h0):
     """The uec loss of the batch from the full logits of a plain forward: all images in one
     unpadded sequence (the transformers-equivalent path), no chunking, no micro-batches."""
     model = nnx.merge(graphdef, params)
@@ -215,7 +215,7 @@ def reference_loss(graphdef, params, batch: Batch, images, hp, h0):
                    select=None, num_tokens=m.sum(), num_seqs=jnp.sum(m.sum(1) > 0).astype(jnp.float32),
                    max_len=batch.response_len, h0=jnp.float32(h0),
                    h_anchor=jnp.sum(m * batch.old_entropy) / m.sum(), aer_alpha=jnp.float32(0.0))
-    parts, _ = loss_terms(x, hp)
+    parts, _ = loss_terms(x, loss_cfg)
     return sum(parts.values()), parts
 
 
@@ -226,8 +226,8 @@ def test_uec_step_with_images_matches_plain_reference(vl):
     the scoring pass against transformers."""
     hf, model = vl
     # The reference linearises the stabilizer at the old pass's entropy: the "old" anchor.
-    hp = loss_config("uec", beta=0.05, alpha=0.05, lam=2.0, stabilizer_anchor="old")
-    ts = TrainStep(model, hp, SGD_LIKE, make_mesh((2, 2, 2)), micro_batches=2, chunk_size=4)
+    loss_cfg = loss_config("uec", beta=0.05, alpha=0.05, lam=2.0, stabilizer_anchor="old")
+    ts = TrainStep(model, loss_cfg, SGD_LIKE, make_mesh((2, 2, 2)), micro_batches=2, chunk_size=4)
     params, _, _ = ts.init(host(nnx.state(model)))
     batch, images = vl_batch(model, np.random.default_rng(2))
 
@@ -242,10 +242,10 @@ def test_uec_step_with_images_matches_plain_reference(vl):
     batch = batch.replace(old_logp=np.asarray(old_logp), old_entropy=np.asarray(old_entropy),
                           ref_logp=np.asarray(ts.compute_logprobs(_perturbed(params, 0.05, 2), batch)[0]))
     h0 = 0.7 * float(np.sum(batch.response_mask * batch.old_entropy) / batch.response_mask.sum())
-    control = jax.device_put(init_control_state(hp, h0=h0), ts.replicated)
+    control = jax.device_put(init_control_state(loss_cfg, h0=h0), ts.replicated)
     grads, metrics, _ = ts.gradients(params, control, batch)
     (_, parts), ref_grads = jax.jit(jax.value_and_grad(
-        lambda p: reference_loss(ts.graphdef, p, batch, images, hp, h0), has_aux=True))(params)
+        lambda p: reference_loss(ts.graphdef, p, batch, images, loss_cfg, h0), has_aux=True))(params)
     for name in ("pg", "kl", "explore"):
         np.testing.assert_allclose(metrics[f"loss/{name}"], parts[name], rtol=1e-5, atol=1e-7)
     assert float(metrics["stabilizer_penalty"]) > 0 and float(metrics["clip_frac_low"] + metrics["clip_frac_high"]) > 0
@@ -259,9 +259,9 @@ def test_frozen_vision_tower_takes_no_update(vl):
     """optim.frozen=("visual",): after a step with weight decay the tower's parameters are
     bit-identical, it has no Adam moments, and the decoder did move."""
     _, model = vl
-    hp = loss_config("grpo", beta=0.0)
+    loss_cfg = loss_config("grpo", beta=0.0)
     optim = OptimConfig(learning_rate=0.1, weight_decay=0.5, frozen=("visual",))
-    ts = TrainStep(model, hp, optim, single_mesh(), chunk_size=8)
+    ts = TrainStep(model, loss_cfg, optim, single_mesh(), chunk_size=8)
     params, opt_state, control = ts.init(nnx.state(model))
     batch, _ = vl_batch(model, np.random.default_rng(3))
     logp, entropy = ts.compute_logprobs(params, batch)
@@ -277,7 +277,7 @@ def test_frozen_vision_tower_takes_no_update(vl):
     text_params = sum(x.size for x in jax.tree.leaves(before["language_model"]))
     assert moments < 2 * text_params + 100  # Adam's mu and nu for the decoder alone
     with pytest.raises(OptimConfigError, match=r"\['vision'\] name no parameter group"):
-        TrainStep(model, hp, OptimConfig(frozen=("vision",)), single_mesh())
+        TrainStep(model, loss_cfg, OptimConfig(frozen=("vision",)), single_mesh())
 
 
 def test_rows_with_images_concat_select_and_checkpoint(vl, tmp_path):

@@ -32,39 +32,39 @@ class ControlState:
         return dataclasses.replace(self, **changes)
 
 
-def init_control_state(hp: LossConfig, seed: int = 0, h0: float | None = None) -> ControlState:
+def init_control_state(loss_cfg: LossConfig, seed: int = 0, h0: float | None = None) -> ControlState:
     """Fresh controller state; h0=None lets the first step set H_0."""
     return ControlState(
         h0=jnp.float32(np.nan if h0 is None else h0),
-        aer_alpha=jnp.float32(hp.aer_alpha0),
+        aer_alpha=jnp.float32(loss_cfg.aer_alpha0),
         step=jnp.int32(0),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
 
 
-def update_control(control: ControlState, metrics, hp: LossConfig) -> ControlState:
+def update_control(control: ControlState, metrics, loss_cfg: LossConfig) -> ControlState:
     """Host-side controller update after a step (section 9):
 
         alpha_{k+1} = clip(alpha_k + eta * (H* - Hbar_k), 0, alpha_max),   H* = rho * H_0
 
     with Hbar_k the step's token-mean entropy (metrics["entropy"]). Only `aer` moves alpha.
     """
-    if hp.method != "aer":
+    if loss_cfg.method != "aer":
         return control
     h0 = float(jax.device_get(control.h0))
     if np.isnan(h0):  # no token seen yet: no target to move towards
         return control
     alpha = aer_update(float(jax.device_get(control.aer_alpha)), float(jax.device_get(metrics["entropy"])),
-                       aer_target(h0, hp.aer_rho), hp.aer_eta, hp.aer_alpha_max)
+                       aer_target(h0, loss_cfg.aer_rho), loss_cfg.aer_eta, loss_cfg.aer_alpha_max)
     return control.replace(aer_alpha=jnp.float32(alpha))
 
 
-def update_control_traced(control: ControlState, mean_entropy, hp: LossConfig) -> ControlState:
+def update_control_traced(control: ControlState, mean_entropy, loss_cfg: LossConfig) -> ControlState:
     """`update_control` as traced jnp code (the compiled testbed runs it inside its jit): the
     same rule in float32, alpha left as it is while H_0 is unset."""
-    if hp.method != "aer":
+    if loss_cfg.method != "aer":
         return control
-    h_star = hp.aer_rho * control.h0
-    alpha = jnp.clip(control.aer_alpha + hp.aer_eta * (h_star - mean_entropy), 0.0, hp.aer_alpha_max)
+    h_star = loss_cfg.aer_rho * control.h0
+    alpha = jnp.clip(control.aer_alpha + loss_cfg.aer_eta * (h_star - mean_entropy), 0.0, loss_cfg.aer_alpha_max)
     alpha = jnp.where(jnp.isnan(control.h0), control.aer_alpha, alpha)
     return control.replace(aer_alpha=jnp.asarray(alpha, jnp.float32))

@@ -43,10 +43,12 @@ import os
 import random
 from typing import Callable, Sequence
 
-from uecjax.data.countdown import countdown_accuracy, countdown_records, random_attempt, solutions
+from uecjax import sft
+from uecjax.data.countdown import countdown_records, grade_countdown, random_attempt, solutions
 from uecjax.demo_model import (PolicySettings, cached_policy, num_parameters, tiny_model_fields,
                                tiny_qwen2)
-from uecjax.tokenizer import render_prompt, stop_token_ids
+from uecjax.sampler import Sampler, SamplingParams
+from uecjax.tokenizer import decode_responses, render_prompt, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +118,6 @@ def policy_accuracy(model, tokenizer, records, *, template: str = "plain",
     greedy) of the countdown accuracy, of well-formed expressions, and of well-formed ones with
     exactly the problem's numbers (right or wrong value). A cheap in-process check; the
     reported evaluation uses `uecjax.evaluate`."""
-    from uecjax.data.countdown import grade_countdown
-    from uecjax.tokenizer import decode_responses
-    from uecjax.sampler import Sampler, SamplingParams
 
     sampler = sampler or Sampler(model, pad_id=tokenizer.pad_token_id)
     stops = stop_token_ids(tokenizer)
@@ -168,9 +167,6 @@ def prepare_countdown_policy(workdir: str, *, seed: int = 0, model_overrides: di
         learning_rate=learning_rate, num_val=num_val)
 
     def build():
-        from uecjax.sampler import Sampler
-        from uecjax.sft import supervised_warmup
-
         model, tokenizer = tiny_qwen2(fields, seed)
         val = countdown_records("train", num_val, seed=seed + 7919,
                                 levels=tuple(levels)) if num_val else []
@@ -185,7 +181,7 @@ def prepare_countdown_policy(workdir: str, *, seed: int = 0, model_overrides: di
             f"on {len(examples)} targets for {len(train)} problems of levels {tuple(levels)} "
             f"({sft_steps} steps of {batch_size}, {correct_fraction:.0%} correct targets on "
             f"levels {tuple(correct_levels)})")
-        stats = supervised_warmup(model, tokenizer, examples, steps=sft_steps,
+        stats = sft.supervised_warmup(model, tokenizer, examples, steps=sft_steps,
                                   batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                   log_every=100, log=log)
         info = {"sft_loss": stats["loss"], "sft_steps_taken": stats["steps"],

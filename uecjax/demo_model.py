@@ -40,8 +40,16 @@ import random
 import time
 from typing import Callable, Sequence
 
+import jax
+from flax import nnx
+
+from uecjax import sft
 from uecjax.data.demo import demo_records
-from uecjax.tokenizer import char_tokenizer, render_prompt, stop_token_ids
+from uecjax.models import Qwen2, TextConfig, from_pretrained, save_pretrained
+from uecjax.rewards.grading import extract_boxed
+from uecjax.sampler import Sampler, SamplingParams
+from uecjax.tokenizer import (char_tokenizer, decode_responses, load_tokenizer, render_prompt,
+                              stop_token_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +179,6 @@ def greedy_accuracy(model, tokenizer, records, *, template: str = "plain",
     A cheap in-process check for the demo's integer answers (no grader processes); the
     reported evaluation uses `uecjax.evaluate`.
     """
-    from uecjax.tokenizer import decode_responses
-    from uecjax.rewards.grading import extract_boxed
-    from uecjax.sampler import Sampler, SamplingParams
 
     sampler = sampler or Sampler(model, pad_id=tokenizer.pad_token_id)
     stops = stop_token_ids(tokenizer)
@@ -187,8 +192,6 @@ def greedy_accuracy(model, tokenizer, records, *, template: str = "plain",
 
 
 def _load(path: str):
-    from uecjax.tokenizer import load_tokenizer
-    from uecjax.models import from_pretrained
 
     return from_pretrained(path), load_tokenizer(path)
 
@@ -196,19 +199,12 @@ def _load(path: str):
 def tiny_qwen2(model_fields: dict, seed: int):
     """(model, tokenizer): the character-level tokenizer and a fresh tiny Qwen2 over it, of the
     TextConfig fields `model_fields` (vocab_size comes from the tokenizer)."""
-    from flax import nnx
-
-    from uecjax.models import Qwen2, TextConfig
-
     tokenizer = char_tokenizer()
     config = TextConfig(vocab_size=len(tokenizer), **model_fields)
     return Qwen2(config, rngs=nnx.Rngs(seed)), tokenizer
 
 
 def num_parameters(model) -> int:
-    import jax
-    from flax import nnx
-
     return sum(x.size for x in jax.tree.leaves(nnx.state(model)))
 
 
@@ -222,7 +218,6 @@ def cached_policy(path: str, settings: dict, build: Callable[[], tuple], *, sett
     a missing or partial directory, or `force` rebuild it. `build()` returns (model, tokenizer,
     info), info a JSON-able dict that may hold "val_accuracy" and "sft_loss" (logged).
     """
-    from uecjax.models import save_pretrained
 
     settings_path = os.path.join(path, settings_file)
     if not force and os.path.exists(settings_path):
@@ -283,9 +278,6 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
         target_accuracy=target_accuracy, num_val=num_val, slip=slip)
 
     def build():
-        from uecjax.sampler import Sampler
-        from uecjax.sft import supervised_warmup
-
         model, tokenizer = tiny_qwen2(cfg_fields, seed)
         # Validation: train-split problems of every level (never the test split, so the
         # held-out numbers stay clean), kept out of the warm-up set.
@@ -306,7 +298,7 @@ def prepare_demo_policy(workdir: str, *, seed: int = 0, model_overrides: dict | 
         log(f"demo policy: warming up a {num_parameters(model) / 1e6:.2f}M-parameter Qwen2 on "
             f"{len(examples)} problems of levels {tuple(levels)} ({sft_steps} steps of "
             f"{batch_size})")
-        stats = supervised_warmup(
+        stats = sft.supervised_warmup(
             model, tokenizer, examples, steps=sft_steps, batch_size=batch_size,
             learning_rate=learning_rate, seed=seed, log_every=50,
             target_accuracy=target_accuracy,

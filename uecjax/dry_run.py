@@ -152,22 +152,22 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     warnings = check_model_mesh(config, mesh)
     frozen = ("visual",) if is_vl and cfg.model.freeze_vision else ()
     derived = derive(cfg, frozen)  # as the training loop builds them
-    hp, rcfg, optim = derived.loss_cfg, derived.rollout_cfg, derived.optim_cfg
-    rows = rcfg.batch_rows // cfg.train.updates_per_rollout  # one update's mini-batch (uecjax.updates)
+    loss_cfg, rollout_cfg, optim = derived.loss_cfg, derived.rollout_cfg, derived.optim_cfg
+    rows = rollout_cfg.batch_rows // cfg.train.updates_per_rollout  # one update's mini-batch (uecjax.updates)
     check_batch_size(rows, mesh, cfg.train.micro_batches)
-    image = dry_run_image(config, cfg, rcfg.max_prompt_len) if is_vl else None
+    image = dry_run_image(config, cfg, rollout_cfg.max_prompt_len) if is_vl else None
 
     cls = Qwen2_5_VL if is_vl else Qwen2
     model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))  # shapes only, no weights
-    trainer = TrainStep(model, hp, optim, mesh, micro_batches=cfg.train.micro_batches,
+    trainer = TrainStep(model, loss_cfg, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size)
     params = _abstract(nnx.state(model), trainer.param_shardings)
     opt_state = _abstract(jax.eval_shape(trainer.optimizer.init, params), trainer.opt_shardings)
     control = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
-                           jax.eval_shape(lambda: init_control_state(hp, cfg.seed)))
+                           jax.eval_shape(lambda: init_control_state(loss_cfg, cfg.seed)))
     vision = (config.vision, [image["grid_thw"]], image["patch_bucket"]) if is_vl else None
-    batch = abstract_batch(rows, rcfg.max_prompt_len, rcfg.max_new_tokens, hp.beta > 0,
-                           trainer.batch_sharding, vision, token_weight=hp.explore_is_cap > 0)
+    batch = abstract_batch(rows, rollout_cfg.max_prompt_len, rollout_cfg.max_new_tokens, loss_cfg.beta > 0,
+                           trainer.batch_sharding, vision, token_weight=loss_cfg.explore_is_cap > 0)
 
     step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch)
     step = step_lowered.compile().memory_analysis()
@@ -179,7 +179,7 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         # The KL reference: a second copy of the parameters, stored in the compute dtype
         # (uecjax.train: it is only ever read in it), unless parked in host memory.
         "reference_params": (device_bytes(params, cfg.model.dtype)
-                             if hp.beta > 0 and not _offloads(cfg, mesh) else 0),
+                             if loss_cfg.beta > 0 and not _offloads(cfg, mesh) else 0),
         "batch": device_bytes(batch),
         "temp": int(step.temp_size_in_bytes),
         "generated_code": int(step.generated_code_size_in_bytes),
@@ -193,8 +193,8 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         "platform": mesh.devices.flat[0].platform,
         "devices": int(mesh.size),
         "mesh": dict(mesh.shape),
-        "batch": {"rows": rows, "prompt_len": rcfg.max_prompt_len,
-                  "response_len": rcfg.max_new_tokens, "micro_batches": cfg.train.micro_batches},
+        "batch": {"rows": rows, "prompt_len": rollout_cfg.max_prompt_len,
+                  "response_len": rollout_cfg.max_new_tokens, "micro_batches": cfg.train.micro_batches},
         "dtype": text.dtype, "param_dtype": text.param_dtype,
         "state_dtype": optim.state_dtype or text.param_dtype, "remat": text.remat,
         "method": cfg.method,

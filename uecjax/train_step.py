@@ -59,13 +59,13 @@ from uecjax.rows import Rows
 from uecjax.scoring import compute_logprobs, constrain, response_logprobs, split_micro
 
 
-def _check_batch(batch: Batch, hp: LossConfig):
+def _check_batch(batch: Batch, loss_cfg: LossConfig):
     missing = [f for f in ("old_logp", "old_entropy") if getattr(batch, f) is None]
     if missing:
         raise ValueError(f"batch.{missing[0]} is unset: fill old_logp and old_entropy with "
                          "TrainStep.compute_logprobs (or store them with replayed samples)")
-    if hp.beta > 0 and batch.ref_logp is None:
-        raise ValueError(f"beta={hp.beta} needs batch.ref_logp (compute_logprobs with the reference "
+    if loss_cfg.beta > 0 and batch.ref_logp is None:
+        raise ValueError(f"beta={loss_cfg.beta} needs batch.ref_logp (compute_logprobs with the reference "
                          "params); set beta=0 to train without a reference model")
     if (batch.pixel_values is None) != (batch.vision is None):
         raise ValueError("batch.pixel_values and batch.vision come together (uecjax.vision_inputs."
@@ -76,7 +76,7 @@ def _check_batch(batch: Batch, hp: LossConfig):
                          f"tokens of response_mask {batch.response_mask.shape}")
 
 
-def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp: LossConfig,
+def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, loss_cfg: LossConfig,
                     micro_batches: int = 1, chunk_size: int = 1024, param_sharding=None,
                     micro_sharding=None, frozen: tuple[str, ...] = ()):
     """Gradient of the loss of the whole batch, accumulated over micro-batches.
@@ -86,8 +86,8 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
     groups held constant (`OptimConfig.frozen`): their gradients are zero and, since nothing
     differentiates through them, their backward pass is never computed.
     """
-    _check_batch(batch, hp)
-    method = get_method(hp.method)
+    _check_batch(batch, loss_cfg)
+    method = get_method(loss_cfg.method)
     M = micro_batches
     mask = batch.response_mask.astype(jnp.float32)
     R = mask.shape[1]
@@ -104,7 +104,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
     # Still unset (no tokens yet): an infinite bound keeps the stabilizer inactive, not NaN.
     h0_bound = jnp.where(jnp.isnan(h0), jnp.inf, h0)
     key, select_key = jax.random.split(jax.random.wrap_key_data(control.rng))
-    select = None if method.select is None else method.select(batch.old_logp, adv, mask, select_key, hp)
+    select = None if method.select is None else method.select(batch.old_logp, adv, mask, select_key, loss_cfg)
 
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
                 images=batch.images, mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
@@ -120,9 +120,9 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
 
     # Where the stabilizer is linearised (module docstring); None: this pass's own mean entropy.
     anchor = old_entropy_mean
-    if hp.stabilizer_anchor == "current":
+    if loss_cfg.stabilizer_anchor == "current":
         anchor = None
-        if hp.stabilizer and M > 1:
+        if loss_cfg.stabilizer and M > 1:
             anchor = jax.lax.map(lambda mb: jnp.sum(mb["mask"] * forward(params, mb)[1]), micro).sum() / n
 
     def micro_loss(p, mb):
@@ -132,10 +132,10 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
         x = LossInputs(
             logp=logp, entropy=entropy, old_logp=mb["old_logp"], ref_logp=mb["ref_logp"],
             adv=mb["adv"], mask=m, success_rate=mb["success_rate"], hard=mb["hard"], select=mb["select"],
-            num_tokens=num_tokens, num_seqs=num_seqs, max_len=hp.agg_max_len or R, h0=h0_bound,
+            num_tokens=num_tokens, num_seqs=num_seqs, max_len=loss_cfg.agg_max_len or R, h0=h0_bound,
             h_anchor=jax.lax.stop_gradient(ent_sum / n) if anchor is None else anchor,
             aer_alpha=control.aer_alpha, token_weight=mb["token_weight"])
-        parts, stats = loss_terms(x, hp)
+        parts, stats = loss_terms(x, loss_cfg)
         hard_tok = m * mb["hard"][:, None]
         stats.update(entropy=ent_sum, entropy_hard=jnp.sum(hard_tok * entropy),
                      tokens_hard=jnp.sum(hard_tok), kl_old=jnp.sum(m * kl_penalty(logp, x.old_logp)))
@@ -157,18 +157,18 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, hp
         grads, (parts, stats) = jax.lax.scan(body, constrain(zeros, param_sharding), micro)
         parts, stats = jax.tree.map(lambda v: v.sum(axis=0), (parts, stats))
 
-    metrics = _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp)
+    metrics = _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, loss_cfg)
     return grads, metrics, control.replace(h0=h0, rng=jax.random.key_data(key))
 
 
-def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp):
+def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, loss_cfg):
     """Step metrics from the accumulated loss parts and token sums (no extra forward)."""
     n = jnp.maximum(num_tokens, 1.0)
     stats = dict(stats)
     entropy = stats.pop("entropy") / n
     ent_hard, tok_hard = stats.pop("entropy_hard"), stats.pop("tokens_hard")
-    h_max = hp.kappa * h0
-    penalty = hp.lam * jnp.square(jax.nn.relu(entropy - h_max))
+    h_max = loss_cfg.kappa * h0
+    penalty = loss_cfg.lam * jnp.square(jax.nn.relu(entropy - h_max))
     losses = {f"loss/{k}": v for k, v in parts.items()}
     if "stab" in parts:  # the parts hold the gradient surrogate; report the penalty itself
         losses["loss/stab"] = penalty
@@ -178,7 +178,7 @@ def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, hp):
         "entropy_hard": ent_hard / jnp.maximum(tok_hard, 1.0),
         "entropy_easy": (entropy * n - ent_hard) / jnp.maximum(num_tokens - tok_hard, 1.0),
         "h0": h0, "h_max": h_max, "stabilizer_penalty": penalty,
-        "aer_alpha": control.aer_alpha, "aer_target": hp.aer_rho * h0,
+        "aer_alpha": control.aer_alpha, "aer_target": loss_cfg.aer_rho * h0,
         "tokens": num_tokens, "seqs": num_seqs,
     }
     # token fractions and token means; seq_* stats are sums over sequences
@@ -246,7 +246,7 @@ class TrainStep:
         self.replicated = shd.replicated(mesh)
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES))
         check_frozen(params, optim.frozen)
-        self.grad_kwargs = dict(graphdef=self.graphdef, hp=loss, micro_batches=micro_batches,
+        self.grad_kwargs = dict(graphdef=self.graphdef, loss_cfg=loss, micro_batches=micro_batches,
                                 chunk_size=chunk_size, param_sharding=self.param_shardings,
                                 micro_sharding=micro_sharding, frozen=tuple(optim.frozen))
         self.pure_step = functools.partial(train_step, optimizer=self.optimizer, schedule=self.schedule,

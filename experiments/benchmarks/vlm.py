@@ -208,8 +208,8 @@ def train_step(args, model, processor, rng):
              ("uec", ("visual",), vl_batch, "images, tower frozen"), ("uec", (), text_batch, "text only")]
     steps, first = {}, {}
     for method, frozen, batch, inputs in cases:
-        hp = loss_config(method, beta=0.0)
-        ts = TrainStep(model, hp, OptimConfig(learning_rate=1e-5, frozen=frozen), mesh)
+        loss_cfg = loss_config(method, beta=0.0)
+        ts = TrainStep(model, loss_cfg, OptimConfig(learning_rate=1e-5, frozen=frozen), mesh)
         params, opt_state, control = ts.init(nnx.state(model))
         logp, entropy = ts.compute_logprobs(params, batch)
         batch = batch.replace(old_logp=np.asarray(logp), old_entropy=np.asarray(entropy))

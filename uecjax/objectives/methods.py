@@ -7,7 +7,7 @@ is one function and one entry. The UEC components of section 6 (gated exploratio
 are switches of `LossConfig` (`explore`, `stabilizer`) that `loss_terms` adds to any method;
 `uec` is GRPO with both on, and every ablation is one override away:
 
-    hp = loss_config("uec", gate="hard", stabilizer=False)
+    loss_cfg = loss_config("uec", gate="hard", stabilizer=False)
 
 Conventions, so that micro-batches sum to the global batch exactly (section 4):
   * every loss part is already normalised by the *global* counts in `LossInputs`, so the sum
@@ -60,9 +60,9 @@ class LossInputs(NamedTuple):
     token_weight: jax.Array | None = None
 
 
-def agg(x: LossInputs, hp: LossConfig, values) -> jax.Array:
+def agg(x: LossInputs, loss_cfg: LossConfig, values) -> jax.Array:
     """`aggregate` with the global batch's counts: micro-batch aggregates sum to the global one."""
-    return aggregate(values, x.mask, hp.agg, global_token_count=x.num_tokens,
+    return aggregate(values, x.mask, loss_cfg.agg, global_token_count=x.num_tokens,
                      global_seq_count=x.num_seqs, max_len=x.max_len)
 
 
@@ -72,22 +72,22 @@ def token_sum(x: LossInputs, values) -> jax.Array:
 
 # ---- building blocks ----
 
-def policy_terms(x: LossInputs, hp: LossConfig, *, adv=None, grad_mask=None, extra=None) -> Terms:
+def policy_terms(x: LossInputs, loss_cfg: LossConfig, *, adv=None, grad_mask=None, extra=None) -> Terms:
     """Clipped policy loss and KL to the reference (sections 4, 4a).
 
-    The ratio is per token, or per sequence (GSPO) as `hp.ratio_level` says. adv overrides the
+    The ratio is per token, or per sequence (GSPO) as `loss_cfg.ratio_level` says. adv overrides the
     token advantages (entropy_adv); x.token_weight multiplies the per-token clipped loss;
     grad_mask [b, R] in {0, 1} stops the gradient of the per-token policy loss where it is 0,
     keeping its value (clip_cov); extra [b, R] is added to the per-token loss (kl_cov).
     """
     adv = x.adv if adv is None else adv
     seq_stats = {}
-    if hp.ratio_level == "token":
-        loss, ind = ppo_clip_loss(x.logp, x.old_logp, adv, eps_low=hp.eps_low, eps_high=hp.eps_high,
-                                  dual_clip=hp.dual_clip)
+    if loss_cfg.ratio_level == "token":
+        loss, ind = ppo_clip_loss(x.logp, x.old_logp, adv, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
+                                  dual_clip=loss_cfg.dual_clip)
     else:
-        loss, ind, seq = gspo_clip_loss(x.logp, x.old_logp, adv, x.mask, eps_low=hp.eps_low,
-                                        eps_high=hp.eps_high, token_grad=hp.ratio_level == "sequence_token")
+        loss, ind, seq = gspo_clip_loss(x.logp, x.old_logp, adv, x.mask, eps_low=loss_cfg.eps_low,
+                                        eps_high=loss_cfg.eps_high, token_grad=loss_cfg.ratio_level == "sequence_token")
         low, high = seq["seq_clip_low"] * seq["seq_valid"], seq["seq_clip_high"] * seq["seq_valid"]
         seq_stats = {"seq_clip_frac": jnp.sum(low + high), "seq_clip_frac_low": jnp.sum(low),
                      "seq_clip_frac_high": jnp.sum(high)}
@@ -97,28 +97,28 @@ def policy_terms(x: LossInputs, hp: LossConfig, *, adv=None, grad_mask=None, ext
         loss = jnp.where(grad_mask > 0, loss, jax.lax.stop_gradient(loss))
     if extra is not None:
         loss = loss + extra
-    parts = {"pg": agg(x, hp, loss)}
-    if hp.beta > 0:
+    parts = {"pg": agg(x, loss_cfg, loss)}
+    if loss_cfg.beta > 0:
         if x.ref_logp is None:
-            raise LossConfigError(f"beta={hp.beta} needs reference log-probs in the batch (ref_logp)")
-        parts["kl"] = hp.beta * agg(x, hp, kl_penalty(x.logp, x.ref_logp, hp.kl_kind, hp.kl_clamp))
+            raise LossConfigError(f"beta={loss_cfg.beta} needs reference log-probs in the batch (ref_logp)")
+        parts["kl"] = loss_cfg.beta * agg(x, loss_cfg, kl_penalty(x.logp, x.ref_logp, loss_cfg.kl_kind, loss_cfg.kl_clamp))
     names = {"clip_low": "clip_frac_low", "clip_high": "clip_frac_high", "dual_clip": "clip_frac_dual"}
     stats = {names[k]: token_sum(x, v) for k, v in ind.items()}
     return parts, {**stats, **seq_stats}
 
 
-def entropy_bonus(x: LossInputs, hp: LossConfig, seq_weight, coef) -> jax.Array:
+def entropy_bonus(x: LossInputs, loss_cfg: LossConfig, seq_weight, coef) -> jax.Array:
     """-coef * agg(w_q H): the entropy term of sections 6, 7 and 9, with the global counts."""
-    return exploration_loss(x.entropy, x.mask, seq_weight, coef, hp.agg, global_token_count=x.num_tokens,
+    return exploration_loss(x.entropy, x.mask, seq_weight, coef, loss_cfg.agg, global_token_count=x.num_tokens,
                             global_seq_count=x.num_seqs, max_len=x.max_len)
 
 
-def uec_gate(success_rate, hp: LossConfig):
+def uec_gate(success_rate, loss_cfg: LossConfig):
     """Exploration weight w_q of section 6 from the success rate."""
-    return gate_weight(success_rate, hp.gate, hp.gate_tau, hp.gate_s)
+    return gate_weight(success_rate, loss_cfg.gate, loss_cfg.gate_tau, loss_cfg.gate_s)
 
 
-def stabilizer_surrogate(x: LossInputs, hp: LossConfig) -> jax.Array:
+def stabilizer_surrogate(x: LossInputs, loss_cfg: LossConfig) -> jax.Array:
     """Micro-batch share of the stabilizer lambda relu(Hbar - kappa H_0)^2 (section 6).
 
     The penalty is nonlinear in the global token-mean entropy Hbar, so a micro-batch cannot
@@ -127,67 +127,67 @@ def stabilizer_surrogate(x: LossInputs, hp: LossConfig) -> jax.Array:
     anchor (x.h_anchor, no gradient) the surrogate below therefore sums to the exact gradient
     of the global penalty. Its value is not the penalty: the step reports the penalty itself.
     """
-    h_max = hp.kappa * x.h0
-    coef = 2.0 * hp.lam * jax.nn.relu(jax.lax.stop_gradient(x.h_anchor) - h_max)
+    h_max = loss_cfg.kappa * x.h0
+    coef = 2.0 * loss_cfg.lam * jax.nn.relu(jax.lax.stop_gradient(x.h_anchor) - h_max)
     return coef * token_sum(x, x.entropy) / jnp.maximum(x.num_tokens, 1.0)
 
 
 # ---- methods ----
 
-def grpo(x: LossInputs, hp: LossConfig) -> Terms:
+def grpo(x: LossInputs, loss_cfg: LossConfig) -> Terms:
     """Sections 2-4 only (also `dapo` and `uec`, whose differences are presets and switches)."""
-    return policy_terms(x, hp)
+    return policy_terms(x, loss_cfg)
 
 
-def entropy_reg(x: LossInputs, hp: LossConfig) -> Terms:
+def entropy_reg(x: LossInputs, loss_cfg: LossConfig) -> Terms:
     """L_pg - c * agg(H) (section 7)."""
-    parts, stats = policy_terms(x, hp)
-    parts["entropy"] = entropy_bonus(x, hp, jnp.ones_like(x.success_rate), hp.entropy_coef)
+    parts, stats = policy_terms(x, loss_cfg)
+    parts["entropy"] = entropy_bonus(x, loss_cfg, jnp.ones_like(x.success_rate), loss_cfg.entropy_coef)
     return parts, stats
 
 
-def clip_cov(x: LossInputs, hp: LossConfig) -> Terms:
+def clip_cov(x: LossInputs, loss_cfg: LossConfig) -> Terms:
     """Policy loss with the gradient of the selected high-covariance tokens dropped (section 7)."""
-    parts, stats = policy_terms(x, hp, grad_mask=x.select)
+    parts, stats = policy_terms(x, loss_cfg, grad_mask=x.select)
     stats["cov_selected"] = token_sum(x, 1.0 - x.select)
     return parts, stats
 
 
-def kl_cov(x: LossInputs, hp: LossConfig) -> Terms:
+def kl_cov(x: LossInputs, loss_cfg: LossConfig) -> Terms:
     """Policy loss plus k |log pi - log pi_old| on the top-Cov tokens (section 7)."""
-    extra = hp.kl_cov_coef * abs_zero_grad(x.logp - x.old_logp) * x.select
-    parts, stats = policy_terms(x, hp, extra=extra)
+    extra = loss_cfg.kl_cov_coef * abs_zero_grad(x.logp - x.old_logp) * x.select
+    parts, stats = policy_terms(x, loss_cfg, extra=extra)
     stats["cov_selected"] = token_sum(x, x.select)
     return parts, stats
 
 
-def entropy_adv(x: LossInputs, hp: LossConfig) -> Terms:
+def entropy_adv(x: LossInputs, loss_cfg: LossConfig) -> Terms:
     """A_{i,t} += min(a stopgrad(H_{i,t}), |A_{i,t}| / k), arXiv 2506.14758 (section 7)."""
-    adv = entropy_advantage(x.adv, x.entropy, hp.entropy_adv_a, hp.entropy_adv_k) * x.mask
-    return policy_terms(x, hp, adv=adv)
+    adv = entropy_advantage(x.adv, x.entropy, loss_cfg.entropy_adv_a, loss_cfg.entropy_adv_k) * x.mask
+    return policy_terms(x, loss_cfg, adv=adv)
 
 
-def aer(x: LossInputs, hp: LossConfig) -> Terms:
+def aer(x: LossInputs, loss_cfg: LossConfig) -> Terms:
     """L_pg - alpha_k * agg(lambda_q H), alpha_k from the controller state (section 9)."""
-    parts, stats = policy_terms(x, hp)
-    weight = aer_allocation(x.success_rate, hp.aer_alloc, hp.aer_tau)
-    parts["aer"] = entropy_bonus(x, hp, weight, x.aer_alpha)
+    parts, stats = policy_terms(x, loss_cfg)
+    weight = aer_allocation(x.success_rate, loss_cfg.aer_alloc, loss_cfg.aer_tau)
+    parts["aer"] = entropy_bonus(x, loss_cfg, weight, x.aer_alpha)
     stats["aer_alloc_frac"] = token_sum(x, jnp.broadcast_to(weight[:, None], x.mask.shape))
     return parts, stats
 
 
 # ---- token selections over the global batch (static shapes) ----
 
-def select_clip_cov(old_logp, adv, mask, key, hp: LossConfig):
+def select_clip_cov(old_logp, adv, mask, key, loss_cfg: LossConfig):
     """1 everywhere except the randomly dropped tokens with Cov in (lo, hi)."""
-    return clip_cov_mask(old_logp, adv, mask, key, frac=hp.cov_frac, clip_lo=hp.clip_cov_lo,
-                         clip_hi=hp.clip_cov_hi)
+    return clip_cov_mask(old_logp, adv, mask, key, frac=loss_cfg.cov_frac, clip_lo=loss_cfg.clip_cov_lo,
+                         clip_hi=loss_cfg.clip_cov_hi)
 
 
-def select_kl_cov(old_logp, adv, mask, key, hp: LossConfig):
+def select_kl_cov(old_logp, adv, mask, key, loss_cfg: LossConfig):
     """1 on the top cov_frac of valid tokens by Cov."""
     del key
-    return kl_cov_mask(old_logp, adv, mask, frac=hp.cov_frac)
+    return kl_cov_mask(old_logp, adv, mask, frac=loss_cfg.cov_frac)
 
 
 # ---- registry ----
@@ -196,7 +196,7 @@ def select_kl_cov(old_logp, adv, mask, key, hp: LossConfig):
 class Method:
     loss: Callable[[LossInputs, LossConfig], Terms]
     preset: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
-    # (old_logp, adv, mask, key, hp) -> [B, R] float32 over the global batch, or None. The
+    # (old_logp, adv, mask, key, loss_cfg) -> [B, R] float32 over the global batch, or None. The
     # selection uses log pi_old, which equals log pi at the first update on a batch; that is
     # what lets it be made once over the global batch without an extra forward pass.
     select: Callable | None = None
@@ -241,11 +241,11 @@ def loss_config(method: str = "grpo", **overrides) -> LossConfig:
     return LossConfig(method=method, **{**preset, **overrides})
 
 
-def loss_terms(x: LossInputs, hp: LossConfig) -> Terms:
-    """The method's terms plus the section-6 components switched on in `hp`."""
-    parts, stats = get_method(hp.method).loss(x, hp)
-    if hp.explore:
-        parts["explore"] = entropy_bonus(x, hp, uec_gate(x.success_rate, hp), hp.alpha)
-    if hp.stabilizer:
-        parts["stab"] = stabilizer_surrogate(x, hp)
+def loss_terms(x: LossInputs, loss_cfg: LossConfig) -> Terms:
+    """The method's terms plus the section-6 components switched on in `loss_cfg`."""
+    parts, stats = get_method(loss_cfg.method).loss(x, loss_cfg)
+    if loss_cfg.explore:
+        parts["explore"] = entropy_bonus(x, loss_cfg, uec_gate(x.success_rate, loss_cfg), loss_cfg.alpha)
+    if loss_cfg.stabilizer:
+        parts["stab"] = stabilizer_surrogate(x, loss_cfg)
     return parts, stats

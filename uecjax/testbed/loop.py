@@ -1,6 +1,6 @@
 """The whole RL loop as one compiled program, `vmap`ped over seeds (and hyperparameter values).
 
-    program = CompiledLoop(model, train_task, eval_task, reward_fn, cfg, hp, optim)
+    program = CompiledLoop(model, train_task, eval_task, reward_fn, cfg, loss_cfg, optim)
     out = program.run(seeds=jnp.arange(5))                    # one jit, 5 seeds side by side
     out = program.run(seeds=..., sweep={"alpha": jnp.array([...])})   # + one value per run
 
@@ -132,8 +132,8 @@ class CompiledLoop:
     """
 
     def __init__(self, model, train_task: TaskArrays, eval_task: TaskArrays,
-                 reward_fn: Callable, cfg: LoopConfig, hp: LossConfig, optim: OptimConfig):
-        self.cfg, self.hp, self.optim = cfg, hp, optim
+                 reward_fn: Callable, cfg: LoopConfig, loss_cfg: LossConfig, optim: OptimConfig):
+        self.cfg, self.loss_cfg, self.optim = cfg, loss_cfg, optim
         self.train_task, self.eval_task = train_task, eval_task
         self.reward_fn = jax.vmap(reward_fn)
         self.sampler = Sampler(model, pad_id=cfg.pad_id)
@@ -162,7 +162,7 @@ class CompiledLoop:
         positions = jnp.maximum(jnp.cumsum(attn, axis=1) - 1, 0).astype(jnp.int32)
         return tokens, attn, positions
 
-    def rollout(self, params, key, hp: LossConfig):
+    def rollout(self, params, key, loss_cfg: LossConfig):
         """One step's rows as a Batch (old log-probs filled) and rollout statistics."""
         cfg, task = self.cfg, self.train_task
         B, G, R = cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens
@@ -175,16 +175,16 @@ class CompiledLoop:
         acc = self.reward_fn(resp, valid, *answers).astype(jnp.float32)
         lengths = valid.sum(axis=1)
         reward = acc
-        if hp.overlong_buffer > 0:  # DAPO's soft overlong shaping (section 7)
-            reward = reward + overlong_penalty(lengths, R, max(1, int(round(hp.overlong_buffer * R))),
-                                               hp.overlong_factor)
-        adv = group_advantages(reward, G, hp.advantage)
+        if loss_cfg.overlong_buffer > 0:  # DAPO's soft overlong shaping (section 7)
+            reward = reward + overlong_penalty(lengths, R, max(1, int(round(loss_cfg.overlong_buffer * R))),
+                                               loss_cfg.overlong_factor)
+        adv = group_advantages(reward, G, loss_cfg.advantage)
         p = acc.reshape(B, G).mean(axis=1)  # success rate p_q (section 5)
         p_rows = jnp.repeat(p, G)
-        gated = (gate_weight(p_rows, hp.gate, hp.gate_tau, hp.gate_s) > 0) if (
-            hp.explore and cfg.retain_gated) else jnp.zeros_like(p_rows, bool)
+        gated = (gate_weight(p_rows, loss_cfg.gate, loss_cfg.gate_tau, loss_cfg.gate_s) > 0) if (
+            loss_cfg.explore and cfg.retain_gated) else jnp.zeros_like(p_rows, bool)
         keep = jnp.ones_like(acc, bool)
-        if hp.dynamic_sampling:  # groups whose accuracies all agree carry no signal (section 7)
+        if loss_cfg.dynamic_sampling:  # groups whose accuracies all agree carry no signal (section 7)
             g = acc.reshape(B, G)
             informative = jnp.repeat(jnp.any(g != g[:, :1], axis=1), G)
             keep &= informative | gated
@@ -198,7 +198,7 @@ class CompiledLoop:
                     sampler_logp=sampler_logp)
         stats = {"reward": reward.mean(), "accuracy": acc.mean(),
                  "response_length": lengths.mean().astype(jnp.float32),
-                 "hard_prompt_fraction": jnp.mean(p <= hp.tau_hard),
+                 "hard_prompt_fraction": jnp.mean(p <= loss_cfg.tau_hard),
                  "solved_none_fraction": jnp.mean(p == 0.0)}
         if cfg.explore:
             rows, stats = self._explore(params, rows, stats, prompts, pmask, idx, acc, p,
@@ -207,12 +207,12 @@ class CompiledLoop:
         response_mask = (rows["valid"] & rows["keep"][:, None]).astype(jnp.float32)
         batch = Batch(tokens=tokens, attention_mask=attn, positions=positions,
                       response_mask=response_mask, advantages=rows["adv"] * rows["keep"],
-                      success_rate=rows["p"], is_hard=(rows["p"] <= hp.tau_hard).astype(jnp.float32),
+                      success_rate=rows["p"], is_hard=(rows["p"] <= loss_cfg.tau_hard).astype(jnp.float32),
                       sampler_logp=rows["sampler_logp"],
                       explore=rows["explore"] if cfg.explore else None)
         old_logp, old_entropy = compute_logprobs(params, batch, graphdef=self.graphdef)
         batch = batch.replace(old_logp=old_logp, old_entropy=old_entropy)
-        if hp.beta > 0:
+        if loss_cfg.beta > 0:
             ref_logp, _ = compute_logprobs(self.params0, batch, graphdef=self.graphdef)
             batch = batch.replace(ref_logp=ref_logp)
         # Response-token entropy of the regular samples before any selection: the curve of the
@@ -224,7 +224,7 @@ class CompiledLoop:
 
     def _explore(self, params, rows, stats, prompts, pmask, idx, acc, p, key, k_slots):
         """Section 8: up to explore_prompts hard prompts get G' responses at T'."""
-        cfg, hp = self.cfg, self.hp
+        cfg, loss_cfg = self.cfg, self.loss_cfg
         B, G, Gx = cfg.prompts_per_step, cfg.group_size, cfg.explore_samples
         hard = jnp.all(acc.reshape(B, G) < cfg.explore_threshold, axis=1)
         # Hard prompts first, in random order among themselves.
@@ -235,7 +235,7 @@ class CompiledLoop:
         resp, valid, logp, finished = self.generate(params, xp, xm, key, Gx, cfg.explore_temperature)
         answers = _repeat(_gather(self.train_task.answer, idx[slots]), Gx)
         acc_x = self.reward_fn(resp, valid, *answers).astype(jnp.float32)
-        adv_x = group_advantages(acc_x, Gx, hp.advantage)
+        adv_x = group_advantages(acc_x, Gx, loss_cfg.advantage)
         keep = active
         if cfg.retention:
             keep &= jnp.abs(adv_x) > cfg.explore_retain_min
@@ -254,10 +254,10 @@ class CompiledLoop:
                  "explore_kept": jnp.sum(keep.astype(jnp.float32))}
         return rows, stats
 
-    def update(self, params, opt_state, control, batch: Batch, hp: LossConfig):
+    def update(self, params, opt_state, control, batch: Batch, loss_cfg: LossConfig):
         """One `uecjax.train_step.train_step` on `batch` (the library's update, unchanged)."""
         return train_step(params, opt_state, control, batch, optimizer=self.optimizer,
-                          schedule=self.schedule, graphdef=self.graphdef, hp=hp)
+                          schedule=self.schedule, graphdef=self.graphdef, loss_cfg=loss_cfg)
 
     def evaluate(self, params, key):
         """Correct samples out of eval_samples per held-out prompt [N_eval] int32, and the
@@ -281,16 +281,16 @@ class CompiledLoop:
     # -- the program -----------------------------------------------------------------------
     def _run_one(self, seed, sweep):
         cfg = self.cfg
-        hp = self.hp.with_traced(**sweep) if sweep else self.hp
+        loss_cfg = self.loss_cfg.with_traced(**sweep) if sweep else self.loss_cfg
         params = self.params0
         opt_state = self.optimizer.init(params)
-        control = init_control_state(hp, seed)
+        control = init_control_state(loss_cfg, seed)
         key = jax.random.fold_in(jax.random.key(0), seed)
 
         def step(carry, _):
             params, opt_state, control, key = carry
             key, k_roll, k_perm = jax.random.split(key, 3)
-            batch, stats = self.rollout(params, k_roll, hp)
+            batch, stats = self.rollout(params, k_roll, loss_cfg)
             control = control.replace(h0=jnp.where(jnp.isnan(control.h0), stats["entropy"], control.h0))
             U = cfg.updates_per_rollout
             perm = jax.random.permutation(k_perm, cfg.rows) if U > 1 else jnp.arange(cfg.rows)
@@ -298,8 +298,8 @@ class CompiledLoop:
 
             def one_update(carry, mini):
                 params, opt_state, control = carry
-                params, opt_state, control, m = self.update(params, opt_state, control, mini, hp)
-                control = update_control_traced(control, m["entropy"], hp)
+                params, opt_state, control, m = self.update(params, opt_state, control, mini, loss_cfg)
+                control = update_control_traced(control, m["entropy"], loss_cfg)
                 return (params, opt_state, control), m
 
             (params, opt_state, control), m = jax.lax.scan(one_update, (params, opt_state, control), minis)
@@ -329,7 +329,7 @@ class CompiledLoop:
                 raise ValueError(f"sweep[{name!r}] has shape {values.shape}; give one value per "
                                  f"seed, shape {seeds.shape}")
             for v in np.asarray(values):
-                self.hp.replace(**{name: float(v)})  # raises LossConfigError if out of range
+                self.loss_cfg.replace(**{name: float(v)})  # raises LossConfigError if out of range
         return seeds, sweep
 
     def compile(self, seeds, sweep: Mapping[str, Any] | None = None):
