@@ -89,7 +89,7 @@ def run_config(variant: str, seed: int, steps: int, eval_every: int, eval_prompt
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text  # a bare string, e.g. rollout.hard_on=accuracy
+            value = text  # a bare string, e.g. rollout.explore_on=accuracy
         if isinstance(node.get(leaf), float) and isinstance(value, int):
             value = float(value)
         node[leaf] = value

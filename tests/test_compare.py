@@ -24,10 +24,10 @@ TINY = ["demo.sft_steps=4", "demo.num_train=16", "demo.num_val=0", "demo.batch_s
 
 def test_run_config_applies_variant_and_overrides():
     cfg = compare.run_config("uec-no_stabilizer", 3, 7, 2, 16, ["optim.learning_rate=1",
-                                                              "rollout.hard_on=accuracy"])
+                                                              "rollout.explore_on=accuracy"])
     assert (cfg.method, cfg.loss.stabilizer, cfg.seed, cfg.train.steps) == ("uec", False, 3, 7)
     assert cfg.optim.learning_rate == 1.0 and isinstance(cfg.optim.learning_rate, float)
-    assert cfg.rollout.hard_on == "accuracy"
+    assert cfg.rollout.explore_on == "accuracy"
     assert compare.run_config("uec-no_rollout_explore", 0, 1, 1, 1).rollout.explore is False
     with pytest.raises(Exception, match="unknown variant"):
         compare.run_config("nope", 0, 1, 1, 1)

@@ -139,7 +139,7 @@ def test_two_processes_agree_on_selective_rollouts(policy_dir, tmp_path):
     for row in rows.values():
         # The tiny random policy fails every prompt: both processes' prompts are hard (4 of
         # them), explored, and the batch is padded after max_rounds=2 rounds.
-        assert row["rollout/rounds"] == 2 and row["explore/hard_prompts"] == 4
+        assert row["rollout/rounds"] == 2 and row["explore/prompts"] == 4
         assert row["explore/responses"] == 8 and row["rollout/padded_rows"] == 4
 
 

@@ -114,7 +114,7 @@ def test_uec_explores_hard_prompts_and_keeps_rare_successes():
     assert explored.any() and (rows.accuracy[explored] == 1).all()
     assert (rows.advantage[explored] > 1).all() and (rows.success_rate[explored] == 0).all()
     assert (np.abs(rows.advantage[~explored]) > 0.05).all()
-    assert stats["explore/hard_prompts"] >= 1 and stats["explore/kept"] >= 1
+    assert stats["explore/prompts"] >= 1 and stats["explore/kept"] >= 1
 
 
 def test_gated_regular_rows_of_hard_prompts_stay():
@@ -161,15 +161,15 @@ def test_hard_prompts_and_dynamic_sampling_judge_accuracy():
     success = lambda i, j, T: (2 if j < 2 else 0) if i % 2 else int(j < 2)  # noqa: E731
     kw = dict(prompts_per_batch=2, group_size=4, max_prompt_len=4, max_new_tokens=6,
               explore_samples=4, max_rounds=1)
-    for hard_on, explored in (("accuracy", 1), ("reward", 0)):
-        rollout, _ = make(rollout_config("uec", hard_on=hard_on, **kw), success, method="uec",
+    for explore_on, explored in (("accuracy", 1), ("reward", 0)):
+        rollout, _ = make(rollout_config("uec", explore_on=explore_on, **kw), success, method="uec",
                           grade=grade_format)
-        assert rollout.collect(None)[1]["explore/hard_prompts"] == explored
+        assert rollout.collect(None)[1]["explore/prompts"] == explored
     for on, kept in (("accuracy", 4), ("reward", 8)):
         rollout, _ = make(RolloutConfig(dynamic_sampling_on=on, **kw), success, method="dapo",
                           grade=grade_format)
         assert rollout.collect(None)[1]["rollout/kept_fraction"] == kept / 8
-    assert RolloutConfig().hard_on == RolloutConfig().dynamic_sampling_on == "accuracy"
+    assert RolloutConfig().explore_on == RolloutConfig().dynamic_sampling_on == "accuracy"
     with pytest.raises(ValueError, match="dynamic_sampling_on='acc'"):
         RolloutConfig(dynamic_sampling_on="acc")
 

@@ -221,12 +221,12 @@ def test_gated_rows_and_prompt_metrics_of_two_shares_are_the_one_share_ones():
     for h in halves:
         got = h[0][0][1]
         for key in ("rollout/gate_mean", "rollout/hard_prompt_fraction", "rollout/regular_entropy",
-                    "rollout/regular_tokens", "rollout/rounds", "explore/hard_prompts"):
+                    "rollout/regular_tokens", "rollout/rounds", "explore/prompts"):
             assert got[key] == pytest.approx(stats[key]), key
     # Prompts 1..4: p_q = 1/4, 2/4, 3/4, 0 -> linear gate (tau 0.5) 0.5, 0, 0, 1.
     assert stats["rollout/hard_prompt_fraction"] == 0.25
     assert stats["rollout/gate_mean"] == pytest.approx(1.5 / 4)
-    assert stats["rollout/regular_tokens"] == 16 * 6 and stats["explore/hard_prompts"] == 1
+    assert stats["rollout/regular_tokens"] == 16 * 6 and stats["explore/prompts"] == 1
 
 
 def test_merged_statistics_add_counts_and_take_the_slowest_time():

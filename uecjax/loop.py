@@ -67,11 +67,11 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str, logger: RunLogger) -
     # Each update trains on one mini-batch: a clear error up front if it does not split.
     check_batch_size(rollout_cfg.batch_rows // plan.updates_per_rollout, mesh, cfg.train.micro_batches)
     hosts = Hosts.of_mesh(mesh)  # this process's rows of every batch (docs/DESIGN.md)
-    block = hosts.readers()
-    if rollout_cfg.prompts_per_batch % block[1]:
+    reader, readers = hosts.readers()  # this process's block of the prompts, of `readers`
+    if rollout_cfg.prompts_per_batch % readers:
         raise ConfigValueError(
             f"config.rollout.prompts_per_batch={rollout_cfg.prompts_per_batch}: must be a multiple "
-            f"of {block[1]}, the processes holding distinct batch rows (each reads, samples and "
+            f"of {readers}, the processes holding distinct batch rows (each reads, samples and "
             "grades an equal share of every batch)")
     trainer = TrainStep(policy.model, loss_cfg, derived.optim_cfg, mesh,
                         micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.chunk_size,
@@ -85,13 +85,13 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str, logger: RunLogger) -
         ref_params = HostParams(jax.jit(to_compute, out_shardings=trainer.param_shardings)(params),
                                 trainer.param_shardings, offload=cfg.model.offload_reference)
 
-    train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True, shard=block)
+    train_records, train_iter = make_records(cfg, cfg.data.train_split, train=True, shard=(reader, readers))
     skipped = train_records.skipped
     tokenizer = policy.tokenizer
     prompts = prompt_stream(train_iter, tokenizer, cfg, rollout_cfg.max_prompt_len, skipped,
                             policy.image_processor)  # this process's block of every batch
     if hosts.count == 1:  # every process computes every row: all blocks, all-gathered
-        prompts = GlobalPrompts(prompts, rollout_cfg.prompts_per_batch, block[1])
+        prompts = GlobalPrompts(prompts, rollout_cfg.prompts_per_batch, readers)
     if jax.process_count() > 1:
         logger.text(f"{jax.process_count()} processes, {hosts.count} row shares: each samples, "
                     f"grades and trains on {rollout_cfg.batch_rows // hosts.count} of "

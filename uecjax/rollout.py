@@ -73,7 +73,7 @@ class RolloutConfig:
     # The score of that test: "accuracy" (the spec and the authors' code, which test the
     # accuracy reward against 0.01) or "reward", the full reward (with a format reward a
     # well-formatted wrong response scores 0.1 and hides its prompt from exploration).
-    hard_on: str = "accuracy"
+    explore_on: str = "accuracy"
     retention: bool = False  # keep regular rows with |A| > retain_min, exploration with |A'| > ...
     retain_min: float = 0.05
     explore_retain_min: float = 1.0
@@ -109,7 +109,7 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name}={getattr(self, name)}: must be >= 1")
         if self.group_size < 2:
             raise ValueError(f"rollout.group_size={self.group_size}: group advantages need >= 2")
-        for name in ("hard_on", "dynamic_sampling_on"):
+        for name in ("explore_on", "dynamic_sampling_on"):
             if getattr(self, name) not in ("reward", "accuracy"):
                 raise ValueError(f"rollout.{name}={getattr(self, name)!r}: 'reward' or 'accuracy'")
         if self.explore and self.explore_samples < 2:
@@ -255,15 +255,15 @@ class Rollout:
         self._log_round(rows, p_q, gate, keep)
         self.buffer.push(rows.select(keep))
         if cfg.explore:
-            score = rows.reward if cfg.hard_on == "reward" else rows.accuracy
-            hard = np.flatnonzero((score.reshape(-1, G) < cfg.explore_threshold).all(axis=1))
-            self._add("explore/hard_prompts", len(hard))
-            # One exploration call for all shares, each padded to the most hard prompts.
-            most = max(self.hosts.gather(len(hard)))
+            score = rows.reward if cfg.explore_on == "reward" else rows.accuracy
+            explored = np.flatnonzero((score.reshape(-1, G) < cfg.explore_threshold).all(axis=1))
+            self._add("explore/prompts", len(explored))
+            # One exploration call for all shares, each padded to the most explored prompts.
+            most = max(self.hosts.gather(len(explored)))
             if most:
-                chosen = [prompts[i] for i in hard]
-                padding = [chosen[0] if chosen else prompts[0]] * (most - len(hard))
-                self._explore(params, chosen + padding, p_q[hard], real=len(hard))
+                chosen = [prompts[i] for i in explored]
+                padding = [chosen[0] if chosen else prompts[0]] * (most - len(explored))
+                self._explore(params, chosen + padding, p_q[explored], real=len(explored))
 
     def _explore(self, params, prompts: list[Prompt], p_q: np.ndarray, real: int) -> None:
         cfg = self.cfg

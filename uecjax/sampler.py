@@ -311,10 +311,10 @@ class Sampler:
         num_prompts = len(prompts) // hosts.count  # this process's block
         P = bucket(max(len(p) for p in prompts), self.prompt_buckets)
         R = bucket(params.max_new_tokens, self.response_buckets)
-        block = self._num_prompt_rows(num_prompts, params.n, hosts.count)
-        B = block * hosts.count
-        # Block b of the prompts starts at row b * block (its padding after it).
-        slot = [b * block + i for b in range(hosts.count) for i in range(num_prompts)]
+        per_share = self._num_prompt_rows(num_prompts, params.n, hosts.count)  # padded prompts
+        B = per_share * hosts.count
+        # Block b of the prompts starts at row b * per_share (its padding after it).
+        slot = [b * per_share + i for b in range(hosts.count) for i in range(num_prompts)]
         tokens = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), np.int32)
         for i, p in zip(slot, prompts):
@@ -353,7 +353,7 @@ class Sampler:
         # where they are split across hosts), then its real rows.
         out_tokens, out_logps, valid, done = (hosts.take(x)[:rows]
                                               for x in (out_tokens, out_logps, valid, done))
-        own = slice(hosts.index * block * params.n, hosts.index * block * params.n + rows)
+        own = slice(hosts.index * per_share * params.n, hosts.index * per_share * params.n + rows)
         valid = valid[:, :T]
         return SamplerOutput(
             prompt_tokens=np.repeat(tokens, params.n, axis=0)[own],
