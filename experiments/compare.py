@@ -6,7 +6,7 @@
 Every run starts from the same warmed-up demo policy (prepared once, copied into each run's
 workdir; the task and the policy depend on `demo_data.seed` only) and differs from the others
 by its method (or UEC ablation) and its run seed (sampling and data order). Each run is
-`uecjax.train.train` with the demo config, so the figures are the training loop's own
+`uecjax.loop.train` with the demo config, so the figures are the training loop's own
 metrics: held-out greedy Pass@1, sampled Pass@1 and Pass@k every `--eval_every` steps, and the
 per-step rollout reward and policy entropy.
 

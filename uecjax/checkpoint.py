@@ -1,48 +1,16 @@
-"""Training checkpoints with orbax: params, optimizer, controller state, data iterator, buffers.
+"""Training checkpoints with orbax: params, optimizer and controller state, buffers, meta.
 
-One checkpoint per saved step, a directory `<directory>/<step>/` with one orbax item each:
+    ckpt = Checkpointer(workdir + "/checkpoints", max_to_keep=3)
+    ckpt.save(step, params=params, opt_state=opt_state, control=control, meta=meta, force=stop)
+    r = ckpt.restore(params_target=abstract_like(params), opt_state_target=abstract_like(opt),
+                     control_target=abstract_like(control))     # the newest step that restores
 
-    params     pytree of jax Arrays (an `nnx.State`), possibly sharded on a Mesh
-    opt_state  optax state pytree
-    control    small pytree of arrays (H_0, AER coefficient, counters, PRNG key)
-    buffers    optional pytree of numpy arrays (replay buffer contents)
-    meta       JSON: data iterator state (grain `get_state()`), config snapshot, host scalars
-    format     JSON written by this module (typed PRNG keys, zero-size arrays, version)
-
-    ckpt = Checkpointer(workdir + "/checkpoints", max_to_keep=3, save_interval_steps=50)
-    restore_handler = install_sigterm_handler()
-    if ckpt.latest_step() is not None:
-        r = ckpt.restore(params_target=abstract_like(params), opt_state_target=abstract_like(opt_state),
-                         control_target=abstract_like(control))
-        params, opt_state, control, meta = r["params"], r["opt_state"], r["control"], r["meta"]
-    for step in range(start, steps):
-        ...
-        stop = preemption_requested(step)
-        ckpt.save(step, params=params, opt_state=opt_state, control=control,
-                  meta={"data": it.get_state(), "config": cfg.to_dict()}, force=stop)
-        if stop:
-            break
-    ckpt.close()
-
-Atomicity (orbax): a step is written into `<step>.orbax-checkpoint-tmp/` (each item into its own
-`<item>.orbax-checkpoint-tmp/` inside) and renamed to `<step>/` only after every item has been
-written (on GCS, where rename is not atomic, a `commit_success.txt` marks the commit instead).
-A save that fails or is killed leaves at most that tmp directory, which `all_steps()` /
-`latest_step()` never list and which the next `Checkpointer` on the directory deletes; the
-previous good step is untouched. Old steps are deleted (keeping the newest `max_to_keep`) only
-after the new one has committed. With `async_save=True` the commit happens in the background:
-call `wait()` or `close()` before the process exits.
-
-Preemption: `install_sigterm_handler` makes SIGTERM (what a TPU VM gets before preemption) set a
-flag; the loop polls `preemption_requested(step)` at step boundaries, saves with `force=True`
-and exits. Nothing is written from inside the signal handler. In a multi-process job
-(`jax.process_count() > 1`) each host may see the signal at a different step, and a save is a
-collective, so the local flag is not used there: JAX's preemption service (started by
-`jax.distributed.initialize()`; its notifier listens for SIGTERM itself, so
-`install_sigterm_handler` leaves the signal alone) agrees on one step for all hosts, and
-`preemption_requested(step)` returns `jax.experimental.multihost_utils.
-reached_preemption_sync_point(step)`, True on every host at the same step. Orbax's own save
-policy also saves at that step without `force` (`PreemptionCheckpointingPolicy`).
+One directory `<directory>/<step>/` per saved step, one orbax item each (params, opt_state,
+control, buffers, meta and format JSON), committed atomically; old steps are deleted only
+after a new one commits. `install_sigterm_handler` and `preemption_requested(step)` turn
+SIGTERM into a request the loop polls (several processes: JAX's preemption service agrees on
+one step). The run's own state on top of this is `uecjax.run_state`. Layout, atomicity and
+preemption: docs/DESIGN.md, "Checkpoints and preemption".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Command-line error handling shared by `uecjax.train` and `uecjax.evaluate`.
+"""Command-line error handling shared by `uecjax.train` and `uecjax.evaluate_cli`.
 
 A user mistake (a bad flag, a missing or broken `--config` file, an unknown config field, a
 value the config rejects) ends the process with one paragraph on stderr and exit code 2, not a

@@ -3,7 +3,7 @@
 A pytree of plain arrays, so it is checkpointed with the parameters. H_0 starts as NaN
 ("unset"). The training loop sets it before the first update from the initial policy's own
 samples: the token-mean entropy of the first rollout's regular groups before any selection
-(`uecjax.train`); a step that still finds it unset takes its own batch's token-mean entropy
+(`uecjax.loop.set_h0`); a step that still finds it unset takes its own batch's token-mean entropy
 under the old policy, but only from a batch with tokens. It is kept from then on.
 AER's coefficient moves on the host after each step (`update_control`, section 9).
 """

@@ -2,37 +2,15 @@
 
     model, tokenizer, path = prepare_countdown_policy(workdir, seed=0)
 
-builds the character-level tokenizer and a tiny tied-embedding Qwen2 (`COUNTDOWN_MODEL`:
-hidden 64, 2 layers, 4 heads / 2 KV heads, MLP 128), and trains it with the supervised warm-up
-(`uecjax.sft`) on countdown train problems (`uecjax.data.countdown`). The response format is
-the bare expression, then `<|im_end|>`; the prompt is the problem as is (template "plain", no
-chat template, about 12 tokens):
-
-    3 5 7 to 22:   ->   7+3*5<|im_end|>
-
-The targets are meant to leave the policy diverse, not skilled: each warm-up example's target
-is, with probability `correct_fraction`, a correct solution drawn uniformly from all of them,
-else a uniformly random attempt (`random_attempt`: the numbers in a random order, random
-operators, right only by chance). The policy so learns the format and to use each number once
-and spreads its mass over orders and operators; RL then has to find and reinforce the rare
-correct strings of the hard level.
-
-Correct targets are shown on level 1 only (`correct_levels`): level 2's rare targets are mostly
-of a few shapes (`a*b-c-d`, `a*b-c*d`: few orderings is what makes them rare), and a warm-up
-with correct level-2 targets taught the tiny model that template (measured: held-out level-2
-sampled accuracy 7.3%, greedy 30%, where uniform attempts score 0.7%), so level 2 would no
-longer need exploration. On level 2 every target is a random attempt.
-
-Defaults, measured on a 2-core CPU (1000 problems x 4 targets, 1000 steps of 64, AdamW 3e-3
-warmup-cosine; 0.08M parameters): about 60 s of warm-up, 70 s with the checks. On 128 held-out
-problems per level, 8 samples each at temperature 1: level 1 accuracy 9.6% (uniform attempts:
-9.0%), well-formed 99.8%, with the problem's numbers 92%; level 2 accuracy 0.7% (uniform:
-0.73%), well-formed 99%, with the problem's numbers 88%. Greedy: level 1 8.6%, level 2 0.8%.
-(With 400 steps about half the samples used wrong numbers, with 600 a quarter.)
-
-The result is saved to WORKDIR/countdown_init with a `countdown_settings.json` of the settings
-that made it (`uecjax.demo_model.cached_policy`, as the demo's): a later call with the same
-settings loads it.
+builds the character-level tokenizer and a tiny tied-embedding Qwen2 (`COUNTDOWN_MODEL`,
+0.08M parameters) and trains it with the supervised warm-up (`uecjax.sft`) on countdown train
+problems: the prompt is the problem as is, the target the bare expression, then `<|im_end|>`
+(`3 5 7 to 22:` -> `7+3*5<|im_end|>`). Each target is, with probability `correct_fraction`, a
+correct solution, else a uniformly random attempt, and correct targets are shown on
+`correct_levels` (level 1) only: the policy leaves diverse, not skilled, and RL has to find
+the rare correct strings of level 2. Saved to WORKDIR/countdown_init and reused while its
+settings match (`uecjax.demo_model.cached_policy`). Why, and measured figures: docs/DESIGN.md,
+"The embedded tasks and their warm-ups".
 """
 
 from __future__ import annotations
@@ -149,7 +127,8 @@ def prepare_countdown_policy(workdir: str, *, seed: int = 0, model_overrides: di
       (template, use_chat_template) must match the RL run's.
     samples_per_problem / correct_fraction / correct_levels: targets per problem
       (`warmup_examples`): on `correct_levels` a `correct_fraction` of them are correct, on
-      the other levels all are random attempts (module docstring: why level 2 is left out).
+      the other levels all are random attempts (why level 2 is left out: docs/DESIGN.md,
+      "Countdown").
     sft_steps / batch_size / learning_rate: the warm-up (`uecjax.sft.supervised_warmup`).
     num_val: other train-split problems, kept out of the warm-up set: the greedy accuracy and,
       over 4 samples per problem at temperature 1, the accuracy, the well-formed rate and the

@@ -2,32 +2,14 @@ r"""The embedded demo's initial policy: a tiny Qwen2 from scratch, warmed up on 
 
     model, tokenizer, path = prepare_demo_policy(workdir, seed=0)
 
-builds the character-level tokenizer, a tiny tied-embedding Qwen2 (hidden 128, 4 layers,
-4 heads / 2 KV heads, MLP 256, vocab = len(tokenizer), 0.61M parameters), and trains it with
-the supervised warm-up (`uecjax.sft`) on demo train problems with short worked solutions
-(`demo_solution`), e.g. for `3 * 4 - 5 = ?` (or the word problem `Kim has 3 bags of 4 pens.
-Kim gives away 5. How many pens now?`):
-
-    <think>3*4=12 12-5=7</think>\boxed{7}<|im_end|>
-
-The warm-up is deliberately short: the policy leaves it knowing the answer format and part of
-the arithmetic, so RL starts from a partial success rate with room to improve. By default it
-trains on levels 1, 2 and 4 only (`WARMUP_LEVELS`): level 3 (two-digit +-) is never shown, so
-held-out level-3 accuracy starts near 0 and only what the policy generalises or RL finds can
-raise it. The held-out split never shares an arithmetic expression with the train split, so
-held-out accuracy needs arithmetic facts the policy learned, not memorised problems.
-
-Defaults, measured on a 2-core CPU (500 steps of 32, AdamW 3e-3 warmup-cosine, 2000 problems
-in the `expression` style, prompt template "plain" in the chat template): about 95 s, held-out
-greedy accuracy about 15-25% over levels 1-4 (level 2 ~45%, level 4 ~15-25%, level 1 noisy,
-level 3 ~0%). The `word` style works the same way but its prompts are about 3x longer (about
-95 tokens against 30), so each step costs about twice as much; for it, raise `sft_steps` and
-expect roughly double the time.
-
-The result is saved (weights with `save_pretrained`, tokenizer with
-`tokenizer.save_pretrained`) to WORKDIR/demo_init with a `demo_settings.json` of the settings
-that made it, written last: a later call with the same settings loads it instead of training
-again; different settings (or a missing / partial directory) rebuild it.
+builds the character-level tokenizer and a tiny tied-embedding Qwen2 (`DEMO_MODEL`, 0.61M
+parameters) and trains it with the supervised warm-up (`uecjax.sft`) on demo train problems
+with short worked solutions (`demo_solution`): `3 * 4 - 5 = ?` ->
+`<think>3*4=12 12-5=7</think>\boxed{7}<|im_end|>`. The warm-up is deliberately short and
+skips level 3 (`WARMUP_LEVELS`), so RL starts from a partial success rate; `slip` makes that
+fraction of the teacher's boxed answers off by 1-2. The result is saved to WORKDIR/demo_init
+with the settings that made it and reused while they match (`cached_policy`, also the
+countdown policy's). Measured figures: docs/DESIGN.md, "The embedded tasks and their warm-ups".
 """
 
 from __future__ import annotations

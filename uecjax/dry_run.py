@@ -4,33 +4,13 @@
         --config.model.preset=qwen2.5-7b --config.mesh.fsdp=-1 --config.mesh.data=1 \
         [--dry_run_devices=64]
 
-builds the model abstractly (`nnx.eval_shape`: shapes, dtypes, shardings), lowers and compiles
-the train step for the configured batch (B * G rows of max_prompt_len + max_new_tokens tokens,
-micro_batches, method, reference log-probs when beta > 0) on the configured mesh, and prints
-per device: parameter bytes, optimizer-state bytes, reference-parameter bytes (beta > 0 and
-not offloaded; stored in the compute dtype, as `uecjax.train` keeps it), batch bytes, and from
-`compiled.memory_analysis()` the temporaries (activations, gradients, the update) and the
-generated code, with a total; then the same as one JSON line. The shape comes from
-config.model.preset (uecjax.models.presets), else config.model.path (a checkpoint directory
-or its config.json; weights are not read), else the demo's tiny model.
-
-A Qwen2.5-VL (a `qwen2.5-vl-*` preset, or a config.json of model_type qwen2_5_vl) is built
-whole, vision tower included (split over fsdp along its hidden axes, as `uecjax.parallel.mesh`
-lays it out; frozen with config.model.freeze_vision: no optimizer state), and the batch
-carries images as the loop's does (`uecjax.vision_inputs.vision_rows`): each row one square image of
-config.vision.dry_run_pixels pixels (0: vision.min_pixels), resized into [min_pixels,
-max_pixels] as the processor does, its patches padded to their patch bucket, its image tokens
-inside rollout.max_prompt_len. The report adds the tower's parameter count and its share of
-the parameter and optimizer bytes ("vision" in the JSON line).
-
-On the machine's own devices (e.g. a GPU host, or one TPU host of a slice of that size) the
-figures are the target backend's. `--dry_run_devices=N` compiles instead for N simulated CPU
-devices (`jax_num_cpu_devices`, the same as XLA_FLAGS=--xla_force_host_platform_device_count=N
-with JAX_PLATFORMS=cpu), to size a mesh larger than the machine: parameter, optimizer and
-batch bytes are exact (they follow from shapes and shardings); temporaries are the CPU
-compiler's, which fuses and schedules differently from the GPU / TPU compilers, so read them
-as an estimate. The sampler's KV cache and activations are not included (they are freed
-before the train step runs).
+builds the model abstractly (`nnx.eval_shape`), compiles the train step for one update's
+mini-batch on the configured mesh, and prints per device the parameter, optimizer-state,
+reference, batch, temporary and code bytes with a total, then one JSON line. The shape comes
+from config.model.preset, else config.model.path (weights are not read), else the embedded
+task's tiny model; a Qwen2.5-VL is compiled whole, one image per row. `--dry_run_devices=N`
+compiles for N simulated CPU devices (`simulate_cpu_devices`): bytes exact, temporaries an
+estimate. Details: docs/DESIGN.md, "The dry run".
 """
 
 from __future__ import annotations
@@ -177,7 +157,7 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         "params": device_bytes(params),
         "optimizer_state": device_bytes(opt_state),
         # The KL reference: a second copy of the parameters, stored in the compute dtype
-        # (uecjax.train: it is only ever read in it), unless parked in host memory.
+        # (uecjax.loop.build_run: it is only ever read in it), unless parked in host memory.
         "reference_params": (device_bytes(params, cfg.model.dtype)
                              if loss_cfg.beta > 0 and not _offloads(cfg, mesh) else 0),
         "batch": device_bytes(batch),

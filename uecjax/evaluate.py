@@ -57,7 +57,7 @@ def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens:
 
     sampler: a `uecjax.sampler.Sampler` (reads the model's current parameters at each call).
     records: objects with `.prompt`, `.answer` and optional `.choices` (`uecjax.data.Record`).
-    grader: a `uecjax.rewards.RewardGrader` (anything with `grade_batch(responses, answers,
+    grader: a `uecjax.rewards.grader.RewardGrader` (anything with `grade_batch(responses, answers,
       choices) -> Future[list[Reward]]`); None makes a default one for this call.
     Grading of a batch runs in the grader's workers while the next batch is sampled.
     ks: the k of Pass@k (default 1, 2, 4, ... up to n); every k must be <= n.

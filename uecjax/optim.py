@@ -1,19 +1,14 @@
 """The optimizer of the train step: global-norm clipping, then AdamW on a schedule.
 
-Weight decay applies to matrices only; norms and biases (names ending in "norm" or "_b" in
-uecjax.models.qwen2) are not decayed, as is usual for transformers.
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-6), external_lr=True)
 
-Frozen groups (`OptimConfig.frozen`, e.g. ("visual",) for the Qwen2.5-VL vision tower) take no
-update at all: no gradient step, no weight decay and no Adam moments (optax.multi_transform
-routes them to set_to_zero), and the train step stops their gradients.
-
-Dtypes. Gradients reach the optimizer in float32 and the update is computed in float32; the
-Adam moments are stored in `state_dtype` ("" = each parameter's own dtype) and keep that dtype
-across steps; the new parameters are cast back to their storage dtype. With bfloat16
-parameters (config.model.param_dtype) an update much smaller than 2^-8 of a weight rounds
-away: at learning rates around 1e-6 most of a step is lost, so bfloat16 parameters suit
-larger learning rates or memory-bound experiments; float32 parameters with bfloat16 moments
-(`state_dtype="bfloat16"`) save a third of the optimizer-plus-parameter memory without that loss.
+Weight decay applies to matrices only (not norms or biases). Frozen groups
+(`OptimConfig.frozen`, e.g. ("visual",)) take no update, no weight decay and no Adam moments.
+Updates are computed in float32; the moments are stored in `state_dtype` and the parameters
+cast back to their storage dtype. With bfloat16 parameters an update much smaller than 2^-8 of
+a weight rounds away (most of a step at learning rates around 1e-6); float32 parameters with
+bfloat16 moments save a third of the memory without that loss. docs/DESIGN.md, "Updates per
+rollout, controller, optimizer".
 """
 
 from __future__ import annotations

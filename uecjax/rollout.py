@@ -2,38 +2,15 @@
 rollout-level exploration with selective retention, DAPO dynamic sampling, and the replay
 stabilizer (ALGORITHMS.md sections 2, 5, 7, 8).
 
-One call of `Rollout.collect` returns exactly `batch_rows = B * G` rows for one update:
+    rows, stats = rollout.collect(params)   # exactly batch_rows / hosts.count rows, one step
 
-    round:  B prompts -> sampler (n = G, T) -> grade (worker processes) while the trainer
-            scores the responses (old / reference log-probs at temperature 1) -> rewards ->
-            group advantages and success rates -> keep the informative rows (|A| > 0.05;
-            DAPO: groups of mixed accuracy) and, with the section-6 gate on, every row of a
-            prompt with gate weight w_q > 0 (A = 0 there: only the exploration term weighs it)
-            [UEC] hard prompts (every accuracy < explore_threshold) -> G' more responses at T' ->
-            advantages standardised within the G' group -> keep |A'| > 1
-    repeat rounds until the buffer holds a full batch (rows left over wait for the next one).
-
-Without retention or dynamic sampling a round yields exactly one batch. The log-probs of the
-kept responses are the trainer's, at temperature 1; exploration rows were sampled at T', and
-by default get no importance correction (the authors' code); `loss.explore_is_cap` C > 0 weights
-their tokens by min(pi_1 / pi_T', C) (`Rows.to_batch`). Replay rows keep the log-probs of
-when they were sampled unless `replay_recompute`.
-
-Metrics of the prompts themselves (hard fraction p_q <= tau_hard, mean gate weight) and the
-regular rows' token-mean entropy (H_0's measurement: the policy's own samples, before any
-selection) are taken over every regular round of a batch, before selection.
-
-Several processes (`hosts`, a `uecjax.parallel.hosts.Hosts` with count > 1): each process draws
-B / count prompts of its own, samples them inside one SPMD sampler call and gets back only
-its own rows, grades and scores them, and fills its own buffer with batch_rows / count rows;
-the train step assembles the processes' rows into the global batch. Groups never span
-processes, so advantages, success rates and retention are computed where the rows are. The
-processes agree, through `hosts.gather` (an all-gather of small host values, one per share),
-on the prompts of every sampler call (the call is collective), on whether another round is
-needed (any share short of its rows), on the exploration batch (each share's hard prompts
-padded to the largest count; the padding's rows are dropped), on replay, and on the step's
-metrics (summed over shares). Without retention, dynamic sampling or exploration every round
-fills every share exactly, and the round needs no exchange.
+A round samples B prompts (n = G, T), grades them in the grader's worker processes while the
+trainer scores them (old / reference log-probs), computes group advantages and success rates
+(`uecjax.groups`) and keeps the informative rows; [UEC] hard prompts get G' more responses at
+T'. Rounds repeat until the buffer holds a batch. With several processes (`hosts`) each
+samples, grades and keeps only its own rows, and the shares agree through `hosts.gather` on the
+sampler calls, the rounds, exploration and replay. docs/DESIGN.md: "Rollouts", "One training
+step", "Several processes (multi-host)".
 """
 
 from __future__ import annotations

@@ -3,35 +3,14 @@
     sampler = Sampler(model)
     out = sampler([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=64, n=4, stop_token_ids=(2,)))
 
-Rows are prompt-major: row `i * n + j` is sample j of prompt i. Prompts are left-padded to a
-length bucket, the response budget and the number of prompts are bucketed too, so a new
-length inside a bucket reuses the compiled functions (`compile_count` says how many traces
-happened). The model's parameters are read at every call (no copy): changing them in place,
-as the trainer does, needs no recompile.
-
-Log-probs: `logprobs[r, t]` is log p(token) under the temperature-scaled distribution
-softmax(logits / T) over the full vocabulary, before top-k / top-p truncation (greedy: T = 1).
-
-Images (Qwen2.5-VL): `sampler(prompts, params, images=[PromptImages or None, ...])`, one entry
-per prompt, the prompts rendered with their image tokens (`uecjax.vision_inputs`). The prefill
-runs the vision tower and M-RoPE positions; decoding continues each row's text positions. The
-patches of each prompt are padded to a bucket (`patch_buckets`) of the batch's largest, so new
-image sizes inside a bucket reuse the compiled prefill too.
-
-On a device mesh (`Sampler(model, mesh=mesh)`, the (data, fsdp, tensor) mesh of
-`uecjax.parallel.mesh` that the model's parameters live on), the rows are split over the batch axes
-(data x fsdp) as the train step splits its batches, and the KV cache's head axis over `tensor`
-where the KV heads divide by it: each device prefills its prompts and decodes its rows only.
-The prompts are padded so that the rows (prompts x n) divide by data x fsdp; padded prompts
-are empty and finish at once. The prefill splits the prompts over data x fsdp when their count
-divides by it, else over `data` alone when that divides, else runs every prompt on every
-device; its cache is repeated to the n samples and split by rows before decoding. Host arrays
-enter with `uecjax.parallel.mesh.global_batch`, so in a multi-process job every process passes
-the same prompts; with `hosts=` (`uecjax.parallel.hosts.Hosts`) they are the processes' blocks,
-and each process gets back only its own block of rows. The sampled tokens do not depend on the
-mesh: the random draws of a row depend on the seed, the step and the row's index only, whatever the number of padded rows (JAX's
-partitionable threefry, `jax.config.jax_threefry_partitionable`, the default in current JAX;
-with it off, the mesh's row padding changes the draws, and the sampler warns).
+Rows are prompt-major: row `i * n + j` is sample j of prompt i. Prompt lengths, response
+budgets, prompt counts and image patches are bucketed, so new shapes inside a bucket reuse the
+compiled functions (`compile_count`); the model's parameters are read at every call, so
+training them in place needs no recompile. `logprobs[r, t]` is log p(token) under
+softmax(logits / T), before top-k / top-p truncation. Images (Qwen2.5-VL): `images=`, one
+`PromptImages` or None per prompt. On a mesh (`Sampler(model, mesh=mesh)`) each device
+prefills and decodes only its rows (data x fsdp, KV heads over tensor), and the samples do
+not depend on the mesh; `hosts=` gives each process its own block. docs/DESIGN.md, "The sampler".
 """
 
 from __future__ import annotations

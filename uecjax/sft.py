@@ -3,17 +3,12 @@
     stats = supervised_warmup(model, tokenizer, [(prompt_ids, target_ids), ...], steps=200,
                               batch_size=32, learning_rate=3e-3, seed=0)
 
-The model is trained in place (its parameters are replaced with `nnx.update`), so a `Sampler`
-built on it sees the new weights at its next call. Shapes are fixed for the whole run: prompts
-are left-padded to one width and targets right-padded to another, in the train step's layout
-(`uecjax.batch.Batch`: `[prompt (P, left-padded) | target (R)]`), so the step compiles once.
-The loss is the mean, over every target token of the batch, of -log p(token | prefix) at
-temperature 1, read through `scoring.response_logprobs` (the same log-probs the RL step uses).
-Targets should end with the stop token the sampler stops on (e.g. `<|im_end|>`), so that the
-model learns to end its answer.
-
-Used by the embedded demo (`uecjax.demo_model`) to give a tiny from-scratch Qwen2 a partial
-success rate before RL.
+The model is trained in place (`nnx.update`), so a `Sampler` built on it sees the new
+weights. Shapes are fixed for the whole run (prompts left-padded, targets right-padded, in the
+train step's layout), so the step compiles once; the loss is the token mean of -log p(target
+token | prefix) at temperature 1, through `scoring.response_logprobs`. Targets should end with
+the sampler's stop token. Used by the embedded tasks' policies (`uecjax.demo_model`,
+`uecjax.countdown_model`); docs/DESIGN.md, "The embedded tasks and their warm-ups".
 """
 
 from __future__ import annotations

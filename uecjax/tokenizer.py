@@ -1,6 +1,6 @@
 """Tokenizers and prompts: the checkpoint's own tokenizer and chat template, or, for the
-embedded demo, a character-level tokenizer the run builds itself (a real transformers
-`PreTrainedTokenizerFast`, so both paths share one API).
+embedded tasks (demo, countdown), a character-level tokenizer the run builds itself (a real
+transformers `PreTrainedTokenizerFast`, so both paths share one API).
 """
 
 from __future__ import annotations

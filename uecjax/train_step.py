@@ -1,34 +1,17 @@
 """The train step: GRPO, DAPO, UEC-RL, AER and the entropy baselines in one pure, sharded,
 jitted update (ALGORITHMS.md sections 2-7, 9).
 
-    trainer = TrainStep(model, loss_config("uec"), OptimConfig(learning_rate=1e-6), mesh,
-                        micro_batches=4)
+    trainer = TrainStep(model, loss_config("uec"), OptimConfig(learning_rate=1e-6), mesh)
     params, opt_state, control = trainer.init(nnx.state(model))
-    old_logp, old_entropy = trainer.compute_logprobs(params, batch)
-    batch = batch.replace(old_logp=old_logp, old_entropy=old_entropy)
-    params, opt_state, control, metrics = trainer.step(params, opt_state, control, batch)
+    params, opt_state, control, metrics = trainer.step(params, opt_state, control,
+                                                       trainer.device_batch(rows))
     control = trainer.update_control(control, metrics)      # AER's host-side update
-    nnx.update(model, params)                               # the sampler reads the model
 
-`train_step` is the pure function `(params, opt_state, control, batch) -> (params, opt_state,
-control, metrics)`; params is the model's nnx.State (the graphdef is static). `TrainStep`
-jits it on a Mesh with explicit in/out shardings from `uecjax.parallel.mesh`, donating params and
-optimizer state.
-
-Exactness of gradient accumulation. The batch is split into `micro_batches` and scanned; every
-loss part is normalised by the global batch's counts (tokens, sequences), so the accumulated
-gradient is the gradient of the whole batch (section 4). Two terms depend on the global batch
-nonlinearly and are handled so that the split changes nothing:
-  * clip_cov / kl_cov select tokens by a covariance centred over the global batch: the
-    selection is made once, before the scan, from log pi_old (== log pi at the first update).
-  * the stabilizer lambda relu(Hbar - H_max)^2 is nonlinear in the global mean entropy Hbar:
-    each micro-batch contributes the surrogate 2 lambda relu(Hbar_a - H_max) * (its share of
-    Hbar), whose gradients sum to the exact gradient when Hbar_a = Hbar. The anchor Hbar_a is
-    `LossConfig.stabilizer_anchor`: "old" takes the global token-mean entropy from the
-    old-log-prob pass (free, and exact at the first update on a batch: same parameters),
-    "current" (default) computes it with the current parameters in a forward-only first pass
-    (exact always; costs one forward when micro_batches > 1, nothing when micro_batches == 1). The
-    same surrogate is used with one micro-batch, so a split never changes the update.
+`train_step` is the pure `(params, opt_state, control, batch) -> (params, opt_state, control,
+metrics)`; `TrainStep` jits it on a mesh (explicit shardings, params and optimizer state
+donated) and scores rows (`score`: old / reference log-probs). Micro-batches accumulate the
+exact gradient of the whole batch, the stabilizer through a surrogate linearised at an anchor
+entropy (`LossConfig.stabilizer_anchor`): docs/DESIGN.md, "The train step".
 """
 
 from __future__ import annotations
@@ -97,7 +80,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
     adv = adv * mask if adv.ndim == 2 else broadcast_to_tokens(adv, mask)
     old_entropy_mean = jnp.sum(mask * batch.old_entropy) / n
     # H_0 (section 6) is normally set by the loop from the initial policy's regular samples
-    # before any selection (`uecjax.train`); a step that finds it unset takes its own batch's
+    # before any selection (`uecjax.loop.set_h0`); a step that finds it unset takes its own batch's
     # token-mean entropy, and only from a batch that has tokens (an all-padding batch would
     # fix H_0 = 0 for good).
     h0 = jnp.where(jnp.isnan(control.h0) & (num_tokens > 0), old_entropy_mean, control.h0)
@@ -118,7 +101,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
         return response_logprobs(graphdef, p, mb["tokens"], mb["attention_mask"], mb["positions"],
                                  R, chunk_size, mb["images"])
 
-    # Where the stabilizer is linearised (module docstring); None: this pass's own mean entropy.
+    # Where the stabilizer is linearised (docs/DESIGN.md, "The train step"); None: this pass's own mean entropy.
     anchor = old_entropy_mean
     if loss_cfg.stabilizer_anchor == "current":
         anchor = None
@@ -195,7 +178,8 @@ def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, loss_
 def train_step(params, opt_state, control: ControlState, batch: Batch, *,
                optimizer: optax.GradientTransformation, schedule: Callable,
                advance_schedule: bool = True, **grad_kwargs):
-    """One optimizer update on `batch` (module docstring); grad_kwargs go to `batch_gradients`.
+    """One optimizer update on `batch` (docs/DESIGN.md, "The train step"); grad_kwargs go to
+    `batch_gradients`.
 
     The learning rate is schedule(control.step), and control.step counts the updates that
     advance the schedule: advance_schedule=False (replay updates, ALGORITHMS.md section 8)

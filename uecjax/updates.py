@@ -1,22 +1,14 @@
 """PPO-style updates of one rollout batch: mini-batches and epochs (ALGORITHMS.md section 4a).
 
-One rollout batch of B * G rows gives `updates_per_rollout` optimizer updates on disjoint
-mini-batches of B * G / updates_per_rollout rows, for `epochs` passes; the old and reference
-log-probs stay those of rollout time, so from the second update on the ratio pi / pi_old
-leaves 1 and the clip, the dual clip and DAPO's clip-higher act (verl's ppo_mini_batch_size
-and ppo_epochs, TRL's num_iterations, tunix's num_iterations). Each mini-batch is aggregated
-over its own rows (its own global token count), with its own micro-batch accumulation.
-
-Rows are reshuffled for every epoch with the run's seed, the rollout step and the epoch (and,
-with several row shares, the share: each process orders only its own rows, and the u-th
-mini-batch of the global batch is every share's u-th slice). With one mini-batch nothing is
-reordered, so updates_per_rollout = epochs = 1 is exactly one update on the rollout batch in
-rollout order. The order is a pure function of those numbers: a run resumed between two
-updates of a rollout takes the same mini-batches as the uninterrupted run.
-
     plan = UpdatePlan(updates_per_rollout=4, epochs=1, seed=cfg.seed)
     for k in range(plan.total):
-        minibatch = rows.select(plan.rows_of(step, k, len(rows), share.index))
+        minibatch = rows.select(plan.rows_of(step, k, len(rows), hosts.index))
+
+One rollout batch gives `updates_per_rollout` updates on disjoint mini-batches, for `epochs`
+passes, with pi_old and the reference fixed at rollout time (so the clip acts from the second
+update on). Rows are reshuffled per epoch from (seed, step, epoch, share index), a pure
+function: a run resumed between two updates takes the same mini-batches. One mini-batch keeps
+the rollout order. docs/DESIGN.md, "Updates per rollout, controller, optimizer".
 """
 
 from __future__ import annotations

@@ -7,20 +7,11 @@ fixed-shape per-row arrays that the jitted sampler and train step take.
     ids = render_vl_prompt(tokenizer, record.prompt, images, merge_size=2)
     out = sampler([ids], params, images=[images])
 
-Images go through transformers' Qwen2-VL image processor (its PIL backend needs no
-torchvision): resized so that the pixel count lies in [min_pixels, max_pixels] with sides
-multiples of patch_size * merge_size, normalised, cut into patches. The prompt follows the
-checkpoint's chat template with `{"type": "image"}` items where the problem has `<image>`
-(EasyR1's message layout); each `<|image_pad|>` the template writes is expanded to one token
-per merged patch block, t * h * w / merge^2, as the Qwen2.5-VL processor does.
-
-Fixed shapes. Every row (a prompt, or a sampled response with its prompt) carries its own
-images, padded to the same number of patches N, the smallest of `patch_buckets` that holds
-the batch's largest row; a row's layout (`padded_vision_layout`) then has shapes that depend
-on N alone. So the jitted prefill and train step compile once per bucket, whatever the image
-sizes, and the rows of a batch stay independent: they shard over devices and split into
-micro-batches like text rows. (A bucket of the batch's total patches would save the padding
-of small rows, but ties the rows together; the tower is a small part of a step's compute.)
+Images go through transformers' Qwen2-VL image processor (PIL backend, pixel count in
+[min_pixels, max_pixels]); each `<|image_pad|>` of the chat template is expanded to one token
+per merged patch block. Every row carries its own images padded to a patch bucket
+(`patch_buckets`), so the jitted prefill and train step compile once per bucket and rows stay
+independent. docs/DESIGN.md, "Vision-language models".
 """
 
 from __future__ import annotations

@@ -2,39 +2,15 @@
 
     3 5 7 to 22:     ->  3*5+7   (also 5*3+7, 7+3*5, 7+5*3)
 
-A task where exploration matters: a problem has several correct strings (commutativity, the
-order of the terms), so a policy can be right in more than one way, and on the hard level a
-correct string is rare among the candidates, so a policy that writes near-uniform attempts
-succeeds on well under 1% of its samples yet usually finds one in a few hundred (Pass@256).
+    source = countdown_source("train", 1000, seed=0, levels=(1, 2))   # answers: "3 5 7|22"
 
-Expressions: the numbers in some order with an operator between each two, normal precedence
-(* before + and -, otherwise left to right), no parentheses, no unary minus, decimal digits
-only, no spaces inside. A number is the maximal digit run: `35` is thirty-five, not 3 and 5.
-Numbers have at most `MAX_DIGITS` digits and no leading zero (`07` is malformed; `0` alone is
-a number); an expression whose intermediate values (a product term, a running sum) leave
-+-`MAX_VALUE` is malformed too, so that the int32 version on token ids
-(`uecjax.testbed.countdown_reward`) never has to tell an overflow from a value.
-
-    level 1   3 numbers in 1..9, any positive target (3! * 3^2 = 54 candidate strings)
-    level 2   4 numbers in 1..9 (4! * 3^3 = 648 candidates), targets with at most
-              `max_solutions` distinct solution strings AND at most `max_success` chance that
-              `random_attempt` (a uniform order and operators) solves them
-
-Why both bounds on level 2: repeated numbers shrink the set of distinct strings, so a target
-with 2 distinct solutions over {1, 1, 1, 2} is hit by 6 * 2 of the 648 uniform attempts
-(1.9%); the success bound keeps such problems out.
-
-Measured over every problem of each level (all multisets, all admissible targets):
-
-    level   problems (train / test)   distinct solutions    random-attempt success
-    1       1386 (1098 / 288)         1-12, mostly 2-6      3.7-33%, mean 9.0%
-    2       1212 (951 / 261)          1: 110, 2: 337,       0.62-0.93%, mean 0.73%; Pass@256
-                                      3: 364, 4: 401        of uniform attempts 80-91%, mean 83%
-
-Targets are the value of some valid expression, so every problem is solvable, and positive.
-The train and held-out ("test") splits never share a problem: each canonical problem (sorted
-numbers and target) belongs to one split by a hash of its text, whatever the seed, like
-`uecjax.data.demo.split_of`.
+A problem has several correct strings, and on level 2 (4 numbers; targets with few solutions
+that `random_attempt` hits at most `max_success` of the time) a correct string is rare: uniform
+attempts succeed on well under 1% of samples yet usually find one in a few hundred. Expressions
+have no parentheses, normal precedence, numbers of at most `MAX_DIGITS` digits without a
+leading zero, values within +-`MAX_VALUE` (`parse_expression`, `grade_countdown`). The train
+and test splits never share a problem (a hash of its canonical text decides). Rules, levels
+and measured statistics: docs/DESIGN.md, "The embedded tasks and their warm-ups".
 """
 
 from __future__ import annotations

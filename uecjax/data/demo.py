@@ -10,10 +10,8 @@ levels small enough for a tiny model to learn on a CPU in minutes:
     level 3   a +- b          a in 10..99, b in 1..99
     level 4   a * b +- c      a, b in 2..9, c in 1..9
 
-Counts never go negative (one cannot give away more than one has), so answers are integers
->= 0. The train and held-out ("test") splits never share an arithmetic expression: each
-expression belongs to one split by a hash of its text, whatever the seed, so held-out accuracy
-measures arithmetic the policy was not trained on, not memorised wording.
+Answers are integers >= 0. The train and held-out ("test") splits never share an arithmetic
+expression: a hash of its text decides, whatever the seed (docs/DESIGN.md, "Demo").
 """
 
 from __future__ import annotations

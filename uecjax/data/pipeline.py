@@ -1,17 +1,17 @@
-"""The grain pipeline over a source: per-host shard, seeded shuffle, epochs, image decoding.
+"""The grain pipeline over a source: seeded shuffle, epochs, per-host shards, image decoding.
 
-    ds = make_dataset(source, seed=0, shard_index=jax.process_index(),
-                      shard_count=jax.process_count())
+    ds = make_dataset(source, seed=0)              # shuffled, reshuffled every epoch, repeated
+    ds = shard_batches(ds, B, jax.process_index(), jax.process_count())  # a block of each batch
     it = make_iterator(ds)
     record = next(it)
     state = it.get_state()           # a small JSON-able dict, saved with the checkpoint
-    ...
-    it = make_iterator(make_dataset(source, seed=0, ...))   # same arguments
-    it.set_state(state)              # continues exactly where the saved run was
+    it.set_state(state)              # on the same pipeline: continues where the saved run was
 
-Order of operations: shard, then shuffle, then repeat. Each host owns a fixed subset of rows
-(`rows[shard_index::shard_count]`, disjoint across hosts, together all rows) and reshuffles
-it every epoch with a seed folded with the epoch number, so resuming only needs the position.
+The training loop reads one seeded stream, the same on every host, and each host only its
+block of every global batch of B records (`shard_batches`; `uecjax.setup.make_records`).
+`make_dataset(shard_index=, shard_count=)` instead gives each host a fixed subset of rows
+(`rows[shard_index::shard_count]`); either way each epoch is reshuffled with a seed folded
+with the epoch number, so resuming only needs the position.
 """
 
 from __future__ import annotations

@@ -3,17 +3,13 @@
     model = from_pretrained("Qwen2.5-VL-3B-Instruct")            # -> Qwen2_5_VL
     logits = model(input_ids, attention_mask, pixel_values, image_grid_thw)
 
-Image tokens (`image_token_id` placeholders, one per merged 2x2 patch block) are replaced by
-the tower's features. Positions are three-dimensional (M-RoPE): text tokens advance all three
-(temporal, height, width) together, an image's tokens take their grid coordinates offset by
-the text before them, and the text after an image resumes at the largest position + 1. They
-depend on where the images are, so `mrope_positions` computes them on the host (numpy).
-
-The class offers the Qwen2 API (`embed_tokens`, `hidden_states`, `logits`, `init_cache`,
-`layer_list`, `output_weight`, `config.compute_dtype`), with `hidden_states` accepting
-positions [3, B, T] or, for text alone and for decoding, [B, T] (the same on all 3 axes), so
-the sampler and train step run it with little change. Decoding continues the positions: a new
-token's position is (the number of real tokens before it) + `rope_deltas` of its row.
+Image tokens (one per merged 2x2 patch block) are replaced by the tower's features. Positions
+are three-dimensional (M-RoPE) and depend on where the images are, so `mrope_positions`
+computes them on the host. The class offers the Qwen2 API (`embed_tokens`, `hidden_states`
+with positions [3, B, T] or [B, T], `logits`, `init_cache`, `output_weight`, ...) and
+`embed_rows` (each row its own images), so the sampler and train step run it with little
+change; decoding continues each row's positions with its `rope_deltas`. docs/DESIGN.md,
+"Vision-language models".
 """
 
 from __future__ import annotations

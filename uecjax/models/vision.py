@@ -1,23 +1,13 @@
 """The Qwen2.5-VL vision tower in flax.nnx, and the host-side layout of its patch sequence.
 
 Images of different sizes are concatenated into one patch sequence. Which patches attend to
-which depends only on the image grids, so it is computed on the host in numpy
-(`vision_layout`) and passed to the jitted tower as index arrays of static shape:
-
-* the patches are permuted into window order (transformers' `get_vision_window_index`), so
-  every attention window is a contiguous run of the sequence;
-* attention is variable-length over contiguous segments (the `cu_seqlens` of transformers):
-  windows in the windowed blocks, whole frames in the `fullatt_block_indexes` blocks. Each
-  segmentation is gathered into a padded [rows, row length, ...] batch, attended with a
-  same-segment mask, and scattered back, so memory grows with the segments' sizes, not with
-  the square of the whole sequence.
-
-`vision_layout` gives one segment per row, shaped by the images at hand. For jitted callers
-that must not recompile per image size (the sampler, the train step), `padded_vision_layout`
-lays out one prompt's images padded to a fixed number of patches, with array shapes that
-depend on that number alone: windows are packed several to a row, the frames share one row.
-
-Weights are stored input-major (`x @ w`); `hf.py` maps them to and from the HF names.
+which depends only on the image grids, so it is computed on the host in numpy (`vision_layout`:
+window order, variable-length segments) and passed to the jitted tower as index arrays of
+static shape; attention runs over padded segments with a same-segment mask, so memory grows
+with the segments' sizes, not with the square of the sequence. `padded_vision_layout` lays out
+one prompt's images padded to a fixed number of patches, for jitted callers that must not
+recompile per image size (the sampler, the train step). Weights are stored input-major
+(`x @ w`); `hf.py` maps them to and from the HF names. docs/DESIGN.md, "Vision-language models".
 """
 
 from __future__ import annotations

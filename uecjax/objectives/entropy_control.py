@@ -1,4 +1,4 @@
-"""Difficulty, UEC-RL gated exploration + stabilizer, and AER (ALGORITHMS.md sections 5, 6, 9)."""
+"""Success rates, UEC-RL gated exploration + stabilizer, and AER (ALGORITHMS.md sections 5, 6, 9)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from uecjax.objectives.aggregation import aggregate
 GATE_KINDS = ("hard", "linear", "sigmoid")
 
 
-# ---- difficulty (section 5), host side ----
+# ---- success rate p_q (difficulty, section 5), host side ----
 
 def success_rate(acc) -> np.ndarray:
     """p_q = mean_i acc_i per prompt, from the accuracy component acc [P, G] (section 5). Host, numpy."""

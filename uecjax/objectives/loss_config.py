@@ -37,7 +37,7 @@ class LossConfig:
     beta: float = 0.01  # KL-to-reference coefficient; 0 skips the reference model entirely
     kl_kind: str = "k3"
     kl_clamp: float = 10.0
-    # -- difficulty (section 5) --
+    # -- success rate and hard prompts (difficulty, section 5) --
     tau_hard: float = 0.0  # hard prompt: success rate p_q <= tau_hard
     # -- UEC-RL components (section 6); each on its own switch, any method can use them --
     explore: bool = False  # gated exploration term -alpha * agg(w_q H)

@@ -1,20 +1,15 @@
 """RL methods as presets over one loss (ALGORITHMS.md sections 4, 6, 7, 9).
 
 A method is a function `(LossInputs, LossConfig) -> (loss parts, stats)` plus a registry entry
-(`METHODS`) holding its preset hyperparameters and, when it needs one, a token selection made
-over the whole global batch before the micro-batch loop (clip_cov / kl_cov). Adding a method
-is one function and one entry. The UEC components of section 6 (gated exploration, stabilizer)
-are switches of `LossConfig` (`explore`, `stabilizer`) that `loss_terms` adds to any method;
-`uec` is GRPO with both on, and every ablation is one override away:
+(`METHODS`): its preset hyperparameters and, for clip_cov / kl_cov, a token selection over the
+whole global batch made before the micro-batch loop. The UEC components of section 6 are
+`LossConfig` switches (`explore`, `stabilizer`) that `loss_terms` adds to any method; `uec` is
+GRPO with both on, and every ablation is one override away:
 
     loss_cfg = loss_config("uec", gate="hard", stabilizer=False)
 
-Conventions, so that micro-batches sum to the global batch exactly (section 4):
-  * every loss part is already normalised by the *global* counts in `LossInputs`, so the sum
-    of a part over micro-batches is its value on the global batch;
-  * every stat is a masked sum over tokens; the train step divides it by the global token
-    count (a fraction of tokens, e.g. the clip fraction). Stats named `seq_*` are sums over
-    the micro-batch's non-empty sequences instead, divided by the global sequence count.
+Loss parts are normalised by the global counts in `LossInputs` and stats are masked sums, so
+micro-batches sum to the global batch exactly (docs/DESIGN.md, "The train step").
 """
 
 from __future__ import annotations

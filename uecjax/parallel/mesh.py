@@ -5,25 +5,13 @@
     opt_shardings = opt_state_shardings(mesh, optimizer, params, shardings)
     model = from_pretrained(path, sharding_fn=model_sharding_fn(mesh, config))
 
-`LOGICAL_RULES` maps the logical axis names of `uecjax.models.qwen2` (LAYER_PARAM_AXES,
-MODEL_PARAM_AXES) and "batch" to mesh axes: weights are split over `fsdp` along the hidden
-("embed") axis and over `tensor` along heads / MLP / vocabulary; batches over data x fsdp.
-Optimizer-state leaves that mirror a parameter take its sharding (via `optax.tree_map_params`),
-the rest (step counts) is replicated, so one table serves all three.
-
-A parameter dimension that its mesh axes do not divide falls back to replicated on that
-dimension (e.g. a vocabulary of 151,646 on tensor=4 still loads, with the embedding
-replicated over `tensor`); `param_fallbacks` lists where that happens. `check_model_mesh`
-turns the fallbacks that would cost real memory or split attention heads into errors before
-anything loads: attention heads, KV heads and the MLP width must divide by `tensor`, the
-hidden size by `fsdp`; a vocabulary that does not divide by `tensor` stays a warning (it is
-the checkpoint's, not ours to choose). A batch whose size the data-parallel axes do not divide
-is an error (`ShardingError`), since the batch size is ours to choose while checkpoint shapes
-are not.
-
-Host batches become global arrays with `global_batch` (each process passes the same host
-batch and contributes only the rows its devices hold); `uecjax.parallel.hosts` places batches
-of which each process holds only its own rows.
+`LOGICAL_RULES` maps the models' logical axis names and "batch" to mesh axes (weights over
+`fsdp` along the hidden axis and `tensor` along heads / MLP / vocabulary; batches over data x
+fsdp); optimizer-state leaves take their parameter's sharding. A dimension its axes do not
+divide is replicated (`param_fallbacks`); `check_model_mesh` makes the costly fallbacks errors
+before anything loads. `global_batch` places host batches that every process holds whole
+(`uecjax.parallel.hosts`, those of which each holds its own rows). docs/DESIGN.md, "The mesh
+and the partition rules".
 """
 
 from __future__ import annotations
@@ -255,11 +243,12 @@ def check_model_mesh(config, mesh: Mesh, *, where: str = "config.mesh") -> list[
     """Raises ShardingError when the mesh cannot split the model evenly; returns warnings.
 
     `config` is a `uecjax.models.TextConfig`, or a `VLConfig` (its decoder is checked: the
-    vision tower is replicated, see LOGICAL_RULES). Errors: attention heads, KV heads or MLP width
-    not divisible by `tensor`, hidden size not divisible by `fsdp` (the parameter would be
+    vision tower takes no `tensor` split, and its fsdp-split hidden axes fall back to replicated
+    where fsdp does not divide them, see LOGICAL_RULES). Errors: attention heads, KV heads or MLP
+    width not divisible by `tensor`, hidden size not divisible by `fsdp` (the parameter would be
     silently replicated, or a head split across devices). Warnings: a vocabulary not divisible
-    by `tensor` (the embedding / lm-head are then replicated over `tensor`, see the module
-    docstring).
+    by `tensor` (the embedding / lm-head are then replicated over `tensor`; docs/DESIGN.md,
+    "The mesh and the partition rules").
     """
     if isinstance(config, VLConfig):
         config = config.text

@@ -90,7 +90,8 @@ def brace_depth(text: str) -> int:
 
 def format_reward(response: str, *, think_prefilled: bool = False,
                   max_answer_chars: int = MAX_ANSWER_CHARS) -> float:
-    """1.0 if `response` follows the `<think>...</think>` + `\\boxed{}` rule (module docstring)."""
+    """1.0 if `response` follows the `<think>...</think>` + `\\boxed{}` rule (docs/DESIGN.md,
+    "Rewards")."""
     text = response.strip()
     if think_prefilled:
         if THINK_OPEN in text:

@@ -4,30 +4,12 @@
     acc = countdown_accuracy_batch(tokens, mask, numbers, num_numbers, targets, classes)  # [B]
 
 The same function as the host's `uecjax.data.countdown.countdown_accuracy` on the decoded
-response (`tokenizer.decode(masked ids, skip_special_tokens=False)`), so a loop that samples,
-scores and trains on the device needs no host round trip per batch: 1.0 iff the masked tokens,
-without a final stop token and surrounding whitespace, are a well-formed expression (digits and
-+ - * only, no leading / trailing / doubled operator, numbers of at most MAX_DIGITS digits
-without a leading zero, intermediate values within +-MAX_VALUE, at most MAX_CHARS characters)
-whose numbers are exactly the multiset numbers[:num_numbers] and whose value is the target.
-
-How: each token id maps to a class (`token_classes`): a digit 0-9, PLUS, MINUS, TIMES, SPACE
-(whitespace-only text: allowed before and after the expression, as `str.strip` removes it),
-STOP (the tokenizer's stop tokens: allowed only as the last valid token, which ends the
-response), OTHER (anything else, special tokens included: malformed). A `lax.scan` over the
-positions runs the host parser's state machine on the valid tokens: the current number and its
-digit count, the pending operator, the product term (with its sign) and the running sum, the
-numbers read so far in a [K] buffer, and a sticky `bad` flag for every malformation. Products
-are checked for overflow by division before they are formed (|term| > MAX_VALUE // n), sums
-after (both operands are within MAX_VALUE, so the int32 sum cannot wrap), as the host checks
-them. Numbers read and given are compared as sorted multisets, padding entries ignored.
-
-The equality with the host is exact for character-level tokenizers (`uecjax.tokenizer.
-char_tokenizer`, one character per non-special token), with one exception the decoded string
-cannot show: a response that spells a stop marker out in characters (`<`, `|`, `i`, ...) at
-its very end decodes like the stop token itself, so the host removes it and the token version
-(seeing OTHER characters) does not. With a multi-character tokenizer, tokens such as `35` or
-` 3` are OTHER here: the score is then a lower bound of the host's.
+response, so a loop that samples, scores and trains on the device needs no host round trip:
+each token id maps to a class (`token_classes`: digit, operator, SPACE, STOP, OTHER) and a
+`lax.scan` runs the host parser's state machine over the valid tokens, with the host's
+overflow checks. Exact for character-level tokenizers (but for a stop marker spelled out in
+characters at the very end); with a multi-character tokenizer a lower bound of the host's.
+docs/DESIGN.md, "The compiled testbed".
 """
 
 from __future__ import annotations

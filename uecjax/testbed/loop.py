@@ -4,25 +4,13 @@
     out = program.run(seeds=jnp.arange(5))                    # one jit, 5 seeds side by side
     out = program.run(seeds=..., sweep={"alpha": jnp.array([...])})   # + one value per run
 
-For a toy-scale task the Python loop of `uecjax.train` (host rollout, host grading, host batch
-building, a device call per piece) costs far more than the arithmetic. Following PureJaxRL,
-everything here happens inside one `jit`: sampling with the sampler's own prefill and decode
-step (`Sampler.generate_traced`), a reward written in `jnp` for the task, group advantages,
-difficulty, the section-8 exploration rollouts, the old / reference log-prob pass
-(`uecjax.scoring.compute_logprobs`), and the update itself (`uecjax.train_step.train_step`
-with the objectives registry's `loss_terms` and `uecjax.optim`'s optimizer): the library's
-code, not copies of it. Held-out evaluation runs inside the same program every `eval_every`
-steps and returns each held-out prompt's number of correct samples out of `eval_samples`, from
-which the host computes unbiased Pass@k for every k <= eval_samples.
-
-Static shapes change a few host-loop details, each documented where it happens:
-  * rows dropped by selection (retention, DAPO's dynamic sampling, the overlong rule) are
-    masked out of the batch rather than removed and refilled, so an update sees fewer
-    tokens when many are dropped (the host loop samples more prompts until the batch is full);
-  * rollout-level exploration (section 8) has `explore_prompts` slots per step: up to that many
-    of the step's hard prompts (chosen at random among them) get `explore_samples` responses
-    at `explore_temperature`; the host loop explores every hard prompt;
-  * there is no replay buffer (`uec_code`'s replay is a host-loop feature).
+Following PureJaxRL, sampling (`Sampler.generate_traced`), a `jnp` reward, group advantages,
+success rates, section-8 exploration, the old / reference log-prob pass and the update
+(`uecjax.train_step.train_step`) run inside one `jit`: the library's code, not copies of it.
+Held-out evaluation runs in the same program and returns per-prompt correct counts for Pass@k.
+Static shapes change a few details of the host loop (`uecjax.loop`): dropped rows are masked,
+not refilled; exploration has `explore_prompts` slots per step; there is no replay buffer.
+docs/DESIGN.md, "The compiled testbed".
 """
 
 from __future__ import annotations
@@ -61,7 +49,7 @@ class TaskArrays(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """Rollout and schedule of the compiled loop; the loss is a LossConfig, the optimizer an
-    OptimConfig, as in `uecjax.train`."""
+    OptimConfig, as in `uecjax.loop`."""
 
     prompts_per_step: int = 16  # B
     group_size: int = 8  # G
@@ -216,7 +204,7 @@ class CompiledLoop:
             ref_logp, _ = compute_logprobs(self.params0, batch, graphdef=self.graphdef)
             batch = batch.replace(ref_logp=ref_logp)
         # Response-token entropy of the regular samples before any selection: the curve of the
-        # experiment, and H_0 at the first step (as `uecjax.train` sets it).
+        # experiment, and H_0 at the first step (as `uecjax.loop.set_h0` sets it).
         regular = rows["valid"].astype(jnp.float32) * (1.0 - rows["explore"])[:, None]
         stats["entropy"] = jnp.sum(regular * old_entropy) / jnp.maximum(regular.sum(), 1.0)
         stats["kept_rows"] = jnp.sum(rows["keep"].astype(jnp.float32))
