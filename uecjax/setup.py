@@ -1,6 +1,6 @@
 """What a run needs before its first step, built from the config: the input checks, the mesh,
-the policy (model, tokenizer, image processor: `load_policy`, for training, evaluation and the
-dry run alike), the records and the prompt stream."""
+the policy (model, tokenizer, image processor: `load_policy`, for training and evaluation;
+`model_config`, its shape without weights, for the dry run), the records and the prompts."""
 
 from __future__ import annotations
 
