@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from uecjax.config import base_config
 from uecjax.metrics import pass_at_k_table
 from uecjax.parallel.hosts import Hosts
 from uecjax.rewards.grader import RewardGrader
@@ -48,10 +49,15 @@ def _seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] >> 1)
 
 
-def evaluate(sampler, tokenizer, records, grader, *, n: int = 8, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 32,
-             prompt_template: str = "think_boxed", use_chat_template: bool = True,
-             seed: int = 0, ks: Sequence[int] | None = None, progress: bool = True,
+_DEFAULTS = base_config()  # the keyword defaults are the config's
+
+
+def evaluate(sampler, tokenizer, records, grader, *, n: int = _DEFAULTS.eval.n,
+             max_new_tokens: int, temperature: float = _DEFAULTS.eval.temperature,
+             top_p: float = _DEFAULTS.eval.top_p, batch_prompts: int = _DEFAULTS.eval.batch_prompts,
+             prompt_template: str = _DEFAULTS.prompt.template,
+             use_chat_template: bool = _DEFAULTS.prompt.use_chat_template,
+             seed: int = _DEFAULTS.seed, ks: Sequence[int] | None = None, progress: bool = True,
              greedy: bool = True, image_processor=None, hosts: Hosts = Hosts()) -> dict:
     """Greedy Pass@1 and sampled Pass@k of `sampler`'s model on `records` (module docstring).
 
