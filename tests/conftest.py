@@ -14,7 +14,19 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="uecjax-test-jit-"))
+
+
+def _run_cache_dir() -> str:
+    """One compilation cache per test run; pytest-xdist's workers of one run share it."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return tempfile.mkdtemp(prefix="uecjax-test-jit-")
+    path = os.path.join(tempfile.gettempdir(), f"uecjax-test-jit-{run_id}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _run_cache_dir())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
