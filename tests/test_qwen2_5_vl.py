@@ -8,10 +8,12 @@ of its two vision blocks attends whole images.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +136,15 @@ def test_vision_tower_matches_transformers(vl):
         ref = hf.model.get_image_features(torch.tensor(pixels), torch.tensor(grid)).pooler_output
     ours = nnx.jit(lambda m, p, lay: m.image_features(p, lay))(model, pixels, layout)
     assert_close(np.asarray(ours), torch.cat(ref).numpy(), atol=2e-5)
+    # The chunked attention path (blocks of 16 slots: windows and frames span several) too.
+    vision_config = model.visual.config
+    try:
+        model.visual.config = dataclasses.replace(vision_config, attention="chunked")
+        with mock.patch("uecjax.models.attention.DEFAULT_BLOCK", 16):
+            chunked = nnx.jit(lambda m, p, lay: m.image_features(p, lay))(model, pixels, layout)
+    finally:
+        model.visual.config = vision_config
+    assert_close(np.asarray(chunked), torch.cat(ref).numpy(), atol=2e-5)
 
 
 # ---- (b) M-RoPE positions --------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ml_collections import config_dict
 from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
 from uecjax.data import countdown, demo
 from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
-from uecjax.models.config import REMAT_MODES, TextConfig
+from uecjax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_MODES, TextConfig
 from uecjax.models.presets import PRESETS
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import METHODS, loss_config
@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     # What the backward pass recomputes: none | per_layer | full (uecjax.models.qwen2.
     # remat_policy). True / False from older configs mean full / none, hence the open type.
     c.model.remat = config_dict.FieldReference("full", field_type=object)
+    # Attention: auto | xla | chunked | cudnn | splash (uecjax.models.attention). auto takes
+    # cuDNN's fused kernel on NVIDIA GPUs, Pallas splash attention on TPUs, and on CPU the
+    # exact path for short sequences and the chunked (memory ~ T) one for long.
+    c.model.attention = "auto"
     # Keep the reference model's parameters (beta > 0) in pinned host memory between its
     # log-prob passes, on backends that have it (GPU, TPU); on CPU devices already live in
     # host memory and this does nothing.
@@ -247,6 +251,8 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
     _check_tasks(c)
     if c.model.remat not in REMAT_MODES + (True, False):
         bad("model.remat", c.model.remat, f"choose from {REMAT_MODES}")
+    if c.model.attention not in ATTENTION_IMPLEMENTATIONS:
+        bad("model.attention", c.model.attention, f"choose from {ATTENTION_IMPLEMENTATIONS}")
     for field in ("model.dtype", "model.param_dtype"):
         if c.model[field.split(".")[1]] not in ("float32", "bfloat16"):
             bad(field, c.model[field.split(".")[1]], "use float32 or bfloat16")

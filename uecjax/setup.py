@@ -74,7 +74,8 @@ def model_config(cfg: ml_collections.ConfigDict):
     checkpoint directory or its config.json, read as `load_policy` reads it: VLConfig for a
     Qwen2.5-VL, the decoder's TextConfig for other checkpoints), else the embedded task's tiny
     model; with the run's dtype, param_dtype and remat."""
-    numerics = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    numerics = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                    attention=cfg.model.attention)
     if cfg.model.preset:
         return preset(cfg.model.preset, **numerics)
     if cfg.model.path:
@@ -134,7 +135,7 @@ def load_policy(cfg: ml_collections.ConfigDict, mesh, *, log: Callable[[str], No
     for warning in check_model_mesh(config, mesh):
         log(f"warning: {warning}")
     model = from_pretrained(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                            remat=cfg.model.remat, sharding_fn=model_sharding_fn(mesh, config),
+                            remat=cfg.model.remat, attention=cfg.model.attention, sharding_fn=model_sharding_fn(mesh, config),
                             language_model_only=text_only)
     sources = [path] + ([cfg.model.path] if cfg.model.path and cfg.model.path != path else [])
     tokenizer_dir = _first_with(sources, TOKENIZER_FILES)

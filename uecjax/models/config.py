@@ -29,6 +29,7 @@ TEXT_DEFAULTS = {
     "qwen2_5_vl": {"rope_theta": 1000000.0, "rms_norm_eps": 1e-5},
 }
 REMAT_MODES = ("none", "per_layer", "full")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")  # models/attention.py
 
 
 def remat_mode(value) -> str:
@@ -39,6 +40,11 @@ def remat_mode(value) -> str:
     if value not in REMAT_MODES:
         raise ConfigError(f"remat={value!r}: choose from {REMAT_MODES}")
     return value
+
+
+def check_attention(value) -> None:
+    if value not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"attention={value!r}: choose from {ATTENTION_IMPLEMENTATIONS}")
 
 
 class ConfigError(ValueError):
@@ -95,6 +101,9 @@ class TextConfig(_Dtypes):
     # What the backward pass recomputes instead of keeping (REMAT_MODES; True / False are
     # accepted for "full" / "none"). See uecjax.models.qwen2.remat_policy.
     remat: str = "none"
+    # Attention implementation (uecjax.models.attention.IMPLEMENTATIONS): auto picks the fused
+    # kernel of the backend, or the chunked path for long sequences where there is none.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -104,6 +113,7 @@ class TextConfig(_Dtypes):
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
         object.__setattr__(self, "remat", remat_mode(self.remat))
+        check_attention(self.attention)
         self._check_dtypes()
         rope_type = self.rope_dict().get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -234,9 +244,11 @@ class VisionConfig(_Dtypes):
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # as TextConfig.remat; the tower remats whole blocks unless "none"
+    attention: str = "auto"  # as TextConfig.attention
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_mode(self.remat))
+        check_attention(self.attention)
         object.__setattr__(self, "fullatt_block_indexes", tuple(self.fullatt_block_indexes))
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ConfigError(
@@ -326,7 +338,7 @@ class VLConfig:
     def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "VLConfig":
         """From a Qwen2.5-VL config dict, flat (older hub) or nested (transformers 5).
 
-        overrides (dtype, param_dtype, remat) apply to both the decoder and the vision tower.
+        overrides (dtype, param_dtype, remat, attention) apply to both the decoder and the vision tower.
         """
         model_type = hf.get("model_type")
         if model_type != "qwen2_5_vl":

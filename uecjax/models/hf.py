@@ -270,12 +270,13 @@ def load_params(model_abstract, path: str, *, sharding_fn: ShardingFn = default_
 
 
 def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                    remat: str | bool = "none", sharding_fn: ShardingFn = default_sharding,
+                    remat: str | bool = "none", attention: str = "auto", sharding_fn: ShardingFn = default_sharding,
                     language_model_only: bool = False) -> Qwen2 | Qwen2_5_VL:
     """Loads an HF checkpoint directory: Qwen2/Qwen2.5 -> Qwen2, Qwen2.5-VL -> Qwen2_5_VL.
 
     dtype: compute dtype of the matmuls; param_dtype: storage dtype (default: same as dtype);
     remat: "none" | "per_layer" | "full" (`uecjax.models.qwen2.remat_policy`).
+    attention: the attention implementation (`uecjax.models.attention`).
     language_model_only: load only the decoder of a VL checkpoint (Qwen2.5-VL, Qwen2-VL), as a
     Qwen2 that ignores the vision tower's tensors.
     """
@@ -285,7 +286,8 @@ def from_pretrained(path: str, *, dtype: str = "float32", param_dtype: str | Non
             f"`huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir {path}`")
     cfg = model_config_from_hf(read_hf_config(path), source=os.path.join(path, "config.json"),
                                language_model_only=language_model_only,
-                               dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+                               dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+                               attention=attention)
     cls = Qwen2_5_VL if isinstance(cfg, VLConfig) else Qwen2
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     return load_params(abstract, path, sharding_fn=sharding_fn)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from uecjax.models.attention import Mask, attention, causal_mask
 from uecjax.models.config import TextConfig
 from uecjax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -50,9 +51,6 @@ LAYER_PARAM_AXES = {
     **linear_axes("up", "embed", "mlp", bias=False),
     **linear_axes("down", "mlp", "embed", bias=False),
 }
-
-NEG_INF = float(jnp.finfo(jnp.float32).min)
-
 
 class KVCache(NamedTuple):
     """Keys and values of every layer: [layers, batch, kv_heads, slots, head_dim]."""
@@ -98,7 +96,7 @@ def _init(name, shape, dtype, rngs):
     return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask, cache, layer, cache_index):
+def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask: Mask, cache, layer, cache_index):
     """One pre-norm decoder layer; returns (x, cache).
 
     cache: None, (k, v) of all layers stacked (then `layer` indexes them), or (k, v) of this
@@ -131,16 +129,7 @@ def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask, cache, layer, cache_in
             k, v = cache_k[layer].astype(dt), cache_v[layer].astype(dt)
         cache = (cache_k, cache_v)
 
-    # Grouped-query attention without repeating K/V: the query heads of one KV head and the
-    # T query positions form one [groups * T] axis.
-    g = nh // kvh
-    qg = q.reshape(B, T, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(B, kvh, g * T, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(B, kvh, g, T, -1)
-    scores = jnp.where(mask[:, None, None], scores * hd**-0.5, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, kvh, g * T, -1)
-    attn = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(B, kvh, g, T, hd)
-    attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, nh * hd)
+    attn = attention(q, k, v, mask, cfg.attention).reshape(B, T, nh * hd)
     x = x + attn @ p["o_w"].astype(dt)
 
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
@@ -217,13 +206,14 @@ class Qwen2(nnx.Module):
         return [{k: w[i] for k, w in stacked.items()} for i in range(self.config.num_hidden_layers)]
 
     def hidden_states(self, x, positions, key_mask, *, cache: KVCache | None = None,
-                      cache_index=0, rope=None, layers=None):
+                      cache_index=0, rope=None, layers=None, segment_ids=None):
         """Runs the decoder stack on embeddings x [B, T, H]; returns (final-normed hidden, cache).
 
         key_mask [B, S] is True on keys that may be attended (S = T without a cache, else the
         cache's slot count). Without a cache, query t sees keys s <= t; with one, the T new
         keys are written at slots [cache_index, cache_index + T) and query t sees slots
         s <= cache_index + t. rope: precomputed (cos, sin), e.g. M-RoPE for vision inputs.
+        segment_ids [B, T] (no cache): packed sequences, each attending only within itself.
 
         layers: `layer_list()` to run the layers unrolled, with a cache whose k and v are
         tuples of per-layer arrays. The decode loop uses it: under `lax.scan` every step
@@ -233,9 +223,7 @@ class Qwen2(nnx.Module):
         cfg = self.config
         B, T, _ = x.shape
         cos, sin = rope if rope is not None else self.rope(positions)
-        S = key_mask.shape[1]
-        q_slots = cache_index + jnp.arange(T)
-        mask = (jnp.arange(S)[None, :] <= q_slots[:, None])[None] & key_mask[:, None, :].astype(bool)
+        mask = causal_mask(key_mask, cache_index, T, segment_ids)
 
         if layers is not None:
             ks, vs = [], []

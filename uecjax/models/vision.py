@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from uecjax.models.config import VisionConfig
-from uecjax.models.qwen2 import NEG_INF, linear_axes, rms_norm
+from uecjax.models.attention import attention, segment_mask
+from uecjax.models.qwen2 import linear_axes, rms_norm
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 
@@ -274,21 +275,15 @@ def _rotate(x, cos, sin):
     return (xf * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
-def segment_attention(q, k, v, seg: Segments):
-    """Attention within each segment for q, k, v [N, heads, head_dim]; returns [N, heads, head_dim]."""
+def segment_attention(q, k, v, seg: Segments, implementation: str = "xla"):
+    """Attention within each segment for q, k, v [N, heads, head_dim]; returns [N, heads, head_dim].
+    Slots attend within their segment; empty slots (-1) only to each other, and are dropped."""
     S, L = seg.gather.shape
     _, H, D = q.shape
-
-    def rows(x):  # [N, H, D] -> [S * H, L, D]: one batch axis, which XLA's CPU dot runs fastest
-        return x[seg.gather].transpose(0, 2, 1, 3).reshape(S * H, L, D)
-
-    # Slots attend within their segment; empty slots (-1) only to each other, and are dropped.
-    # An additive bias (not a select on the scores) lets XLA fuse it into the softmax.
-    same = seg.segment_ids[:, :, None] == seg.segment_ids[:, None, :]
-    bias = jnp.broadcast_to(jnp.where(same, 0.0, NEG_INF)[:, None], (S, H, L, L)).reshape(S * H, L, L)
-    scores = jnp.einsum("bqd,bkd->bqk", rows(q), rows(k), preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores * D**-0.5 + bias, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bqk,bkd->bqd", probs, rows(v)).reshape(S, H, L, D).transpose(0, 2, 1, 3)
+    rows = lambda x: x[seg.gather]  # noqa: E731  [N, H, D] -> [S, L, H, D]
+    heads_first = lambda x: rows(x).transpose(0, 2, 1, 3)  # noqa: E731  the KV layout
+    out = attention(rows(q), heads_first(k), heads_first(v), segment_mask(seg.segment_ids),
+                    implementation)
     return out.reshape(S * L, H, D)[seg.scatter]
 
 
@@ -298,7 +293,7 @@ def _block(cfg: VisionConfig, p, x, cos, sin, seg: Segments):
     h = rms_norm(x, p["norm1"], VISION_NORM_EPS)
     qkv = (h @ p["qkv_w"].astype(dt) + p["qkv_b"].astype(dt)).reshape(N, 3, cfg.num_heads, -1)
     q, k, v = _rotate(qkv[:, 0], cos, sin), _rotate(qkv[:, 1], cos, sin), qkv[:, 2]
-    attn = segment_attention(q, k, v, seg).reshape(N, H)
+    attn = segment_attention(q, k, v, seg, cfg.attention).reshape(N, H)
     x = x + attn @ p["proj_w"].astype(dt) + p["proj_b"].astype(dt)
     h = rms_norm(x, p["norm2"], VISION_NORM_EPS)
     gate = ACTIVATIONS[cfg.hidden_act](h @ p["gate_w"].astype(dt) + p["gate_b"].astype(dt))
