@@ -219,15 +219,17 @@ def reference_loss(graphdef, params, batch: Batch, images, loss_cfg, h0):
     return sum(parts.values()), parts
 
 
-def test_uec_step_with_images_matches_plain_reference(vl):
+@pytest.mark.parametrize("pack", [False, True])
+def test_uec_step_with_images_matches_plain_reference(vl, pack):
     """One `uec` update on a VL batch (padded per-row patches, chunked log-probs, 2
-    micro-batches, sharded on a data x fsdp x tensor = 2 x 2 x 2 mesh) against the gradient of
-    the same loss through full logits of an unpadded single-device forward; the log-probs of
-    the scoring pass against transformers."""
+    micro-batches, sharded on a data x fsdp x tensor = 2 x 2 x 2 mesh; padded or packed rows)
+    against the gradient of the same loss through full logits of an unpadded single-device
+    forward; the log-probs of the scoring pass against transformers."""
     hf, model = vl
     # The reference linearises the stabilizer at the old pass's entropy: the "old" anchor.
     loss_cfg = loss_config("uec", beta=0.05, alpha=0.05, lam=2.0, stabilizer_anchor="old")
-    ts = TrainStep(model, loss_cfg, SGD_LIKE, make_mesh((2, 2, 2)), micro_batches=2, chunk_size=4)
+    ts = TrainStep(model, loss_cfg, SGD_LIKE, make_mesh((2, 2, 2)), micro_batches=2, chunk_size=4,
+                   pack=pack)
     params, _, _ = ts.init(host(nnx.state(model)))
     batch, images = vl_batch(model, np.random.default_rng(2))
 

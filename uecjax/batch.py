@@ -21,6 +21,7 @@ import numpy as np
 
 from uecjax.models.config import VLConfig
 from uecjax.models.vision import VisionLayout
+from uecjax.packing import Packing, pack
 from uecjax.parallel.hosts import Hosts
 from uecjax.rows import Rows
 from uecjax.vision_inputs import DEFAULT_PATCH_BUCKETS, row_patches, vision_rows
@@ -54,6 +55,9 @@ class Batch:
     # (`uecjax.vision_inputs.vision_rows`); None for text batches.
     pixel_values: jax.Array | None = None  # [B, N, patch_dim] float32
     vision: VisionLayout | None = None  # per-row patch layouts, leading axis B
+    # The packed layout of the forward pass (`uecjax.packing`, train.pack); None: padded rows.
+    # Its packed-row arrays lead with blocks x packed rows, which the batch sharding splits too.
+    packing: Packing | None = None
 
     @property
     def images(self):
@@ -94,14 +98,26 @@ def sequence_inputs(tokens, mask, prompt_len: int, images=None, vl_config: VLCon
     return dict(positions=rows.positions, pixel_values=rows.pixel_values, vision=rows.layouts)
 
 
+@dataclasses.dataclass(frozen=True)
+class PackSpec:
+    """How `host_batch` packs (`uecjax.packing.pack`): tokens per packed row (0: the rows'
+    length), the batch shards and micro-batches whose blocks pack separately."""
+
+    tokens_per_row: int = 0
+    shards: int = 1
+    micro_batches: int = 1
+
+
 def host_batch(rows: Rows, tau_hard: float = 0.0, vl_config: VLConfig | None = None,
-               min_patches: int = 0, *, explore_is_cap: float = 0.0) -> Batch:
+               min_patches: int = 0, *, explore_is_cap: float = 0.0,
+               pack_spec: PackSpec | None = None) -> Batch:
     """The train step's Batch of `rows`, as numpy; rows with images need the model's VLConfig
     (positions and patch layouts are computed here, with at least min_patches patches).
 
     `explore` is always set (1 on exploration rows). explore_is_cap C > 0 also sets
     `token_weight`, the truncated importance weight min(pi_1 / pi_T', C) on exploration
     rows' response tokens (`Rows.importance_weight`), section 8's switch; C = 0: None.
+    pack_spec: also lay out the packed forward pass (`Batch.packing`).
     """
     mask = np.concatenate([rows.prompt_mask, rows.response_mask.astype(np.int32)], axis=1)
     tokens = np.concatenate([rows.prompt_tokens, rows.response_tokens], axis=1)
@@ -117,11 +133,15 @@ def host_batch(rows: Rows, tau_hard: float = 0.0, vl_config: VLConfig | None = N
         is_hard=(rows.success_rate <= tau_hard).astype(np.float32),
         old_logp=rows.old_logp, old_entropy=rows.old_entropy, ref_logp=rows.ref_logp,
         sampler_logp=rows.sampler_logp, explore=rows.explore.astype(np.float32),
-        token_weight=rows.importance_weight(explore_is_cap) if explore_is_cap > 0 else None)
+        token_weight=rows.importance_weight(explore_is_cap) if explore_is_cap > 0 else None,
+        packing=None if pack_spec is None else pack(
+            mask, rows.response_tokens.shape[1], tokens_per_row=pack_spec.tokens_per_row,
+            shards=pack_spec.shards, micro_batches=pack_spec.micro_batches))
 
 
 def to_device(rows: Rows, sharding, *, hosts: Hosts = Hosts(), vl_config: VLConfig | None = None,
-              tau_hard: float = 0.0, explore_is_cap: float = 0.0) -> Batch:
+              tau_hard: float = 0.0, explore_is_cap: float = 0.0,
+              pack_spec: PackSpec | None = None) -> Batch:
     """This process's rows -> the global batch (`hosts.put`: the shares' rows in block order).
 
     With several shares a VL batch always has image arrays (a share's rows may have none), of
@@ -134,5 +154,9 @@ def to_device(rows: Rows, sharding, *, hosts: Hosts = Hosts(), vl_config: VLConf
                 rows, pixel_values=np.zeros((len(rows), 0, vl_config.vision.patch_dim), np.float32),
                 image_grid_thw=np.zeros((len(rows), 1, 3), np.int32))
         patches = max(hosts.gather(row_patches(rows.image_grid_thw)))
-    batch = host_batch(rows, tau_hard, vl_config, patches, explore_is_cap=explore_is_cap)
+    if pack_spec is not None and hosts.count > 1:
+        raise ValueError("train.pack with several processes is not supported yet: each "
+                         "process would pack only its own rows; set train.pack=False")
+    batch = host_batch(rows, tau_hard, vl_config, patches, explore_is_cap=explore_is_cap,
+                       pack_spec=pack_spec)
     return hosts.put(batch, sharding)

@@ -10,17 +10,19 @@ from flax import nnx
 
 from uecjax.batch import Batch
 from uecjax.objectives.logprobs import token_logprobs_and_entropy
+from uecjax.packing import Packing
 
 
 def response_logprobs(graphdef, params, tokens, attention_mask, positions, response_len: int,
-                      chunk_size: int = 1024, images=None):
+                      chunk_size: int = 1024, images=None, packing: Packing | None = None):
     """(log pi(response token), entropy), each [B, R] float32, temperature 1 (section 3).
 
     tokens [B, P + R]; positions [B, P + R], or [B, 3, P + R] (M-RoPE); images None, or
     (pixel_values, layouts) per row for `Qwen2_5_VL.embed_rows`. The last token is never an
     input (nothing follows it), and only the hidden states at positions P - 1 .. P + R - 2,
     which predict the response, reach the chunked, rematerialised lm-head: neither the
-    prompt's logits nor the [B, T, V] logits of the batch ever exist.
+    prompt's logits nor the [B, T, V] logits of the batch ever exist. packing: the decoder
+    runs on the packed rows (`uecjax.packing`); the result is the same [B, R] window.
     """
     model = nnx.merge(graphdef, params)
     prompt_len = tokens.shape[1] - response_len
@@ -31,10 +33,38 @@ def response_logprobs(graphdef, params, tokens, attention_mask, positions, respo
     positions = positions[..., :-1]
     if positions.ndim == 3:  # [B, 3, T] -> the model's [3, B, T]
         positions = jnp.moveaxis(positions, 1, 0)
-    hidden, _ = model.hidden_states(x, positions, attention_mask[:, :-1])
-    hidden = hidden[:, prompt_len - 1:]
+    if packing is None:
+        hidden, _ = model.hidden_states(x, positions, attention_mask[:, :-1])
+        hidden = hidden[:, prompt_len - 1:]
+    else:
+        hidden = packed_hidden_states(model, x, positions, packing)
     w = model.output_weight().astype(model.config.compute_dtype)
     return token_logprobs_and_entropy(hidden, w, tokens[:, prompt_len:], chunk_size=chunk_size)
+
+
+def packed_hidden_states(model, x, positions, packing: Packing):
+    """The decoder on the packed rows: inputs x [B, T, H] and positions [B, T] / [3, B, T]
+    gathered in block by block, the hidden states at the response window's [B, R] slots
+    gathered back. Blocks run along a leading axis of size `packing.shards` that the batch
+    sharding splits, so every gather stays on its device."""
+    D = packing.shards
+    B, T, H = x.shape
+    blocked = lambda a: a.reshape(D, a.shape[0] // D, *a.shape[1:])  # noqa: E731
+    source, segments = blocked(packing.source), blocked(packing.segments)  # [D, p, L]
+    _, p, L = source.shape
+
+    def gather_rows(a):  # [B, T, ...] -> [D * p, L, ...]: the slots' inputs
+        a = blocked(a)
+        flat = a.reshape(D, -1, *a.shape[3:])
+        return jax.vmap(lambda f, i: f[i])(flat, source).reshape(D * p, L, *a.shape[3:])
+
+    packed_positions = (jnp.stack([gather_rows(pos) for pos in positions]) if positions.ndim == 3
+                        else gather_rows(positions))
+    seg = segments.reshape(D * p, L)
+    hidden, _ = model.hidden_states(gather_rows(x), packed_positions, seg >= 0, segment_ids=seg)
+    slots = blocked(packing.response_slot)  # [D, B / D, R]
+    flat_hidden = hidden.reshape(D, p * L, H)
+    return jax.vmap(lambda h, i: h[i])(flat_hidden, slots).reshape(B, -1, H)
 
 
 def split_micro(tree, micro_batches: int):
@@ -64,11 +94,11 @@ def compute_logprobs(params, batch: Batch, *, graphdef, micro_batches: int = 1,
     or the reference log-probs (section 1). Micro-batched with lax.map to bound activations."""
     R = batch.response_len
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
-                images=batch.images)
+                images=batch.images, packing=batch.packing)
 
     def forward(mb):
         return response_logprobs(graphdef, params, mb["tokens"], mb["attention_mask"], mb["positions"],
-                                 R, chunk_size, mb["images"])
+                                 R, chunk_size, mb["images"], mb["packing"])
 
     if micro_batches == 1:
         return forward(rows)

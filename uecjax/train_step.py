@@ -21,11 +21,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from uecjax.batch import Batch, to_device
+from uecjax.batch import Batch, PackSpec, to_device
+from uecjax.packing import pack
 from uecjax.control import ControlState, init_control_state, update_control
 from uecjax.objectives.advantages import broadcast_to_tokens
 from uecjax.objectives.aggregation import batch_counts
@@ -90,7 +92,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
     select = None if method.select is None else method.select(batch.old_logp, adv, mask, select_key, loss_cfg)
 
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
-                images=batch.images, mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
+                images=batch.images, packing=batch.packing, mask=mask, adv=adv, old_logp=batch.old_logp.astype(jnp.float32),
                 ref_logp=batch.ref_logp, success_rate=batch.success_rate.astype(jnp.float32),
                 hard=batch.is_hard.astype(jnp.float32), select=select,
                 token_weight=None if batch.token_weight is None else batch.token_weight.astype(jnp.float32))
@@ -99,7 +101,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
     def forward(p, mb):
         p = stop_gradient_frozen(p, frozen)
         return response_logprobs(graphdef, p, mb["tokens"], mb["attention_mask"], mb["positions"],
-                                 R, chunk_size, mb["images"])
+                                 R, chunk_size, mb["images"], mb["packing"])
 
     # Where the stabilizer is linearised (docs/DESIGN.md, "The train step"); None: this pass's own mean entropy.
     anchor = old_entropy_mean
@@ -206,12 +208,14 @@ class TrainStep:
     scoring of sampled rows (`score`).
 
     hosts: this process's share of the batch rows (`Hosts.of_mesh`); score_rows: row counts
-    scored are padded to a multiple of this (a few compiled shapes; 0: no padding).
+    scored are padded to a multiple of this (a few compiled shapes; 0: no padding). pack:
+    scoring and training forward passes run on packed rows of tokens_per_row slots
+    (`uecjax.packing`; 0: the batch's row length).
     """
 
     def __init__(self, model, loss: LossConfig, optim: OptimConfig, mesh: jax.sharding.Mesh, *,
                  micro_batches: int = 1, chunk_size: int = 1024, hosts: Hosts = Hosts(),
-                 score_rows: int = 0):
+                 score_rows: int = 0, pack: bool = False, tokens_per_row: int = 0):
         get_method(loss.method)  # an unknown method fails here, not at the first step
         if micro_batches < 1 or chunk_size < 1:
             raise ValueError(f"micro_batches={micro_batches} and chunk_size={chunk_size} must be >= 1")
@@ -219,6 +223,11 @@ class TrainStep:
         self.loss, self.optim, self.mesh = loss, optim, mesh
         self.micro_batches, self.chunk_size = micro_batches, chunk_size
         self.hosts, self.score_rows = hosts, score_rows
+        shards = 1
+        for axis in shd.BATCH_AXES:
+            shards *= mesh.shape.get(axis, 1)
+        # Packed forward passes (uecjax.packing): one block per batch shard and micro-batch.
+        self.pack_spec = PackSpec(tokens_per_row, shards, micro_batches) if pack else None
         # A Qwen2.5-VL's rows carry images: their patch layouts need its config.
         self.vl_config = model.config if isinstance(model.config, VLConfig) else None
         self.optimizer = make_optimizer(optim, external_lr=True)
@@ -268,14 +277,23 @@ class TrainStep:
 
     def place_batch(self, batch: Batch) -> Batch:
         """The host batch as global arrays on the mesh, each process giving only its own rows
-        (`uecjax.parallel.mesh.global_batch`); arrays already on devices pass through."""
+        (`uecjax.parallel.mesh.global_batch`); arrays already on devices pass through. With
+        packing on, a batch without its packed layout (a hand-made one) gets it here."""
         shd.check_batch_size(batch.tokens.shape[0], self.mesh, self.micro_batches)
+        if self.pack_spec is not None and batch.packing is None:
+            if self.hosts.count > 1:
+                raise ValueError("train.pack with several processes is not supported yet")
+            spec = self.pack_spec
+            batch = batch.replace(packing=pack(
+                np.asarray(batch.attention_mask), batch.response_len,
+                tokens_per_row=spec.tokens_per_row, shards=spec.shards, micro_batches=spec.micro_batches))
         return shd.global_batch(batch, self.batch_sharding)
 
     def device_batch(self, rows: Rows) -> Batch:
         """This process's rows -> the global batch of the step (`uecjax.batch.to_device`)."""
         return to_device(rows, self.batch_sharding, hosts=self.hosts, vl_config=self.vl_config,
-                         tau_hard=self.loss.tau_hard, explore_is_cap=self.loss.explore_is_cap)
+                         tau_hard=self.loss.tau_hard, explore_is_cap=self.loss.explore_is_cap,
+                         pack_spec=self.pack_spec)
 
     def score(self, params, rows: Rows, with_ref: bool = True, *,
               ref_params: HostParams | None = None):
@@ -291,7 +309,8 @@ class TrainStep:
             padding = Rows.empty(self.score_rows - n % self.score_rows, rows.prompt_tokens.shape[1],
                                  rows.response_tokens.shape[1], rows.ref_logp is not None)
             rows = Rows.concat([rows, padding])
-        batch = to_device(rows, self.batch_sharding, hosts=self.hosts, vl_config=self.vl_config)
+        batch = to_device(rows, self.batch_sharding, hosts=self.hosts, vl_config=self.vl_config,
+                          pack_spec=self.pack_spec)
         logp, entropy = (self.hosts.take(x)[:n] for x in self.compute_logprobs(params, batch))
         ref = None
         if ref_params is not None and with_ref:
