@@ -65,6 +65,22 @@ def test_resume_equals_uninterrupted(policy_dir, tmp_path):
         np.testing.assert_allclose(wa[name], wb[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_packed_run_equals_padded_run(policy_dir, tmp_path):
+    """train.pack=True changes the layout of the forward passes only: same metrics per step."""
+    def run(pack, workdir):
+        c = tiny_config(policy_dir, "uec", steps=2)
+        c.train.pack, c.train.micro_batches = pack, 2
+        train(c, str(workdir), log_console=None)
+        rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        return {r["step"]: r for r in rows if "loss" in r}
+
+    a, b = run(False, tmp_path / "padded"), run(True, tmp_path / "packed")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in (1, 2):
+        for key in ("loss", "entropy", "reward", "grad_norm", "kl_ref", "h0", "response_length"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
 def test_sigterm_saves_and_exits(policy_dir, tmp_path):
     """A real SIGTERM to a running `python -m uecjax.train`: it saves the step and exits 0."""
     cfg_file = tmp_path / "cfg.py"

@@ -206,6 +206,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.updates_per_rollout = 1
     c.train.epochs = 1  # passes over the rollout batch, rows reshuffled between them (run's seed)
     c.train.chunk_size = 1024  # tokens per lm-head chunk in log-prob / entropy passes
+    # Sequence packing (uecjax.packing): the scoring and training forward passes run on the
+    # rows' real tokens packed first-fit into rows of tokens_per_row slots (0: the padded row
+    # length, prompt + response - 1) with segment ids; same log-probs and gradients, less
+    # padding. One process only for now.
+    c.train.pack = False
+    c.train.tokens_per_row = 0
     c.train.log_every = 1
     c.train.eval_every = 20  # 0: only at the start and the end
     c.train.checkpoint_every = 20
@@ -271,6 +277,12 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
         value = c[section][name]
         if not isinstance(value, int) or value < 1:
             bad(field, value, "must be an integer >= 1")
+    if not isinstance(c.train.tokens_per_row, int) or c.train.tokens_per_row < 0:
+        bad("train.tokens_per_row", c.train.tokens_per_row, "must be an integer >= 0 (0: the row length)")
+    if c.train.tokens_per_row and c.train.tokens_per_row < c.rollout.max_prompt_len + c.rollout.max_new_tokens - 1:
+        bad("train.tokens_per_row", c.train.tokens_per_row,
+            f"must hold the longest sequence, rollout.max_prompt_len + rollout.max_new_tokens - 1 = "
+            f"{c.rollout.max_prompt_len + c.rollout.max_new_tokens - 1} (or 0)")
     for field in ("train.eval_every", "train.checkpoint_every", "eval.num_prompts"):
         section, name = field.split(".")
         if c[section][name] < 0:
