@@ -97,17 +97,29 @@ def scored():
     return model, batch
 
 
-def test_packed_scoring_equals_padded(scored):
+@pytest.mark.parametrize("head_on_slots", [False, True])
+def test_packed_scoring_equals_padded(scored, head_on_slots):
+    """The lm-head on the response window or on the packed slots: the same log-probs."""
     model, batch = scored
     for micro, tokens_per_row in ((1, 0), (2, 24)):
-        results = []
-        for pack_on in (False, True):
-            ts = TrainStep(model, loss_config("grpo", beta=0.0), SGD_LIKE, single_mesh(),
-                           micro_batches=micro, chunk_size=8, pack=pack_on, tokens_per_row=tokens_per_row)
-            params, _, _ = ts.init(nnx.state(model))
-            results.append([np.asarray(x) * batch.response_mask for x in ts.compute_logprobs(params, batch)])
-        for got, want in zip(results[1], results[0]):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        ts = TrainStep(model, loss_config("grpo", beta=0.0), SGD_LIKE, single_mesh(),
+                       micro_batches=micro, chunk_size=8)
+        params, _, _ = ts.init(nnx.state(model))
+        packed = batch.replace(packing=pack(batch.attention_mask, R, tokens_per_row=tokens_per_row,
+                                            micro_batches=micro, head_on_slots=head_on_slots))
+        want, got = ts.compute_logprobs(params, batch), ts.compute_logprobs(params, packed)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g) * batch.response_mask,
+                                       np.asarray(w) * batch.response_mask, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_step_with_the_head_on_the_slots(scored):
+    model, batch = scored
+    loss_cfg = loss_config(**CASES["uec"])
+    packed = batch.replace(packing=pack(batch.attention_mask, R, tokens_per_row=24,
+                                        micro_batches=2, head_on_slots=True))
+    assert_steps_equal(run_step(model, loss_cfg, batch, single_mesh(), micro=2, pack_on=False),
+                       run_step(model, loss_cfg, packed, single_mesh(), micro=2, pack_on=False))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -4,9 +4,11 @@ A padded batch row is `[left padding | prompt | response | right padding]`; the 
 only needs each row's real tokens. Packing lays the real input tokens of several rows
 first-fit into packed rows of `tokens_per_row` slots; segment ids keep attention within each
 sequence, and every token keeps its own (M-RoPE) position, so each sequence's hidden states
-are the padded forward's. Only the decoder runs on the packed layout: embeddings (and a VL
-row's image features) are computed per row and gathered in, and the hidden states that
-predict the response are gathered back to the padded [B, R] window, so the log-probs,
+are the padded forward's. The decoder runs on the packed layout (embeddings, and a VL row's
+image features, are computed per row and gathered in), and so does the lm-head when the
+packed slots are fewer than the [B, R] response window; the response's log-probs and
+entropies are gathered back to that window (or its hidden states, before the lm-head), so the
+log-probs,
 entropies and everything downstream (every loss aggregation, Clip-Cov / KL-Cov selection,
 micro-batches) see the same arrays as without packing.
 
@@ -36,6 +38,9 @@ class Packing:
     # blocks per micro-batch: the batch shards (each micro-batch's rows split into this many
     # contiguous blocks, one per shard)
     shards: int = dataclasses.field(metadata=dict(static=True), default=1)
+    # Where the lm-head runs: on every packed slot (True: fewer slots than the [B, R] response
+    # window, the usual case with long-tailed responses) or on the response window.
+    head_on_slots: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def tokens_per_row(self) -> int:
@@ -66,12 +71,13 @@ def first_fit(lengths, capacity: int) -> list[list[int]]:
 
 
 def pack(attention_mask: np.ndarray, response_len: int, *, tokens_per_row: int = 0,
-         shards: int = 1, micro_batches: int = 1) -> Packing:
+         shards: int = 1, micro_batches: int = 1, head_on_slots: bool | None = None) -> Packing:
     """The packed layout of a padded batch (attention_mask [B, T], T = prompt + response).
 
     Row k of the batch belongs to micro-batch k % micro_batches (`uecjax.scoring.split_micro`),
     and within a micro-batch the `shards` batch shards hold contiguous runs of rows: each
     (shard, micro-batch) is one packing block. tokens_per_row 0: T - 1, the longest input.
+    head_on_slots None: where there are fewer positions (`Packing.head_on_slots`).
     """
     mask = np.asarray(attention_mask)[:, :-1].astype(bool)  # the forward's inputs
     B, T1 = mask.shape
@@ -117,7 +123,9 @@ def pack(attention_mask: np.ndarray, response_len: int, *, tokens_per_row: int =
                 real = (cols >= s) & (cols < s + n)
                 response_slot[r, real] = j * L + offset + cols[real] - s
                 offset += n
-    return Packing(source, segments, response_slot, shards)
+    if head_on_slots is None:
+        head_on_slots = source.size < response_slot.size
+    return Packing(source, segments, response_slot, shards, head_on_slots=bool(head_on_slots))
 
 
 def packed_token_fraction(packing: Packing) -> float:

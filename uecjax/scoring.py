@@ -33,20 +33,26 @@ def response_logprobs(graphdef, params, tokens, attention_mask, positions, respo
     positions = positions[..., :-1]
     if positions.ndim == 3:  # [B, 3, T] -> the model's [3, B, T]
         positions = jnp.moveaxis(positions, 1, 0)
+    w = model.output_weight().astype(model.config.compute_dtype)
     if packing is None:
         hidden, _ = model.hidden_states(x, positions, attention_mask[:, :-1])
         hidden = hidden[:, prompt_len - 1:]
-    else:
-        hidden = packed_hidden_states(model, x, positions, packing)
-    w = model.output_weight().astype(model.config.compute_dtype)
-    return token_logprobs_and_entropy(hidden, w, tokens[:, prompt_len:], chunk_size=chunk_size)
+        return token_logprobs_and_entropy(hidden, w, tokens[:, prompt_len:], chunk_size=chunk_size)
+    hidden, to_slots, to_window = packed_hidden_states(model, x, positions, packing)
+    if not packing.head_on_slots:
+        return token_logprobs_and_entropy(to_window(hidden), w, tokens[:, prompt_len:],
+                                          chunk_size=chunk_size)
+    # the lm-head on the packed slots: each slot's target is the token after its input
+    logp, entropy = token_logprobs_and_entropy(hidden, w, to_slots(tokens[:, 1:]), chunk_size=chunk_size)
+    return to_window(logp), to_window(entropy)
 
 
 def packed_hidden_states(model, x, positions, packing: Packing):
-    """The decoder on the packed rows: inputs x [B, T, H] and positions [B, T] / [3, B, T]
-    gathered in block by block, the hidden states at the response window's [B, R] slots
-    gathered back. Blocks run along a leading axis of size `packing.shards` that the batch
-    sharding splits, so every gather stays on its device."""
+    """The decoder on the packed rows: (hidden [p', L, H], to_slots, to_window). Inputs x
+    [B, T, H] and positions [B, T] / [3, B, T] are gathered in (to_slots: [B, T, ...] ->
+    [p', L, ...]); to_window: [p', L, ...] -> the response window's [B, R, ...]. Blocks run
+    along a leading axis of size `packing.shards` that the batch sharding splits, so every
+    gather stays on its device."""
     D = packing.shards
     B, T, H = x.shape
     blocked = lambda a: a.reshape(D, a.shape[0] // D, *a.shape[1:])  # noqa: E731
@@ -63,8 +69,12 @@ def packed_hidden_states(model, x, positions, packing: Packing):
     seg = segments.reshape(D * p, L)
     hidden, _ = model.hidden_states(gather_rows(x), packed_positions, seg >= 0, segment_ids=seg)
     slots = blocked(packing.response_slot)  # [D, B / D, R]
-    flat_hidden = hidden.reshape(D, p * L, H)
-    return jax.vmap(lambda h, i: h[i])(flat_hidden, slots).reshape(B, -1, H)
+
+    def to_window(a):
+        flat = a.reshape(D, p * L, *a.shape[2:])
+        return jax.vmap(lambda f, i: f[i])(flat, slots).reshape(B, -1, *a.shape[2:])
+
+    return hidden, gather_rows, to_window
 
 
 def split_micro(tree, micro_batches: int):
