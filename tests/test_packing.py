@@ -47,8 +47,9 @@ def test_first_fit_and_buckets():
     assert sorted(map(sorted, first_fit([5, 3, 4, 2, 6], 8))) == [[0, 1], [2], [3, 4]]  # longest first
     with pytest.raises(ValueError, match="tokens_per_row=4"):
         first_fit([5], 4)
-    assert [packed_rows_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
-    assert packed_rows_bucket(5, 6) == 6  # never more rows than the block has
+    assert [packed_rows_bucket(n, 8) for n in (0, 1, 3, 5, 8)] == [1, 1, 3, 5, 8]
+    assert [packed_rows_bucket(n, 32) for n in (1, 5, 10, 29)] == [4, 8, 12, 32]  # 8 buckets
+    assert packed_rows_bucket(5, 6) == 5 and packed_rows_bucket(7, 6) == 6  # at most the rows
     fewer = pack(random_batch(B=8, seed=1).attention_mask, R, tokens_per_row=32)
     assert fewer.source.shape == (2, 32)  # 8 short rows fit 2 rows of 32 slots
 

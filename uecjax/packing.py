@@ -14,8 +14,8 @@ micro-batches) see the same arrays as without packing.
 
 Packing is per block: the rows one device holds in one micro-batch are packed among
 themselves (`blocks` = batch shards x micro-batches), so the gathers never cross devices.
-Each block gets the same number of packed rows, rounded up to a bucket (a power of two, at
-most the block's row count) so the step compiles once per bucket, not per batch.
+Each block gets the same number of packed rows, rounded up to a bucket (a multiple of an
+eighth of the block's row count) so the step compiles once per bucket, not per batch.
 """
 
 from __future__ import annotations
@@ -47,9 +47,14 @@ class Packing:
         return self.source.shape[1]
 
 
+PACKED_ROW_BUCKETS = 8
+
+
 def packed_rows_bucket(needed: int, rows: int) -> int:
-    """The number of packed rows a block gets: the next power of two >= needed, at most rows."""
-    return min(rows, 1 << max(needed - 1, 0).bit_length())
+    """The number of packed rows a block of `rows` rows gets: `needed` rounded up to a multiple
+    of rows / PACKED_ROW_BUCKETS, so a block size compiles at most that many shapes."""
+    step = -(-rows // PACKED_ROW_BUCKETS)
+    return min(rows, -(-max(needed, 1) // step) * step)
 
 
 def first_fit(lengths, capacity: int) -> list[list[int]]:
