@@ -65,10 +65,12 @@ def step_rows(workdir):
 
 
 def test_two_processes_equal_one_and_resume(policy_dir, tmp_path):
+    """Also packed (train.pack): each process packs its own rows, with the row count they agree on."""
     config_file = tmp_path / "config.py"
     config_file.write_text(
         "from loop_helpers import fsdp_config\n"
-        f"def get_config():\n    return fsdp_config({policy_dir!r}, steps=1)\n")
+        f"def get_config():\n    c = fsdp_config({policy_dir!r}, steps=1)\n"
+        "    c.train.pack = True\n    return c\n")
     multi, cache = tmp_path / "multi", tmp_path / "cache"
 
     out = launch(config_file, multi, cache, steps=1)
@@ -84,6 +86,7 @@ def test_two_processes_equal_one_and_resume(policy_dir, tmp_path):
 
     single = tmp_path / "single"
     cfg = fsdp_config(policy_dir, steps=2)
+    cfg.train.pack = True
     cfg.mesh.num_devices = 4  # the same 4 devices (of the suite's 8), one process
     train(cfg, str(single), log_console=None)
 

@@ -106,6 +106,7 @@ class PackSpec:
     tokens_per_row: int = 0
     shards: int = 1
     micro_batches: int = 1
+    agree: object = None  # with several row shares: their collective (`uecjax.packing.pack`)
 
 
 def host_batch(rows: Rows, tau_hard: float = 0.0, vl_config: VLConfig | None = None,
@@ -136,7 +137,7 @@ def host_batch(rows: Rows, tau_hard: float = 0.0, vl_config: VLConfig | None = N
         token_weight=rows.importance_weight(explore_is_cap) if explore_is_cap > 0 else None,
         packing=None if pack_spec is None else pack(
             mask, rows.response_tokens.shape[1], tokens_per_row=pack_spec.tokens_per_row,
-            shards=pack_spec.shards, micro_batches=pack_spec.micro_batches))
+            shards=pack_spec.shards, micro_batches=pack_spec.micro_batches, agree=pack_spec.agree))
 
 
 def to_device(rows: Rows, sharding, *, hosts: Hosts = Hosts(), vl_config: VLConfig | None = None,
@@ -154,9 +155,17 @@ def to_device(rows: Rows, sharding, *, hosts: Hosts = Hosts(), vl_config: VLConf
                 rows, pixel_values=np.zeros((len(rows), 0, vl_config.vision.patch_dim), np.float32),
                 image_grid_thw=np.zeros((len(rows), 1, 3), np.int32))
         patches = max(hosts.gather(row_patches(rows.image_grid_thw)))
+    local_spec = pack_spec
     if pack_spec is not None and hosts.count > 1:
-        raise ValueError("train.pack with several processes is not supported yet: each "
-                         "process would pack only its own rows; set train.pack=False")
+        # Each share holds whole shards' rows (`Hosts.block`): it packs them alone, with the
+        # packed row count all shares agree on; its packed rows are its block of the global ones.
+        if pack_spec.shards % hosts.count:
+            raise ValueError(f"train.pack: {pack_spec.shards} batch shards do not split over "
+                             f"{hosts.count} row shares")
+        local_spec = dataclasses.replace(pack_spec, shards=pack_spec.shards // hosts.count,
+                                         agree=hosts.gather)
     batch = host_batch(rows, tau_hard, vl_config, patches, explore_is_cap=explore_is_cap,
-                       pack_spec=pack_spec)
+                       pack_spec=local_spec)
+    if batch.packing is not None:  # the device code sees every share's blocks
+        batch = batch.replace(packing=dataclasses.replace(batch.packing, shards=pack_spec.shards))
     return hosts.put(batch, sharding)

@@ -209,7 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Sequence packing (uecjax.packing): the scoring and training forward passes run on the
     # rows' real tokens packed first-fit into rows of tokens_per_row slots (0: the padded row
     # length, prompt + response - 1) with segment ids; same log-probs and gradients, less
-    # padding. One process only for now.
+    # padding.
     c.train.pack = False
     c.train.tokens_per_row = 0
     c.train.log_every = 1

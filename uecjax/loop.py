@@ -73,9 +73,6 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str, logger: RunLogger) -
             f"config.rollout.prompts_per_batch={rollout_cfg.prompts_per_batch}: must be a multiple "
             f"of {readers}, the processes holding distinct batch rows (each reads, samples and "
             "grades an equal share of every batch)")
-    if cfg.train.pack and jax.process_count() > 1:
-        raise ConfigValueError("config.train.pack=True with several processes: not supported yet "
-                               "(each process would pack only its own rows); set it to False")
     trainer = TrainStep(policy.model, loss_cfg, derived.optim_cfg, mesh,
                         micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.chunk_size,
                         hosts=hosts, score_rows=rollout_cfg.batch_rows // hosts.count,

@@ -76,13 +76,16 @@ def first_fit(lengths, capacity: int) -> list[list[int]]:
 
 
 def pack(attention_mask: np.ndarray, response_len: int, *, tokens_per_row: int = 0,
-         shards: int = 1, micro_batches: int = 1, head_on_slots: bool | None = None) -> Packing:
+         shards: int = 1, micro_batches: int = 1, head_on_slots: bool | None = None,
+         agree=None) -> Packing:
     """The packed layout of a padded batch (attention_mask [B, T], T = prompt + response).
 
     Row k of the batch belongs to micro-batch k % micro_batches (`uecjax.scoring.split_micro`),
     and within a micro-batch the `shards` batch shards hold contiguous runs of rows: each
     (shard, micro-batch) is one packing block. tokens_per_row 0: T - 1, the longest input.
-    head_on_slots None: where there are fewer positions (`Packing.head_on_slots`).
+    head_on_slots None: where there are fewer positions (`Packing.head_on_slots`). agree:
+    with several processes each packing its own rows (`Hosts.gather`, a collective), the
+    packed row count they all use: the largest any needs.
     """
     mask = np.asarray(attention_mask)[:, :-1].astype(bool)  # the forward's inputs
     B, T1 = mask.shape
@@ -109,7 +112,8 @@ def pack(attention_mask: np.ndarray, response_len: int, *, tokens_per_row: int =
         for m in range(micro_batches):
             rows = block_rows(d, m)
             layouts[d, m] = first_fit([int(lengths[r]) for r in rows], L)
-    p = packed_rows_bucket(max(len(bins) for bins in layouts.values()), b)
+    needed = max(len(bins) for bins in layouts.values())
+    p = packed_rows_bucket(needed if agree is None else max(agree(needed)), b)
 
     source = np.zeros((blocks * p, L), np.int32)
     segments = np.full((blocks * p, L), -1, np.int32)
