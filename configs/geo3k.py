@@ -113,6 +113,9 @@ def get_config():
     c.train.updates_per_rollout = 4  # EasyR1: 512 rollout prompts, 128 per update
     c.train.epochs = 1
     c.train.micro_batches = 20  # one row per micro-batch of an update's 20 (memory note above)
+    # No packing: with one row per micro-batch there is nothing to pack it with (train.pack
+    # packs the rows of a micro-batch; it pays with several rows per micro-batch, configs/math.py).
+    c.train.pack = False
     c.train.chunk_size = 1024
     c.train.eval_every = 50
     c.train.checkpoint_every = 25
