@@ -61,6 +61,7 @@ def test_quick_run(tmp_path):
     for line in by_figure["time"]:
         if line["impl"] == "chunked":
             assert line["faster"] in ("xla", "chunked") and isinstance(line["auto_is_faster"], bool)
+            assert line["attention_faster"] in ("xla", "chunked")
 
     memory = {(line["seq"], line["impl"]): line for line in by_figure["memory"]}
     longest = max(lengths)

@@ -47,8 +47,11 @@ time           per T in --time_lengths and implementation: the best of --repeats
                hits both alike; --time_dtype compute (default float32: CPUs have no fast
                bfloat16 matmuls), weights 0.02 N(0, 1) (norms 1), x, q, k, v ~ N(0, 1). The
                chunked line has layer_ratio_to_xla and attention_ratio_to_xla (chunked time /
-               xla time: above 1, chunked is slower), faster (the faster for the layer) and
-               auto_is_faster (whether auto's pick at this T is that one).
+               xla time: above 1, chunked is slower), faster and attention_faster (the faster
+               implementation by layer and by attention-alone time) and auto_is_faster
+               (whether auto's pick at this T is the faster for the layer). The layer time is
+               mostly the MLP and projections, so a layer ratio within a few percent of 1 is
+               noise on a shared machine; the attention-alone ratio is the sharper one.
 
 Compiling the 32k reference allocates nothing, so it works on a small CPU machine although
 its temporaries are over 100 GiB (the float32 scores alone: 2 KV heads x 6 query heads each
@@ -322,13 +325,15 @@ def timing(args):
                 run["attn_s"] = min(run["attn_s"], timed(run["attn"], run["attn_in"]))
         ref = runs["xla"]
         faster = min(IMPLEMENTATIONS, key=lambda i: runs[i]["layer_s"])
+        attention_faster = min(IMPLEMENTATIONS, key=lambda i: runs[i]["attn_s"])
         auto = auto_pick(args, T)
         for impl, run in runs.items():
             extra = {}
             if impl == "chunked":
                 extra = dict(layer_ratio_to_xla=rounded(run["layer_s"] / ref["layer_s"]),
                              attention_ratio_to_xla=rounded(run["attn_s"] / ref["attn_s"]),
-                             faster=faster, auto_is_faster=auto == faster)
+                             faster=faster, attention_faster=attention_faster,
+                             auto_is_faster=auto == faster)
             emit(figure="time", impl=impl, seq=T, batch=args.batch, dtype=dt,
                  param_dtype=args.param_dtype, block=args.block if impl == "chunked" else None,
                  auto=auto, repeats=args.repeats, layer_step_s=rounded(run["layer_s"]),
