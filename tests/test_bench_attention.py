@@ -14,7 +14,8 @@ SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "attention.py")
 POSITIVE = {
     "memory": ("temp_bytes", "argument_bytes", "output_bytes", "attention_temp_bytes"),
     "memory_floor": ("temp_bytes", "floor_ratio_to_xla"),
-    "time": ("layer_step_s", "attention_step_s", "layer_first_run_s", "layer_compile_s"),
+    "time": ("layer_step_s", "attention_step_s", "median_layer_step_s", "median_attention_step_s",
+             "layer_first_run_s", "layer_compile_s"),
 }
 CHUNKED_RATIOS = {"memory": ("temp_ratio_to_xla", "attention_temp_ratio_to_xla"),
                   "time": ("layer_ratio_to_xla", "attention_ratio_to_xla")}
@@ -29,7 +30,10 @@ def test_quick_run(tmp_path):
     out = tmp_path / "attention.jsonl"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)  # the suite's 8 simulated devices: the benchmark uses one
+    # Not the suite's 8 simulated devices (the benchmark uses one); LLVM's optimisations off:
+    # about half the compile time of the run's 10 programs, the same buffer assignment (the
+    # memory figures are equal byte for byte), and nothing here asserts on time.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     result = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(out)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

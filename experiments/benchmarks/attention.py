@@ -42,7 +42,7 @@ memory_goal    the issue's goal: at T = 8192 the chunked layer's temporaries <= 
                attention-alone and floor ratios at that length.
 time           per T in --time_lengths and implementation: the best of --repeats executions
                of the layer's forward + backward (layer_step_s) and of the attention call's
-               alone (attention_step_s), compiled beforehand (layer_compile_s,
+               alone (attention_step_s), and their medians (median_*), compiled beforehand (layer_compile_s,
                attention_compile_s), the implementations alternating so that machine noise
                hits both alike; --time_dtype compute (default float32: CPUs have no fast
                bfloat16 matmuls), weights 0.02 N(0, 1) (norms 1), x, q, k, v ~ N(0, 1). The
@@ -64,7 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
+import statistics
 import sys
 import time
 
@@ -315,14 +315,16 @@ def timing(args):
                                                 program("attention", impl, dt, T, args))
             run = dict(layer=layer, layer_in=random_inputs(cfg, args.batch, T), attn=attn,
                        attn_in=attention_inputs(cfg, args.batch, T), layer_compile_s=layer_c,
-                       attn_compile_s=attn_c, layer_s=math.inf, attn_s=math.inf)
+                       attn_compile_s=attn_c, layer_times=[], attn_times=[])
             run["layer_first_s"] = timed(layer, run["layer_in"])  # first run, compiled
             run["attn_first_s"] = timed(attn, run["attn_in"])
             runs[impl] = run
         for _ in range(args.repeats):  # alternate, so that machine noise hits both alike
             for run in runs.values():
-                run["layer_s"] = min(run["layer_s"], timed(run["layer"], run["layer_in"]))
-                run["attn_s"] = min(run["attn_s"], timed(run["attn"], run["attn_in"]))
+                run["layer_times"].append(timed(run["layer"], run["layer_in"]))
+                run["attn_times"].append(timed(run["attn"], run["attn_in"]))
+        for run in runs.values():
+            run["layer_s"], run["attn_s"] = min(run["layer_times"]), min(run["attn_times"])
         ref = runs["xla"]
         faster = min(IMPLEMENTATIONS, key=lambda i: runs[i]["layer_s"])
         attention_faster = min(IMPLEMENTATIONS, key=lambda i: runs[i]["attn_s"])
@@ -338,6 +340,8 @@ def timing(args):
                  param_dtype=args.param_dtype, block=args.block if impl == "chunked" else None,
                  auto=auto, repeats=args.repeats, layer_step_s=rounded(run["layer_s"]),
                  attention_step_s=rounded(run["attn_s"]),
+                 median_layer_step_s=rounded(statistics.median(run["layer_times"])),
+                 median_attention_step_s=rounded(statistics.median(run["attn_times"])),
                  layer_first_run_s=rounded(run["layer_first_s"]),
                  layer_compile_s=rounded(run["layer_compile_s"]),
                  attention_compile_s=rounded(run["attn_compile_s"]), **extra)
@@ -362,7 +366,7 @@ def parse_args(argv=None):
     add("--time_lengths", default="512,2048", help="sequence lengths of the time figure")
     add("--time_dtype", default="float32", choices=("bfloat16", "float32"),
         help="compute dtype of the time figure")
-    add("--repeats", type=int, default=3, help="timed executions per length and implementation")
+    add("--repeats", type=int, default=5, help="timed executions per length and implementation")
     add("--out", default="", help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.quick:
