@@ -176,3 +176,17 @@ def test_decoder_logits_and_gradients_do_not_depend_on_the_implementation(impl):
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(g_other)),
                                  nnx.to_flat_state(nnx.state(g_ref))):
         np.testing.assert_allclose(a[...], b[...], rtol=1e-3, atol=1e-5, err_msg=str(path))
+
+
+def test_auto_falls_back_when_cudnn_refuses_the_shape(monkeypatch):
+    """On CPU jax refuses cuDNN at trace time, as it does for shapes cuDNN lacks on a GPU:
+    `auto` then takes the chunked path, an explicit `cudnn` raises."""
+    T, S, mask = CASES["causal, left padding"]()
+    q, k, v = qkv(B, T, S, H, K, D, dtype=jnp.bfloat16)
+    monkeypatch.setattr(att, "resolve", lambda *a: "cudnn")
+    rows = query_rows(mask)
+    got = np.asarray(attention(q, k, v, mask, "auto"), np.float32)
+    want = np.asarray(att.chunked_attention(q, k, v, mask), np.float32)
+    np.testing.assert_array_equal(got[rows], want[rows])
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError)):
+        attention(q, k, v, mask, "cudnn")

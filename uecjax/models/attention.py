@@ -81,7 +81,12 @@ def attention(q, k, v, mask: Mask, implementation: str = "xla", *, block: int | 
     if impl == "chunked":
         return chunked_attention(q, k, v, mask, block=block or DEFAULT_BLOCK)
     if impl == "cudnn":
-        return _cudnn(q, k, v, mask)
+        if implementation != "auto":
+            return _cudnn(q, k, v, mask)
+        try:  # cuDNN rejects some shapes / head dims at trace time: auto falls back
+            return _cudnn(q, k, v, mask)
+        except (ValueError, NotImplementedError, TypeError, RuntimeError):
+            return chunked_attention(q, k, v, mask, block=block or DEFAULT_BLOCK)
     if impl == "splash":
         return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
     raise ValueError(f"attention implementation {implementation!r}: choose from {IMPLEMENTATIONS}")
