@@ -141,6 +141,27 @@ def test_dry_run_tiny_preset_on_1_and_8_devices():
     assert "Traceback" not in bad.stderr
 
 
+def test_dry_run_reports_the_packed_layout():
+    """train.pack: the dry run compiles the packed step for sequences filling dry_run_fill of
+    the padded slots; at a quarter fill its temporaries are below the padded step's."""
+    import io
+
+    from uecjax.dry_run import dry_run
+    from uecjax.packing import packed_rows_bucket
+
+    padded = dry_run(tiny_run(), devices=jax.devices()[:1], out=None)
+    c = tiny_run()
+    c.train.update(pack=True, dry_run_fill=0.25)
+    out = io.StringIO()
+    packed = dry_run(c, devices=jax.devices()[:1], out=out)
+    rows = padded["batch"]["rows"]
+    assert packed["packing"] == {"fill": 0.25, "tokens_per_row": 63, "rows_per_block": rows,
+                                 "packed_rows_per_block": packed_rows_bucket(-(-rows // 4), rows),
+                                 "head_on_slots": True}
+    assert padded["packing"] is None and "packed: " in out.getvalue()
+    assert packed["per_device_bytes"]["temp"] < padded["per_device_bytes"]["temp"]
+
+
 def test_logprob_pass_keeps_no_activations(tmp_path):
     """The old / reference log-prob pass is forward only: its temporaries neither grow with
     depth nor depend on remat, while the train step's grow with depth and shrink with remat

@@ -212,6 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
     # padding.
     c.train.pack = False
     c.train.tokens_per_row = 0
+    # --dry_run with pack: the share of the padded rows' slots the sequences fill (mean
+    # prompt + response over prompt + response length), which sets the packed row count.
+    c.train.dry_run_fill = 0.5
     c.train.log_every = 1
     c.train.eval_every = 20  # 0: only at the start and the end
     c.train.checkpoint_every = 20
@@ -277,6 +280,8 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
         value = c[section][name]
         if not isinstance(value, int) or value < 1:
             bad(field, value, "must be an integer >= 1")
+    if not isinstance(c.train.dry_run_fill, (int, float)) or not 0 < c.train.dry_run_fill <= 1:
+        bad("train.dry_run_fill", c.train.dry_run_fill, "must be in (0, 1]")
     if not isinstance(c.train.tokens_per_row, int) or c.train.tokens_per_row < 0:
         bad("train.tokens_per_row", c.train.tokens_per_row, "must be an integer >= 0 (0: the row length)")
     if c.train.tokens_per_row and c.train.tokens_per_row < c.rollout.max_prompt_len + c.rollout.max_new_tokens - 1:

@@ -32,6 +32,7 @@ from uecjax.models import Qwen2, Qwen2_5_VL, VLConfig
 from uecjax.models.presets import parameter_count
 from uecjax.models.vision import VisionLayout, padded_vision_layout
 from uecjax.offload import host_memory_supported
+from uecjax.packing import Packing, packed_rows_bucket
 from uecjax.setup import model_config, run_mesh
 from uecjax.parallel.mesh import check_batch_size, check_model_mesh
 from uecjax.train_step import TrainStep
@@ -90,8 +91,23 @@ def dry_run_image(config: VLConfig, cfg: ml_collections.ConfigDict, prompt_len: 
                 patch_bucket=patch_bucket(patches), image_tokens=tokens)
 
 
+def abstract_packing(rows: int, prompt_len: int, response_len: int, spec, fill: float, sharding):
+    """The packed layout (`uecjax.packing.pack`) of rows whose sequences fill `fill` of the
+    padded slots, as ShapeDtypeStructs: each block gets as many packed rows as its tokens
+    need at that fill (first-fit's waste not counted), bucketed as `pack` buckets them."""
+    L = spec.tokens_per_row or prompt_len + response_len - 1
+    blocks = spec.shards * spec.micro_batches
+    b = rows // blocks
+    needed = math.ceil(b * fill * (prompt_len + response_len - 1) / L)
+    p = packed_rows_bucket(needed, b)
+    sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)  # noqa: E731
+    slots = (blocks * p, L)
+    return Packing(sds(slots), sds(slots), sds((rows, response_len)), spec.shards,
+                   head_on_slots=blocks * p * L < rows * response_len)
+
+
 def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool, sharding,
-                   vision=None, token_weight: bool = False) -> Batch:
+                   vision=None, token_weight: bool = False, packing=None) -> Batch:
     """The loop's batch (`uecjax.batch.host_batch`) as ShapeDtypeStructs on the batch sharding.
 
     token_weight: the rows carry per-token importance weights (loss.explore_is_cap > 0).
@@ -119,7 +135,8 @@ def abstract_batch(rows: int, prompt_len: int, response_len: int, with_ref: bool
                  old_entropy=sds(resp, jnp.float32),
                  ref_logp=sds(resp, jnp.float32) if with_ref else None,
                  sampler_logp=sds(resp, jnp.float32), explore=sds(seq, jnp.float32),
-                 token_weight=sds(resp, jnp.float32) if token_weight else None, **images)
+                 token_weight=sds(resp, jnp.float32) if token_weight else None, packing=packing,
+                 **images)
 
 
 def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> dict:
@@ -140,14 +157,19 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     cls = Qwen2_5_VL if is_vl else Qwen2
     model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))  # shapes only, no weights
     trainer = TrainStep(model, loss_cfg, optim, mesh, micro_batches=cfg.train.micro_batches,
-                        chunk_size=cfg.train.chunk_size)
+                        chunk_size=cfg.train.chunk_size, pack=cfg.train.pack,
+                        tokens_per_row=cfg.train.tokens_per_row)
     params = _abstract(nnx.state(model), trainer.param_shardings)
     opt_state = _abstract(jax.eval_shape(trainer.optimizer.init, params), trainer.opt_shardings)
     control = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
                            jax.eval_shape(lambda: init_control_state(loss_cfg, cfg.seed)))
     vision = (config.vision, [image["grid_thw"]], image["patch_bucket"]) if is_vl else None
+    packing = None if trainer.pack_spec is None else abstract_packing(
+        rows, rollout_cfg.max_prompt_len, rollout_cfg.max_new_tokens, trainer.pack_spec,
+        cfg.train.dry_run_fill, trainer.batch_sharding)
     batch = abstract_batch(rows, rollout_cfg.max_prompt_len, rollout_cfg.max_new_tokens, loss_cfg.beta > 0,
-                           trainer.batch_sharding, vision, token_weight=loss_cfg.explore_is_cap > 0)
+                           trainer.batch_sharding, vision, token_weight=loss_cfg.explore_is_cap > 0,
+                           packing=packing)
 
     step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch)
     step = step_lowered.compile().memory_analysis()
@@ -175,6 +197,13 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         "mesh": dict(mesh.shape),
         "batch": {"rows": rows, "prompt_len": rollout_cfg.max_prompt_len,
                   "response_len": rollout_cfg.max_new_tokens, "micro_batches": cfg.train.micro_batches},
+        # The packed layout compiled (train.pack): packed rows of tokens_per_row slots per
+        # (batch shard, micro-batch) block, for sequences filling `fill` of the padded slots.
+        "packing": None if packing is None else {
+            "fill": cfg.train.dry_run_fill, "tokens_per_row": packing.tokens_per_row,
+            "rows_per_block": rows // (packing.shards * cfg.train.micro_batches),
+            "packed_rows_per_block": packing.source.shape[0] // (packing.shards * cfg.train.micro_batches),
+            "head_on_slots": packing.head_on_slots},
         "dtype": text.dtype, "param_dtype": text.param_dtype,
         "state_dtype": optim.state_dtype or text.param_dtype, "remat": text.remat,
         "method": cfg.method,
@@ -225,6 +254,11 @@ def _print(report: dict, out) -> None:
           f"{report['batch']['rows']} rows x ({report['batch']['prompt_len']} + "
           f"{report['batch']['response_len']}) tokens, {report['batch']['micro_batches']} "
           "micro-batches", file=out)
+    pk = report["packing"]
+    if pk:
+        print(f"  packed: {pk['packed_rows_per_block']} rows of {pk['tokens_per_row']} slots per "
+              f"{pk['rows_per_block']} rows of a (shard, micro-batch) block, for sequences filling "
+              f"{pk['fill']:.0%} of the padded slots (train.dry_run_fill)", file=out)
     print("  per device:", file=out)
     for key, label in (("params", "parameters"), ("optimizer_state", "optimizer state"),
                        ("reference_params", "reference parameters"), ("batch", "batch"),
