@@ -62,10 +62,13 @@ class Mask(NamedTuple):
 
 
 def causal_mask(key_mask, cache_index=0, num_queries=None, segments=None) -> Mask:
-    """The decoder's mask: T queries at slots cache_index + t over key_mask [B, S]'s slots."""
+    """The decoder's mask: T queries at slots cache_index + t over key_mask [B, S]'s slots
+    (cache_index a scalar, or [B]: each row's own)."""
     B, S = key_mask.shape
     T = S if num_queries is None else num_queries
-    q_slots = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    start = jnp.asarray(cache_index, jnp.int32)
+    start = start[:, None] if start.ndim else start
+    q_slots = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     kv_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     seg = (None, None) if segments is None else (segments, segments)
     return Mask(q_slots, kv_slots, key_mask.astype(bool), *seg)

@@ -118,11 +118,12 @@ def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask: Mask, cache, layer, ca
     if cache is not None:
         cache_k, cache_v = cache
         if layer is None:
-            start = (0, 0, cache_index, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            cache_k = _write_cache(cache_k, k, cache_index)
+            cache_v = _write_cache(cache_v, v, cache_index)
             k, v = cache_k.astype(dt), cache_v.astype(dt)
         else:
+            if jnp.ndim(cache_index):
+                raise ValueError("per-row cache indices need the unrolled layers (layers=)")
             start = (layer, 0, 0, cache_index, 0)
             cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
@@ -136,6 +137,16 @@ def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask: Mask, cache, layer, ca
     gate = jax.nn.silu(h @ p["gate_w"].astype(dt))
     x = x + (gate * (h @ p["up_w"].astype(dt))) @ p["down_w"].astype(dt)
     return x, cache
+
+
+def _write_cache(cache, new, cache_index):
+    """Writes new [B, kv_heads, T, hd] into one layer's cache at slot cache_index: a scalar
+    (every row at the same slot) or [B] (each row at its own, continuous batching)."""
+    new = new.astype(cache.dtype)
+    if not jnp.ndim(cache_index):
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index, 0))
+    write = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0))  # noqa: E731
+    return jax.vmap(write)(cache, new, cache_index)
 
 
 def remat_policy(mode: str):
@@ -212,7 +223,7 @@ class Qwen2(nnx.Module):
         key_mask [B, S] is True on keys that may be attended (S = T without a cache, else the
         cache's slot count). Without a cache, query t sees keys s <= t; with one, the T new
         keys are written at slots [cache_index, cache_index + T) and query t sees slots
-        s <= cache_index + t. rope: precomputed (cos, sin), e.g. M-RoPE for vision inputs.
+        s <= cache_index + t; cache_index is a scalar or, with `layers`, one per row [B]. rope: precomputed (cos, sin), e.g. M-RoPE for vision inputs.
         segment_ids [B, T] (no cache): packed sequences, each attending only within itself.
 
         layers: `layer_list()` to run the layers unrolled, with a cache whose k and v are
