@@ -10,7 +10,10 @@ training them in place needs no recompile. `logprobs[r, t]` is log p(token) unde
 softmax(logits / T), before top-k / top-p truncation. Images (Qwen2.5-VL): `images=`, one
 `PromptImages` or None per prompt. On a mesh (`Sampler(model, mesh=mesh)`) each device
 prefills and decodes only its rows (data x fsdp, KV heads over tensor), and the samples do
-not depend on the mesh; `hosts=` gives each process its own block. docs/DESIGN.md, "The sampler".
+not depend on the mesh; `hosts=` gives each process its own block. Decoding is continuous
+(`uecjax.continuous`: slots refilled as sequences end) or static (one batch until the longest
+ends, the reference), with the same tokens: every draw's key depends on (seed, prompt,
+sample, position) only (`uecjax.token_sampling`). docs/DESIGN.md, "The sampler".
 """
 
 from __future__ import annotations
@@ -28,16 +31,22 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uecjax.batch import positions_from_mask
+from uecjax.continuous import ContinuousDecoder
 from uecjax.models.config import VLConfig
 from uecjax.models.qwen2 import KVCache
 from uecjax.parallel.hosts import Hosts
 from uecjax.parallel.mesh import BATCH_AXES, batch_shards, global_batch
+from uecjax.token_sampling import _sample, sequence_keys, token_keys
 from uecjax.vision_inputs import (DEFAULT_PATCH_BUCKETS, PromptImages, patch_bucket, stack_images,
                                   vision_rows)
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_RESPONSE_BUCKETS = DEFAULT_PROMPT_BUCKETS
 STOP_IDS_WIDTH = 8  # stop-token ids are padded to a multiple of this (static shape)
+BATCHING = ("auto", "continuous", "static")
+MAX_SLOTS = 128  # continuous batching's default slot count at most (the long-tail benchmark)
+MIN_SLOTS = 8  # ... and its smallest compacted batch
+STATIC_BELOW = 8  # auto: calls with fewer sequences than this decode statically
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +83,20 @@ class SamplerOutput:
     response_tokens: np.ndarray  # [N, max_new_tokens] int32, pad_id after the end
     response_mask: np.ndarray  # [N, max_new_tokens] int32, 1 on generated tokens (stop token included)
     logprobs: np.ndarray  # [N, max_new_tokens] float32, 0 where response_mask is 0
-    truncated: np.ndarray  # [N] bool: reached max_new_tokens without a stop token
+    truncated: np.ndarray  # [N] bool: reached its length limit without a stop token
+    # The decode loop's work: slot-steps run (rows x steps, summed over the batch sizes a
+    # continuous call compacts to) and those that generated a token; `batching` is the path.
+    slot_steps: int = 0
+    useful_slot_steps: int = 0
+    batching: str = "static"
 
     @property
     def response_lengths(self) -> np.ndarray:
         return self.response_mask.sum(axis=1)
+
+    @property
+    def slot_utilization(self) -> float:
+        return self.useful_slot_steps / max(self.slot_steps, 1)
 
 
 def bucket(length: int, buckets: Sequence[int]) -> int:
@@ -88,78 +106,6 @@ def bucket(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
-def _truncate_logits(logits, top_k: int, use_top_p: bool, top_p):
-    """Masks tokens outside the top-k and the top-p nucleus (logits already temperature-scaled)."""
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if use_top_p:
-        probs = jax.nn.softmax(logits, axis=-1)
-        sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]
-        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-        # The smallest kept probability: the nucleus is every token at least this likely.
-        kept = jnp.where(mass_before < top_p, sorted_probs, jnp.inf)
-        logits = jnp.where(probs < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
-    return logits
-
-
-def _prefix_sums(x):
-    """Inclusive cumulative sums along the last axis as a triangular matmul.
-
-    XLA's CPU cumsum over a long axis is slow (about 0.8 ms for [16, 8192]); this stays exact
-    in float32 (HIGHEST precision) on every backend.
-    """
-    n = x.shape[-1]
-    upper = jnp.triu(jnp.ones((n, n), x.dtype))
-    return jnp.dot(x, upper, precision=jax.lax.Precision.HIGHEST)
-
-
-def _argmax(x):
-    """First index of the row maximum; cheaper than XLA CPU's variadic-reduce argmax."""
-    top = jnp.max(x, axis=-1, keepdims=True)
-    return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1)
-
-
-def _inverse_cdf_sample(key, logits, lse):
-    """Draws one token per row from softmax(logits) by inverting the CDF, in two levels.
-
-    One uniform per row instead of one Gumbel per vocabulary entry (`jax.random.categorical`,
-    whose random bits cost about 1 ms per [16, 8192] on CPU). The vocabulary is cut into
-    ~sqrt(V) blocks: the uniform picks a block from the blocks' CDF, then a token inside it.
-    Masked (-inf) tokens have zero mass, so the CDF is flat there and they are never drawn.
-    """
-    B, V = logits.shape
-    c = -(-int(math.isqrt(V)) // 128) * 128
-    n = -(-V // c)
-    probs = jnp.pad(jnp.exp(logits - lse), ((0, 0), (0, n * c - V)))
-    blocks = probs.reshape(B, n, c)
-    block_mass = blocks.sum(axis=-1)
-    block_cdf = _prefix_sums(block_mass)
-    u = (1.0 - jax.random.uniform(key, (B, 1))) * block_cdf[:, -1:]  # in (0, total]
-    block = jnp.minimum(jnp.sum(block_cdf < u, axis=-1), n - 1)
-    pick = lambda a: jnp.take_along_axis(a, block[:, None], axis=1)[:, 0]
-    inner_cdf = _prefix_sums(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0])
-    rest = jnp.clip(u[:, 0] - (pick(block_cdf) - pick(block_mass)),
-                    jnp.finfo(jnp.float32).tiny, inner_cdf[:, -1])
-    inner = jnp.minimum(jnp.sum(inner_cdf < rest[:, None], axis=-1), c - 1)
-    return jnp.minimum(block * c + inner, V - 1)
-
-
-def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
-    """Next token [B] and its log-prob under softmax(logits / T) before truncation."""
-    scaled = logits if greedy else logits / temperature
-    lse = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
-    if greedy:
-        token = _argmax(scaled)
-    elif top_k or use_top_p:
-        truncated = _truncate_logits(scaled, top_k, use_top_p, top_p)
-        token = _inverse_cdf_sample(key, truncated, jax.nn.logsumexp(truncated, -1, keepdims=True))
-    else:
-        token = _inverse_cdf_sample(key, scaled, lse)
-    token = token.astype(jnp.int32)
-    return token, jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - lse[:, 0]
-
-
 class Sampler:
     """Generates from an nnx causal LM with `hidden_states`/`logits`/`init_cache` (Qwen2, or
     Qwen2_5_VL with images).
@@ -167,30 +113,42 @@ class Sampler:
     mesh: the (data, fsdp, tensor) mesh the model's parameters are placed on; rows are then
     split over data x fsdp and the KV cache's heads over tensor (module docstring). None: the
     arrays go where the parameters are and the compiler lays them out (one device: unchanged).
+
+    batching: "continuous" decodes in `slots` slots refilled as sequences finish
+    (`uecjax.continuous`); "static" decodes every sequence in one batch until the longest
+    ends (the reference); "auto" is continuous for one process and at least STATIC_BELOW
+    sequences, else static. Both give the same tokens for the same seed. slots: None = the
+    call's sequence count rounded up to a power of two, at most MAX_SLOTS (on a mesh a
+    multiple of data x fsdp).
     """
 
     def __init__(self, model, *, pad_id: int = 0, prompt_buckets=DEFAULT_PROMPT_BUCKETS,
                  response_buckets=DEFAULT_RESPONSE_BUCKETS, cache_dtype=None,
-                 patch_buckets=DEFAULT_PATCH_BUCKETS, mesh: Mesh | None = None):
+                 patch_buckets=DEFAULT_PATCH_BUCKETS, mesh: Mesh | None = None,
+                 batching: str = "auto", slots: int | None = None):
+        if batching not in BATCHING:
+            raise ValueError(f"batching={batching!r}: choose from {BATCHING}")
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots={slots}: must be >= 1 (or None for the default)")
         self.model = model
         self.mesh = mesh
-        if mesh is not None and not jax.config.jax_threefry_partitionable:
-            log.warning("jax_threefry_partitionable is off: sampled tokens on this mesh differ from "
-                        "one device's where the mesh pads the rows (set it to True)")
         self.pad_id = pad_id
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.response_buckets = tuple(sorted(response_buckets))
         self.patch_buckets = tuple(sorted(patch_buckets))
         self.cache_dtype = cache_dtype
-        self.compile_count = 0  # traces of prefill + decode; grows only on a new bucket
+        self.batching = batching
+        self.slots = slots
+        self.compile_count = 0  # traces of the compiled pieces; grows only on a new bucket
         self._prefill = jax.jit(self._prefill_fn,
                                 static_argnames=("graphdef", "num_slots", "n", "mode", "prompt_axes"))
         self._decode = jax.jit(self._decode_fn, static_argnames=("graphdef", "mode"),
                                donate_argnames=("cache",))
+        self._continuous = ContinuousDecoder(self)
 
     # -- jitted pieces ----------------------------------------------------------------------
-    def _prefill_fn(self, graphdef, state, tokens, mask, positions, vision, key, temperature,
-                    top_p, stop_ids, *, num_slots, n, mode, prompt_axes):
+    def _prefill_fn(self, graphdef, state, tokens, mask, positions, vision, prompt_index, limits,
+                    key, temperature, top_p, stop_ids, *, num_slots, n, mode, prompt_axes):
         self.compile_count += 1  # runs at trace time only
         model = nnx.merge(graphdef, state)
         B, P = tokens.shape
@@ -213,12 +171,15 @@ class Sampler:
         cache = KVCache(tuple(self._rows(jnp.repeat(k, n, axis=0), heads) for k in cache.k),
                         tuple(self._rows(jnp.repeat(v, n, axis=0), heads) for v in cache.v))
         logits, key_mask = self._rows(repeat(logits)), self._rows(repeat(key_mask))
-        token, logp = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, **mode._asdict())
-        done = jnp.isin(token, stop_ids) | (repeat(mask).sum(axis=1) == 0)
-        return cache, key_mask, self._rows(token), self._rows(logp), self._rows(done)
+        keys = self._rows(sequence_keys(key, repeat(prompt_index), jnp.tile(jnp.arange(n), B)))
+        token, logp = _sample(logits, token_keys(keys, 0), temperature, top_p, **mode._asdict())
+        stopped = jnp.isin(token, stop_ids)
+        done = stopped | (repeat(mask).sum(axis=1) == 0) | (limits <= 1)
+        return (cache, key_mask, keys, self._rows(token), self._rows(logp), self._rows(done),
+                self._rows(stopped))
 
-    def _decode_fn(self, graphdef, state, cache, key_mask, prompt_mask, position_offset,
-                   first_token, first_logp, done, key, temperature, top_p, stop_ids,
+    def _decode_fn(self, graphdef, state, cache, key_mask, keys, prompt_mask, position_offset,
+                   limits, first_token, first_logp, done, stopped, temperature, top_p, stop_ids,
                    max_new_tokens, *, mode, stop_early: bool = True):
         self.compile_count += 1
         model = nnx.merge(graphdef, state)
@@ -245,33 +206,35 @@ class Sampler:
             return (step < max_new_tokens) & ~jnp.all(done)
 
         def body(carry):
-            step, cache, tokens, logps, done, valid = carry
+            step, cache, tokens, logps, done, stopped, valid = carry
             last = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
             pos = (positions + step - 1)[:, None]
             hidden, cache = model.hidden_states(model.embed_tokens(last), pos, key_mask,
                                                 cache=cache, cache_index=P + step - 1,
                                                 layers=layers)
             logits = model.logits(hidden)[:, 0]
-            token, logp = _sample(logits, jax.random.fold_in(key, step), temperature, top_p,
+            token, logp = _sample(logits, token_keys(keys, step), temperature, top_p,
                                   **mode._asdict())
             token = jnp.where(done, self.pad_id, token)
             tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
             logps = jax.lax.dynamic_update_slice_in_dim(
                 logps, jnp.where(done, 0.0, logp)[:, None], step, axis=1)
             valid = jax.lax.dynamic_update_slice_in_dim(valid, ~done[:, None], step, axis=1)
-            done = done | jnp.isin(token, stop_ids)
-            return step + 1, *constrain(cache, tokens, logps, done, valid)
+            stop = ~done & jnp.isin(token, stop_ids)
+            done = done | stop | (step + 1 >= limits)
+            return step + 1, *constrain(cache, tokens, logps, done, stopped | stop, valid)
 
-        carry = (jnp.int32(1), *constrain(cache, tokens, logps, done, valid))
-        _, cache, tokens, logps, done, valid = jax.lax.while_loop(cond, body, carry)
+        carry = (jnp.int32(1), *constrain(cache, tokens, logps, done, stopped, valid))
+        steps, cache, tokens, logps, done, stopped, valid = jax.lax.while_loop(cond, body, carry)
         # The cache is returned (and dropped by the caller) so that its donated buffer aliases
         # the loop's: decoding updates it in place with no copy.
-        return tokens, logps, valid, done, cache
+        return tokens, logps, valid, stopped, steps, cache
 
     # -- host API -------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  images: Sequence[PromptImages | None] | None = None,
-                 hosts: Hosts = Hosts()) -> SamplerOutput:
+                 hosts: Hosts = Hosts(), response_limits: Sequence[int] | None = None
+                 ) -> SamplerOutput:
         """Samples `params.n` responses per prompt. images: one entry per prompt (None for a
         prompt without images); the prompt must hold each image's tokens.
 
@@ -279,6 +242,12 @@ class Sampler:
         prompts are `count` equal blocks, block b the prompts of the processes holding rows
         block b; each block is padded on its own so that its rows land on those processes'
         devices, and only this process's block of rows comes back (no gather across hosts).
+        Several processes decode statically.
+
+        response_limits: per returned row (this process's prompts x n, prompt-major), a
+        response length limit <= max_new_tokens: the row ends there (truncated) unless a stop
+        id comes first. For per-sequence budgets, and for benchmarks that force long-tailed
+        lengths.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -288,6 +257,8 @@ class Sampler:
         if len(prompts) % hosts.count:
             raise ValueError(f"{len(prompts)} prompts do not make {hosts.count} equal blocks")
         num_prompts = len(prompts) // hosts.count  # this process's block
+        rows = num_prompts * params.n
+        limits = self._limits(response_limits, rows, params.max_new_tokens)
         P = bucket(max(len(p) for p in prompts), self.prompt_buckets)
         R = bucket(params.max_new_tokens, self.response_buckets)
         per_share = self._num_prompt_rows(num_prompts, params.n, hosts.count)  # padded prompts
@@ -296,9 +267,12 @@ class Sampler:
         slot = [b * per_share + i for b in range(hosts.count) for i in range(num_prompts)]
         tokens = np.full((B, P), self.pad_id, np.int32)
         mask = np.zeros((B, P), np.int32)
-        for i, p in zip(slot, prompts):
+        # Each prompt row's index in the call (padding rows: past the end), for its samples' keys.
+        prompt_index = np.arange(len(prompts), len(prompts) + B, dtype=np.int32)
+        for k, (i, p) in enumerate(zip(slot, prompts)):
             tokens[i, P - len(p):] = p
             mask[i, P - len(p):] = 1
+            prompt_index[i] = k
         if images is not None:
             placed = [None] * B
             for i, im in zip(slot, images):
@@ -308,31 +282,39 @@ class Sampler:
         stop_ids = np.full((width,), -1, np.int32)
         stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
         mode = _Mode(greedy=params.temperature == 0, top_k=params.top_k, use_top_p=params.top_p < 1.0)
-        temperature = np.float32(params.temperature or 1.0)
-        top_p = np.float32(params.top_p)
+        sampling = (np.float32(params.temperature or 1.0), np.float32(params.top_p), stop_ids)
         key = jax.random.key(params.seed)
 
         positions, offset, vision = self._positions_and_vision(tokens, mask, images)
+        graphdef, state = nnx.split(self.model)
+        if self._use_continuous(rows, hosts):
+            return self._call_continuous(graphdef, state, tokens, mask, positions, vision, offset,
+                                         prompt_index, limits, key, sampling, params, mode, R)
 
         prompt_axes = self._prompt_axes(B)
-        prompt_in = self._place((tokens, mask, positions, vision), prompt_axes)
-        graphdef, state = nnx.split(self.model)
-        cache, key_mask, token, logp, done = self._prefill(
-            graphdef, state, *prompt_in, key, temperature, top_p, stop_ids,
+        prompt_in = self._place((tokens, mask, positions, vision, prompt_index), prompt_axes)
+        # Row limits in the padded layout, this process's rows at the start of its block (each
+        # process places only its own rows' values).
+        all_limits = np.full((B * params.n,), params.max_new_tokens, np.int32)
+        own = slice(hosts.index * per_share * params.n, hosts.index * per_share * params.n + rows)
+        all_limits[own] = limits
+        limits_in = self._place(all_limits, BATCH_AXES)
+        cache, key_mask, keys, token, logp, done, stopped = self._prefill(
+            graphdef, state, *prompt_in, limits_in, key, *sampling,
             num_slots=P + R, n=params.n, mode=mode, prompt_axes=prompt_axes)
         prompt_mask = np.repeat(mask, params.n, axis=0)
         rows_in = self._place((prompt_mask, np.repeat(offset, params.n)), BATCH_AXES)
-        out_tokens, out_logps, valid, done, _ = self._decode(
-            graphdef, state, cache, key_mask, *rows_in, token, logp,
-            done, key, temperature, top_p, stop_ids, np.int32(params.max_new_tokens), mode=mode)
-
-        rows = num_prompts * params.n
+        out_tokens, out_logps, valid, stopped, steps, _ = self._decode(
+            graphdef, state, cache, key_mask, keys, *rows_in, limits_in, token, logp,
+            done, stopped, *sampling, np.int32(params.max_new_tokens), mode=mode)
+        steps = int(steps)
+        # Slot-steps of the decode loop (the first token is the prefill's), over every row.
+        useful = int(jnp.sum(valid[:, 1:]))
         T = params.max_new_tokens
         # This process's block of rows (with one share: whole arrays on every host, a gather
         # where they are split across hosts), then its real rows.
-        out_tokens, out_logps, valid, done = (hosts.take(x)[:rows]
-                                              for x in (out_tokens, out_logps, valid, done))
-        own = slice(hosts.index * per_share * params.n, hosts.index * per_share * params.n + rows)
+        out_tokens, out_logps, valid, stopped = (hosts.take(x)[:rows]
+                                                 for x in (out_tokens, out_logps, valid, stopped))
         valid = valid[:, :T]
         return SamplerOutput(
             prompt_tokens=np.repeat(tokens, params.n, axis=0)[own],
@@ -340,8 +322,73 @@ class Sampler:
             response_tokens=np.where(valid, out_tokens[:, :T], self.pad_id).astype(np.int32),
             response_mask=valid.astype(np.int32),
             logprobs=np.where(valid, out_logps[:, :T], 0.0).astype(np.float32),
-            truncated=~done,
-        )
+            truncated=~stopped,
+            slot_steps=B * params.n * (steps - 1), useful_slot_steps=useful, batching="static")
+
+    # -- continuous batching ----------------------------------------------------------------
+    def _use_continuous(self, rows: int, hosts: Hosts) -> bool:
+        if self.batching == "static" or hosts.count > 1:
+            return False
+        return self.batching == "continuous" or rows >= STATIC_BELOW
+
+    def num_slots(self, rows: int) -> int:
+        """The continuous path's slot count for a call of `rows` sequences."""
+        slots = self.slots or min(bucket(rows, [2**i for i in range(30)]), MAX_SLOTS)
+        if self.mesh is not None:
+            shards = batch_shards(self.mesh)
+            slots = -(-slots // shards) * shards
+        return slots
+
+    def _call_continuous(self, graphdef, state, tokens, mask, positions, vision, offset,
+                         prompt_index, limits, key, sampling, params, mode, R) -> SamplerOutput:
+        n = params.n
+        rows = limits.shape[0]
+        B = tokens.shape[0]
+        temperature, top_p, stop_ids = sampling
+        all_limits = np.ones((B * n,), np.int32)
+        all_limits[:rows] = limits
+        prompt_axes = self._prompt_axes(B)
+        prompt_in = self._place((tokens, mask, positions, vision, offset, prompt_index), prompt_axes)
+        S = self.num_slots(rows)
+        cd = self._continuous
+        prompts, slots, work = cd.prefill(graphdef, state, *prompt_in, all_limits, key,
+                                          temperature, top_p, stop_ids, n=n, mode=mode,
+                                          slots=S, R=R)
+        shards = batch_shards(self.mesh) if self.mesh is not None else 1
+        while True:
+            shrink = S // 2 >= max(MIN_SLOTS, shards) and (S // 2) % shards == 0
+            slots, work = cd.run(graphdef, state, slots, work, prompts, np.int32(rows),
+                                 temperature, top_p, stop_ids, n=n, mode=mode,
+                                 insert=max(1, S // 8), shrink_at=S // 2 if shrink else -1)
+            if not shrink or (int(work.next_seq) >= rows and bool(jnp.all(slots.free))):
+                break
+            slots = cd.compact(slots)
+            S //= 2
+        T = params.max_new_tokens
+        lengths = np.asarray(work.lengths)[:rows]
+        valid = np.arange(T)[None, :] < lengths[:, None]
+        return SamplerOutput(
+            prompt_tokens=np.repeat(tokens, n, axis=0)[:rows],
+            prompt_mask=np.repeat(mask, n, axis=0)[:rows],
+            response_tokens=np.where(valid, np.asarray(work.tokens)[:rows, :T], self.pad_id).astype(np.int32),
+            response_mask=valid.astype(np.int32),
+            logprobs=np.where(valid, np.asarray(work.logps)[:rows, :T], 0.0).astype(np.float32),
+            truncated=~np.asarray(work.stopped)[:rows],
+            slot_steps=int(work.slot_steps), useful_slot_steps=int(work.useful),
+            batching="continuous")
+
+    @staticmethod
+    def _limits(response_limits, rows: int, max_new_tokens: int) -> np.ndarray:
+        if response_limits is None:
+            return np.full((rows,), max_new_tokens, np.int32)
+        limits = np.asarray(response_limits)
+        if limits.shape != (rows,):
+            raise ValueError(f"response_limits has shape {limits.shape}: give one limit per "
+                             f"returned row ({rows} = prompts x n)")
+        if limits.min() < 1 or limits.max() > max_new_tokens:
+            raise ValueError(f"response_limits must lie in [1, max_new_tokens={max_new_tokens}], "
+                             f"got [{limits.min()}, {limits.max()}]")
+        return limits.astype(np.int32)
 
     def generate_traced(self, state, tokens, mask, key, *, n: int, max_new_tokens: int,
                         temperature: float = 1.0, stop_token_ids: Sequence[int] = ()):
@@ -367,16 +414,19 @@ class Sampler:
         temperature = jnp.asarray(temperature, jnp.float32)
         top_p = jnp.float32(1.0)
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-        P = tokens.shape[1]
-        cache, key_mask, token, logp, done = self._prefill_fn(
-            graphdef, state, tokens, mask, positions, None, key, temperature, top_p, stop,
+        B, P = tokens.shape
+        limits = jnp.full((B * n,), max_new_tokens, jnp.int32)
+        cache, key_mask, keys, token, logp, done, stopped = self._prefill_fn(
+            graphdef, state, tokens, mask, positions, None, jnp.arange(B, dtype=jnp.int32),
+            limits, key, temperature, top_p, stop,
             num_slots=P + max_new_tokens, n=n, mode=mode, prompt_axes=None)
         prompt_mask = jnp.repeat(mask, n, axis=0)
         offset = jnp.zeros((prompt_mask.shape[0],), jnp.int32)
-        out, logps, valid, done, _ = self._decode_fn(
-            graphdef, state, cache, key_mask, prompt_mask, offset, token, logp, done, key,
-            temperature, top_p, stop, jnp.int32(max_new_tokens), mode=mode, stop_early=False)
-        return jnp.where(valid, out, self.pad_id), valid, jnp.where(valid, logps, 0.0), done
+        out, logps, valid, stopped, _, _ = self._decode_fn(
+            graphdef, state, cache, key_mask, keys, prompt_mask, offset, limits, token, logp,
+            done, stopped, temperature, top_p, stop, jnp.int32(max_new_tokens), mode=mode,
+            stop_early=False)
+        return jnp.where(valid, out, self.pad_id), valid, jnp.where(valid, logps, 0.0), stopped
 
     # -- layout on the mesh -----------------------------------------------------------------
     def _num_prompt_rows(self, num_prompts: int, n: int, blocks: int = 1) -> int:
