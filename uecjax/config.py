@@ -31,6 +31,7 @@ from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import METHODS, loss_config
 from uecjax.optim import STATE_DTYPES, OptimConfig
 from uecjax.rollout import RolloutConfig, rollout_config
+from uecjax.sampler import BATCHING as SAMPLER_BATCHING
 from uecjax.tokenizer import PROMPT_TEMPLATES
 from uecjax.updates import UpdatePlan
 
@@ -185,6 +186,11 @@ def base_config() -> ml_collections.ConfigDict:
     # retention or dynamic sampling keeps too few rows).
     c.rollout.max_rounds = 8
 
+    # The sampler (rollouts and evaluation): uecjax.sampler.Sampler(batching=, slots=).
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.batching = "auto"  # auto | continuous | static (the same tokens, static is slower)
+    c.sampler.slots = 0  # continuous batching's decode slots; 0 = min(sequences, 128)
+
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6
     c.optim.schedule = "constant"  # constant | warmup_cosine | linear
@@ -265,6 +271,10 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
     for field in ("model.dtype", "model.param_dtype"):
         if c.model[field.split(".")[1]] not in ("float32", "bfloat16"):
             bad(field, c.model[field.split(".")[1]], "use float32 or bfloat16")
+    if c.sampler.batching not in SAMPLER_BATCHING:
+        bad("sampler.batching", c.sampler.batching, f"choose from {SAMPLER_BATCHING}")
+    if not isinstance(c.sampler.slots, int) or c.sampler.slots < 0:
+        bad("sampler.slots", c.sampler.slots, "must be an integer >= 0 (0: the default)")
     if c.optim.state_dtype not in STATE_DTYPES:
         bad("optim.state_dtype", c.optim.state_dtype, f"choose from {STATE_DTYPES} ('' = as the parameters)")
     if c.model.preset and c.model.preset not in PRESETS:

@@ -55,7 +55,8 @@ def main(argv) -> None:
                      format_weight=cfg.reward.format_weight, timeout_s=cfg.reward.timeout_s,
                      think_prefilled=cfg.reward.think_prefilled) as grader:
         metrics = evaluate(
-            Sampler(policy.model, pad_id=pad_id, mesh=mesh), tokenizer, records, grader,
+            Sampler(policy.model, pad_id=pad_id, mesh=mesh, batching=cfg.sampler.batching,
+                    slots=cfg.sampler.slots or None), tokenizer, records, grader,
             n=FLAGS.n or cfg.eval.n, max_new_tokens=cfg.eval.max_new_tokens,
             temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
             batch_prompts=cfg.eval.batch_prompts, prompt_template=cfg.prompt.template,

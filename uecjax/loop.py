@@ -101,7 +101,8 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str, logger: RunLogger) -
     grader = make_grader(cfg.data.kind, num_workers=cfg.reward.num_workers,
                          timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight,
                          think_prefilled=cfg.reward.think_prefilled)
-    sampler = Sampler(policy.model, pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
+    sampler = Sampler(policy.model, pad_id=tokenizer.pad_token_id or 0, mesh=mesh,
+                      batching=cfg.sampler.batching, slots=cfg.sampler.slots or None)
     stops = stop_token_ids(tokenizer)
     rollout = Rollout(rollout_cfg, loss_cfg, sampler=sampler, prompts=prompts,
                       grade=grader.grade_batch,
