@@ -92,7 +92,7 @@ def test_sampling_matches_expected_distribution(top_k, top_p):
     expected = np.where(allowed, probs, 0) / np.where(allowed, probs, 0).sum()
     n = 20000
     keys = jax.random.split(jax.random.key(0), n)
-    draw = jax.jit(jax.vmap(lambda k: _sample(logits, k, 1.0, top_p, greedy=False, top_k=top_k,
+    draw = jax.jit(jax.vmap(lambda k: _sample(logits, k[None], 1.0, top_p, greedy=False, top_k=top_k,
                                               use_top_p=top_p < 1)[0][0]))
     counts = np.bincount(np.asarray(draw(keys)), minlength=10)
     assert counts[~allowed].sum() == 0
@@ -134,7 +134,7 @@ def test_seed_determinism_and_n_samples(models):
 
 def test_no_recompile_inside_a_bucket_and_params_read_live(models):
     _, model = models
-    sampler = Sampler(model)
+    sampler = Sampler(model, batching="static")  # continuous: tests/test_continuous.py
     rng = np.random.default_rng(0)
     params = SamplingParams(max_new_tokens=10, n=2)
     sampler([[1] * 40] * 3, params)

@@ -80,7 +80,7 @@ def test_sharded_sampler_equals_single_device(reference, axes):
 
 def check_split(mesh, rows, key_mask, out):
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    tokens, logps, valid, done, cache = out
+    tokens, logps, valid, done, _, cache = out
     k = cache.k[0]  # [rows, kv_heads, slots, head_dim] of layer 0 (the donated input's buffer)
     assert k.shape[0] == rows
     assert k.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor")), k.ndim)
@@ -100,3 +100,21 @@ def test_prompt_padding_for_the_mesh(reference):
         == [4, 4, 2, 1, 1, 8]
     assert [sampler._prompt_axes(b) for b in (8, 4, 2, 1)] == [BATCH_AXES, BATCH_AXES, "data", None]
     assert Sampler(tiny_model())._num_prompt_rows(3, 2) == 4  # no mesh: the bucket alone
+
+
+@pytest.mark.parametrize("axes", [(2, 2, 2)])
+def test_continuous_batching_on_a_mesh_equals_single_device(reference, axes):
+    """Continuous batching on the mesh (4 slots over data x fsdp, refilled as rows end) gives
+    the single-device static outputs: the draws follow each sequence, not its slot or device."""
+    graphdef, state, named, want = reference
+    mesh = make_mesh(axes)
+    model = nnx.merge(graphdef, jax.device_put(state, param_shardings(mesh, state)))
+    sampler = Sampler(model, mesh=mesh, batching="continuous", slots=4)
+    for name in ("greedy", "sampled"):
+        prompts, params = named[name]
+        got = sampler(prompts, params)
+        assert got.batching == "continuous"
+        for field in ("response_tokens", "response_mask", "truncated"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want[name], field),
+                                          err_msg=f"{name}.{field}")
+        np.testing.assert_allclose(got.logprobs, want[name].logprobs, rtol=0, atol=1e-5)

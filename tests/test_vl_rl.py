@@ -119,6 +119,11 @@ def test_sampler_with_images_matches_transformers(vl):
     assert sampler.compile_count == compiles  # same prompt, response and patch (128) buckets
 
     out = sampler(other_prompts, SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=3), images=other)
+    # Continuous batching (M-RoPE offsets per slot) draws the same tokens.
+    cont = Sampler(model, batching="continuous", slots=2)(
+        other_prompts, SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=3), images=other)
+    np.testing.assert_array_equal(cont.response_tokens, out.response_tokens)
+    np.testing.assert_allclose(cont.logprobs, out.logprobs, rtol=0, atol=1e-5)
     tokens = np.concatenate([out.prompt_tokens, out.response_tokens], axis=1)
     mask = np.concatenate([out.prompt_mask, out.response_mask], axis=1)
     row_images = [im for im in other for _ in range(2)]
