@@ -282,7 +282,10 @@ class TrainStep:
         shd.check_batch_size(batch.tokens.shape[0], self.mesh, self.micro_batches)
         if self.pack_spec is not None and batch.packing is None:
             if self.hosts.count > 1:
-                raise ValueError("train.pack with several processes is not supported yet")
+                raise ValueError("train.pack with several processes: a batch built outside "
+                                 "device_batch has no packed layout, and the processes cannot "
+                                 "agree on one here; build it from rollout rows with "
+                                 "TrainStep.device_batch(rows)")
             spec = self.pack_spec
             batch = batch.replace(packing=pack(
                 np.asarray(batch.attention_mask), batch.response_len,
