@@ -228,7 +228,8 @@ class Sampler:
         steps, cache, tokens, logps, done, stopped, valid = jax.lax.while_loop(cond, body, carry)
         # The cache is returned (and dropped by the caller) so that its donated buffer aliases
         # the loop's: decoding updates it in place with no copy.
-        return tokens, logps, valid, stopped, steps, cache
+        useful = jnp.sum(valid[:, 1:], dtype=jnp.int32)  # tokens of the loop (not the prefill's)
+        return tokens, logps, valid, stopped, (steps, useful), cache
 
     # -- host API -------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -285,19 +286,21 @@ class Sampler:
         sampling = (np.float32(params.temperature or 1.0), np.float32(params.top_p), stop_ids)
         key = jax.random.key(params.seed)
 
-        positions, offset, vision = self._positions_and_vision(tokens, mask, images)
-        graphdef, state = nnx.split(self.model)
-        if self._use_continuous(rows, hosts):
-            return self._call_continuous(graphdef, state, tokens, mask, positions, vision, offset,
-                                         prompt_index, limits, key, sampling, params, mode, R)
-
-        prompt_axes = self._prompt_axes(B)
-        prompt_in = self._place((tokens, mask, positions, vision, prompt_index), prompt_axes)
         # Row limits in the padded layout, this process's rows at the start of its block (each
         # process places only its own rows' values).
         all_limits = np.full((B * params.n,), params.max_new_tokens, np.int32)
         own = slice(hosts.index * per_share * params.n, hosts.index * per_share * params.n + rows)
         all_limits[own] = limits
+
+        positions, offset, vision = self._positions_and_vision(tokens, mask, images)
+        graphdef, state = nnx.split(self.model)
+        if self._use_continuous(rows, hosts):
+            return self._call_continuous(graphdef, state, tokens, mask, positions, vision, offset,
+                                         prompt_index, all_limits, rows, key, sampling, params,
+                                         mode, R)
+
+        prompt_axes = self._prompt_axes(B)
+        prompt_in = self._place((tokens, mask, positions, vision, prompt_index), prompt_axes)
         limits_in = self._place(all_limits, BATCH_AXES)
         cache, key_mask, keys, token, logp, done, stopped = self._prefill(
             graphdef, state, *prompt_in, limits_in, key, *sampling,
@@ -307,9 +310,7 @@ class Sampler:
         out_tokens, out_logps, valid, stopped, steps, _ = self._decode(
             graphdef, state, cache, key_mask, keys, *rows_in, limits_in, token, logp,
             done, stopped, *sampling, np.int32(params.max_new_tokens), mode=mode)
-        steps = int(steps)
-        # Slot-steps of the decode loop (the first token is the prefill's), over every row.
-        useful = int(jnp.sum(valid[:, 1:]))
+        steps, useful = (int(x) for x in steps)  # the decode loop's, over every row
         T = params.max_new_tokens
         # This process's block of rows (with one share: whole arrays on every host, a gather
         # where they are split across hosts), then its real rows.
@@ -340,13 +341,12 @@ class Sampler:
         return slots
 
     def _call_continuous(self, graphdef, state, tokens, mask, positions, vision, offset,
-                         prompt_index, limits, key, sampling, params, mode, R) -> SamplerOutput:
+                         prompt_index, all_limits, rows, key, sampling, params, mode, R
+                         ) -> SamplerOutput:
+        """One process's call (rows: its real sequences, first in prompt-major order)."""
         n = params.n
-        rows = limits.shape[0]
         B = tokens.shape[0]
         temperature, top_p, stop_ids = sampling
-        all_limits = np.ones((B * n,), np.int32)
-        all_limits[:rows] = limits
         prompt_axes = self._prompt_axes(B)
         prompt_in = self._place((tokens, mask, positions, vision, offset, prompt_index), prompt_axes)
         S = self.num_slots(rows)
