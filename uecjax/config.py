@@ -26,6 +26,7 @@ from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
 from uecjax.data import countdown, demo
 from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
 from uecjax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_MODES, TextConfig
+from uecjax.models.lora import LoraError, LoraSpec
 from uecjax.models.presets import PRESETS
 from uecjax.objectives.loss_config import LossConfig
 from uecjax.objectives.methods import METHODS, loss_config
@@ -73,6 +74,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Qwen2.5-VL: keep the vision tower fixed (no gradient, no update, no weight decay, no
     # optimizer state). False trains it, as EasyR1's geo3k recipe does (freeze_vision_tower).
     c.model.freeze_vision = False
+    # LoRA (uecjax.models.lora): rank > 0 trains rank-r adapters on the decoder's projections
+    # (targets, comma-separated from q,k,v,o,gate,up,down) scaled by alpha / rank; the base
+    # weights, the vision tower included, stay frozen (freeze_vision has no effect), the KL
+    # reference is the base with the adapters off (no copy), and optimizer state and
+    # checkpoints hold the adapters alone. dropout: on the adapters' input in the
+    # differentiated pass only (0 as EasyR1 / verl). 0: full fine-tuning.
+    c.model.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=64.0, targets="q,k,v,o,gate,up,down", dropout=0.0))
     # The Hugging Face repository of the checkpoint, named in the download command printed
     # when model.path does not exist.
     c.model.hub_repo = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -271,6 +280,7 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
     for field in ("model.dtype", "model.param_dtype"):
         if c.model[field.split(".")[1]] not in ("float32", "bfloat16"):
             bad(field, c.model[field.split(".")[1]], "use float32 or bfloat16")
+    lora_from_config(c)  # a bad model.lora.* is an error naming the field
     if c.sampler.batching not in SAMPLER_BATCHING:
         bad("sampler.batching", c.sampler.batching, f"choose from {SAMPLER_BATCHING}")
     if not isinstance(c.sampler.slots, int) or c.sampler.slots < 0:
@@ -320,6 +330,24 @@ def validate(c: ml_collections.ConfigDict, *, dry_run: bool = False) -> None:
             f"must divide the rollout batch, config.rollout.prompts_per_batch * "
             f"config.rollout.group_size = {rollout.prompts_per_batch} * {rollout.group_size} = "
             f"{rollout.batch_rows} rows, into equal mini-batches; change either")
+
+
+def lora_from_config(c: ml_collections.ConfigDict) -> LoraSpec | None:
+    """config.model.lora as a LoraSpec (None: rank 0, full fine-tuning); a bad field is a
+    ConfigValueError naming it."""
+    lora = c.model.lora
+    if not isinstance(lora.rank, int) or lora.rank < 0:
+        raise ConfigValueError(f"config.model.lora.rank={lora.rank!r}: must be an integer >= 0 (0: no LoRA)")
+    if not lora.rank:
+        return None
+    targets = tuple(t.strip() for t in str(lora.targets).split(",") if t.strip())
+    try:
+        return LoraSpec(rank=lora.rank, alpha=float(lora.alpha), targets=targets,
+                        dropout=float(lora.dropout))
+    except LoraError as e:
+        field = next(f for f in ("alpha", "targets", "dropout") if str(e).startswith(f"lora {f}="))
+        raise ConfigValueError(f"config.model.lora.{field}={lora[field]!r}: "
+                               + str(e).split(": ", 1)[1]) from None
 
 
 @dataclasses.dataclass(frozen=True)

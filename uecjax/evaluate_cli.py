@@ -45,7 +45,7 @@ def main(argv) -> None:
     try:
         launch.initialize_from_flags()  # before anything touches a device
         mesh = run_mesh(cfg)
-        policy = load_policy(cfg, mesh, checkpoint=FLAGS.checkpoint)
+        policy = load_policy(cfg, mesh, checkpoint=FLAGS.checkpoint, lora=False)
         records = make_records(cfg, split, train=False, num_prompts=FLAGS.num_prompts)
     except cli.USER_ERRORS as e:
         cli.fail(str(e))

@@ -24,6 +24,8 @@ from uecjax.data.records import SkipCounter
 from uecjax.evaluate import evaluate
 from uecjax.metrics import RunLogger
 from uecjax.models import save_pretrained
+from uecjax.models.lora import lora_spec, zero_adapters
+from uecjax.models.peft_export import save_adapter
 from uecjax.offload import HostParams
 from uecjax.parallel.gather import to_host
 from uecjax.parallel.hosts import GlobalPrompts, Hosts
@@ -61,7 +63,8 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str, logger: RunLogger) -
     """(the run, its initial (params, opt_state, control, ref_params)) from a validated config."""
     mesh = run_mesh(cfg)
     policy = load_policy(cfg, mesh, log=logger.text, workdir=workdir)
-    frozen = ("visual",) if policy.vl_config is not None and cfg.model.freeze_vision else ()
+    lora = cfg.model.lora.rank > 0  # the base, the vision tower included, is frozen whole
+    frozen = ("visual",) if policy.vl_config is not None and cfg.model.freeze_vision and not lora else ()
     derived = derive(cfg, frozen)
     loss_cfg, rollout_cfg, plan = derived.loss_cfg, derived.rollout_cfg, derived.update_plan
     # Each update trains on one mini-batch: a clear error up front if it does not split.
@@ -77,9 +80,11 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: str, logger: RunLogger) -
                         micro_batches=cfg.train.micro_batches, chunk_size=cfg.train.chunk_size,
                         hosts=hosts, score_rows=rollout_cfg.batch_rows // hosts.count,
                         pack=cfg.train.pack, tokens_per_row=cfg.train.tokens_per_row)
-    params, opt_state, control = trainer.init(nnx.state(policy.model), seed=cfg.seed)
+    params, opt_state, control = trainer.init(trainer.trainable(policy.model), seed=cfg.seed)
     ref_params = None
-    if loss_cfg.beta > 0:
+    if loss_cfg.beta > 0 and lora:  # the base with the adapters off: no copy of the weights
+        ref_params = HostParams(zero_adapters(params), trainer.param_shardings, offload=False)
+    elif loss_cfg.beta > 0:
         # The reference is frozen and every weight is cast to the compute dtype before use, so
         # storing it in that dtype changes no log-prob and halves its memory in bfloat16.
         to_compute = lambda p: jax.tree.map(lambda x: x.astype(cfg.model.dtype), p)  # noqa: E731
@@ -270,6 +275,10 @@ def _summary(run: Run, workdir: str, step: int, preempted: bool, history: dict,
             if run.policy.image_processor is not None:  # the export loads as it was trained
                 run.policy.image_processor.hf.save_pretrained(export)
         summary["export"] = export
+    if lora_spec(run.policy.model) is not None:  # the adapters alone, for peft / vLLM
+        adapter = os.path.join(workdir, "adapter")
+        save_adapter(run.policy.model, adapter, base_model=run.policy.source)
+        summary["adapter"] = adapter
     summary.update({f"initial_{k}": v for k, v in history["initial"].items()})
     summary.update({f"final_{k}": v for k, v in history["final"].items()})
     logger.text("")
@@ -279,7 +288,7 @@ def _summary(run: Run, workdir: str, step: int, preempted: bool, history: dict,
         if f"initial_{key}" in summary:
             logger.text(f"  held-out {key}: {summary[f'initial_{key}']:.3f} -> "
                         f"{summary[f'final_{key}']:.3f}")
-    for key in ("tensorboard", "metrics_jsonl", "checkpoints", "export"):
+    for key in ("tensorboard", "metrics_jsonl", "checkpoints", "export", "adapter"):
         if key in summary:
             logger.text(f"  {key}: {summary[key]}")
     return summary

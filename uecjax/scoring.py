@@ -14,7 +14,8 @@ from uecjax.packing import Packing
 
 
 def response_logprobs(graphdef, params, tokens, attention_mask, positions, response_len: int,
-                      chunk_size: int = 1024, images=None, packing: Packing | None = None):
+                      chunk_size: int = 1024, images=None, packing: Packing | None = None,
+                      dropout_key=None):
     """(log pi(response token), entropy), each [B, R] float32, temperature 1 (section 3).
 
     tokens [B, P + R]; positions [B, P + R], or [B, 3, P + R] (M-RoPE); images None, or
@@ -23,8 +24,10 @@ def response_logprobs(graphdef, params, tokens, attention_mask, positions, respo
     which predict the response, reach the chunked, rematerialised lm-head: neither the
     prompt's logits nor the [B, T, V] logits of the batch ever exist. packing: the decoder
     runs on the packed rows (`uecjax.packing`); the result is the same [B, R] window.
+    params: the model's state, or a tuple of states (LoRA: (adapters, frozen base)).
+    dropout_key: LoRA dropout in this pass (the differentiated one); None: none.
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, *(params if isinstance(params, tuple) else (params,)))
     prompt_len = tokens.shape[1] - response_len
     if prompt_len < 1:
         raise ValueError(f"tokens {tokens.shape} leave no prompt before the {response_len} response tokens")
@@ -35,10 +38,10 @@ def response_logprobs(graphdef, params, tokens, attention_mask, positions, respo
         positions = jnp.moveaxis(positions, 1, 0)
     w = model.output_weight().astype(model.config.compute_dtype)
     if packing is None:
-        hidden, _ = model.hidden_states(x, positions, attention_mask[:, :-1])
+        hidden, _ = model.hidden_states(x, positions, attention_mask[:, :-1], dropout_key=dropout_key)
         hidden = hidden[:, prompt_len - 1:]
         return token_logprobs_and_entropy(hidden, w, tokens[:, prompt_len:], chunk_size=chunk_size)
-    hidden, to_slots, to_window = packed_hidden_states(model, x, positions, packing)
+    hidden, to_slots, to_window = packed_hidden_states(model, x, positions, packing, dropout_key)
     if not packing.head_on_slots:
         return token_logprobs_and_entropy(to_window(hidden), w, tokens[:, prompt_len:],
                                           chunk_size=chunk_size)
@@ -47,7 +50,7 @@ def response_logprobs(graphdef, params, tokens, attention_mask, positions, respo
     return to_window(logp), to_window(entropy)
 
 
-def packed_hidden_states(model, x, positions, packing: Packing):
+def packed_hidden_states(model, x, positions, packing: Packing, dropout_key=None):
     """The decoder on the packed rows: (hidden [p', L, H], to_slots, to_window). Inputs x
     [B, T, H] and positions [B, T] / [3, B, T] are gathered in (to_slots: [B, T, ...] ->
     [p', L, ...]); to_window: [p', L, ...] -> the response window's [B, R, ...]. Blocks run
@@ -67,7 +70,8 @@ def packed_hidden_states(model, x, positions, packing: Packing):
     packed_positions = (jnp.stack([gather_rows(pos) for pos in positions]) if positions.ndim == 3
                         else gather_rows(positions))
     seg = segments.reshape(D * p, L)
-    hidden, _ = model.hidden_states(gather_rows(x), packed_positions, seg >= 0, segment_ids=seg)
+    hidden, _ = model.hidden_states(gather_rows(x), packed_positions, seg >= 0, segment_ids=seg,
+                                    dropout_key=dropout_key)
     slots = blocked(packing.response_slot)  # [D, B / D, R]
 
     def to_window(a):
@@ -98,10 +102,13 @@ def constrain(tree, sharding):
     return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
 
 
-def compute_logprobs(params, batch: Batch, *, graphdef, micro_batches: int = 1,
+def compute_logprobs(params, batch: Batch, base=None, *, graphdef, micro_batches: int = 1,
                      chunk_size: int = 1024, micro_sharding=None):
     """(log pi, entropy) [B, R] of the batch's responses under `params`, forward only: the old
-    or the reference log-probs (section 1). Micro-batched with lax.map to bound activations."""
+    or the reference log-probs (section 1). Micro-batched with lax.map to bound activations.
+    base: the frozen weights when params are LoRA adapters (None: params are the whole model)."""
+    if base is not None:
+        params = (params, base)
     R = batch.response_len
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
                 images=batch.images, packing=batch.packing)

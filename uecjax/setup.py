@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from uecjax.config import DATA_KINDS, EMBEDDED_KINDS, ConfigValueError
+from uecjax.config import DATA_KINDS, EMBEDDED_KINDS, ConfigValueError, lora_from_config
 from uecjax.countdown_model import COUNTDOWN_MODEL, prepare_countdown_policy
 from uecjax.data import (DataNotFoundError, Fields, countdown_source, demo_source,
                          geometry3k_source, load_source, make_dataset, make_iterator, math_source,
@@ -22,6 +22,7 @@ from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
 from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
 from uecjax.models import CheckpointError, TextConfig, VLConfig, from_pretrained
 from uecjax.models.config import model_config_from_hf, read_hf_config
+from uecjax.models.lora import add_lora
 from uecjax.models.presets import preset
 from uecjax.parallel.mesh import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
 from uecjax.rollout import Prompt
@@ -101,6 +102,7 @@ class Policy:
     model: object  # uecjax.models.Qwen2 or Qwen2_5_VL, its parameters on the mesh
     tokenizer: object  # a transformers tokenizer (the VL chat template set for a Qwen2.5-VL)
     image_processor: ImageProcessor | None  # a Qwen2.5-VL's; None for a text policy
+    source: str = ""  # the directory the weights came from (a LoRA adapter's base model)
 
     @property
     def vl_config(self) -> VLConfig | None:
@@ -108,7 +110,8 @@ class Policy:
 
 
 def load_policy(cfg: ml_collections.ConfigDict, mesh, *, log: Callable[[str], None] = print,
-                workdir: str | None = None, checkpoint: str | None = None) -> Policy:
+                workdir: str | None = None, checkpoint: str | None = None,
+                lora: bool = True) -> Policy:
     """The policy on `mesh`: from `checkpoint` (a Hugging Face layout directory, e.g. a run's
     export), else config.model.path, else (with a workdir, data.kind an embedded task) the
     task's own tiny policy, prepared in workdir. Qwen2.5-VL loads as `Qwen2_5_VL` (images reach
@@ -117,8 +120,19 @@ def load_policy(cfg: ml_collections.ConfigDict, mesh, *, log: Callable[[str], No
     The mesh is checked against the model's shape first (`check_model_mesh`): an uneven split
     is an error naming config.mesh.*, a vocabulary fallback a warning (`log`). Tokenizer and
     image processor come from the checkpoint, else from config.model.path (an export made by
-    an older version may lack them).
+    an older version may lack them). With config.model.lora.rank > 0 (and `lora`), the
+    policy gets fresh LoRA adapters (B = 0: the loaded model's outputs), placed on the mesh.
     """
+    policy = _load_policy(cfg, mesh, log, workdir, checkpoint)
+    spec = lora_from_config(cfg) if lora else None
+    if spec is not None:
+        add_lora(policy.model, spec, seed=cfg.seed, mesh=mesh)
+        log(f"LoRA: rank {spec.rank}, alpha {spec.alpha:g} on {','.join(spec.targets)}; "
+            "base weights frozen")
+    return policy
+
+
+def _load_policy(cfg, mesh, log, workdir, checkpoint) -> Policy:
     path = checkpoint or cfg.model.path
     if not path:
         if cfg.data.kind in EMBEDDED_KINDS and workdir is not None:
@@ -153,7 +167,7 @@ def load_policy(cfg: ml_collections.ConfigDict, mesh, *, log: Callable[[str], No
                                          model.config.vision, min_pixels=cfg.vision.min_pixels,
                                          max_pixels=cfg.vision.max_pixels)
         log(f"Qwen2.5-VL policy: vision tower {'frozen' if cfg.model.freeze_vision else 'trained'}")
-    return Policy(model, tokenizer, processor)
+    return Policy(model, tokenizer, processor, source=path)
 
 
 def _check_hf_dir(path: str, where: str) -> None:
@@ -194,7 +208,7 @@ def _embedded_policy(cfg: ml_collections.ConfigDict, mesh, workdir: str, log) ->
             workdir, seed=cfg.demo_data.seed, style=cfg.demo_data.style, log=log, **prompt,
             **cfg.demo.to_dict())
     log(f"{task} policy: {path}")
-    return Policy(model, tokenizer, None)
+    return Policy(model, tokenizer, None, source=path)
 
 
 def _source(cfg: ml_collections.ConfigDict, split: str, *, train: bool):

@@ -36,8 +36,9 @@ from uecjax.objectives.methods import LossInputs, get_method, loss_terms
 from uecjax.models.config import VLConfig
 from uecjax.objectives.policy_loss import kl_penalty
 from uecjax.offload import HostParams
-from uecjax.optim import (OptimConfig, check_frozen, make_optimizer, make_schedule, scale_updates,
-                          stop_gradient_frozen)
+from uecjax.models.lora import lora_spec
+from uecjax.optim import (OptimConfig, OptimConfigError, check_frozen, make_optimizer, make_schedule,
+                          scale_updates, stop_gradient_frozen)
 from uecjax.parallel import mesh as shd
 from uecjax.parallel.hosts import Hosts
 from uecjax.rows import Rows
@@ -61,15 +62,20 @@ def _check_batch(batch: Batch, loss_cfg: LossConfig):
                          f"tokens of response_mask {batch.response_mask.shape}")
 
 
-def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, loss_cfg: LossConfig,
-                    micro_batches: int = 1, chunk_size: int = 1024, param_sharding=None,
-                    micro_sharding=None, frozen: tuple[str, ...] = ()):
+def batch_gradients(params, control: ControlState, batch: Batch, base=None, *, graphdef,
+                    loss_cfg: LossConfig, micro_batches: int = 1, chunk_size: int = 1024,
+                    param_sharding=None, micro_sharding=None, frozen: tuple[str, ...] = (),
+                    lora_dropout: float = 0.0):
     """Gradient of the loss of the whole batch, accumulated over micro-batches.
 
     Returns (grads float32 with the structure of params, metrics, control with H_0 set and the
     rng advanced). Pure; the step adds the optimizer update. frozen: top-level parameter
     groups held constant (`OptimConfig.frozen`): their gradients are zero and, since nothing
     differentiates through them, their backward pass is never computed.
+    base: with LoRA, the frozen weights; params are then the adapters alone, the only thing
+    differentiated (no gradient or optimizer state of the size of the model exists).
+    lora_dropout > 0: the adapters' dropout in the differentiated forward, drawn from the
+    controller's rng (scoring and sampling never drop).
     """
     _check_batch(batch, loss_cfg)
     method = get_method(loss_cfg.method)
@@ -89,6 +95,7 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
     # Still unset (no tokens yet): an infinite bound keeps the stabilizer inactive, not NaN.
     h0_bound = jnp.where(jnp.isnan(h0), jnp.inf, h0)
     key, select_key = jax.random.split(jax.random.wrap_key_data(control.rng))
+    dropout_key = jax.random.fold_in(select_key, 1) if lora_dropout > 0 else None
     select = None if method.select is None else method.select(batch.old_logp, adv, mask, select_key, loss_cfg)
 
     rows = dict(tokens=batch.tokens, attention_mask=batch.attention_mask, positions=batch.positions,
@@ -98,10 +105,11 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
                 token_weight=None if batch.token_weight is None else batch.token_weight.astype(jnp.float32))
     micro = constrain(split_micro(rows, M), micro_sharding) if M > 1 else rows
 
-    def forward(p, mb):
+    def forward(p, mb, dropout=None):
         p = stop_gradient_frozen(p, frozen)
-        return response_logprobs(graphdef, p, mb["tokens"], mb["attention_mask"], mb["positions"],
-                                 R, chunk_size, mb["images"], mb["packing"])
+        return response_logprobs(graphdef, p if base is None else (p, base), mb["tokens"],
+                                 mb["attention_mask"], mb["positions"], R, chunk_size, mb["images"],
+                                 mb["packing"], dropout)
 
     # Where the stabilizer is linearised (docs/DESIGN.md, "The train step"); None: this pass's own mean entropy.
     anchor = old_entropy_mean
@@ -110,8 +118,8 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
         if loss_cfg.stabilizer and M > 1:
             anchor = jax.lax.map(lambda mb: jnp.sum(mb["mask"] * forward(params, mb)[1]), micro).sum() / n
 
-    def micro_loss(p, mb):
-        logp, entropy = forward(p, mb)
+    def micro_loss(p, mb, index=0):
+        logp, entropy = forward(p, mb, None if dropout_key is None else jax.random.fold_in(dropout_key, index))
         m = mb["mask"]
         ent_sum = jnp.sum(m * entropy)
         x = LossInputs(
@@ -134,12 +142,13 @@ def batch_gradients(params, control: ControlState, batch: Batch, *, graphdef, lo
         (_, (parts, stats)), grads = grad_fn(params, micro)
         grads = to_f32(grads)
     else:
-        def body(acc, mb):
-            (_, aux), g = grad_fn(params, mb)
+        def body(acc, mb_index):
+            (_, aux), g = grad_fn(params, *mb_index)
             return constrain(jax.tree.map(jnp.add, acc, to_f32(g)), param_sharding), aux
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        grads, (parts, stats) = jax.lax.scan(body, constrain(zeros, param_sharding), micro)
+        grads, (parts, stats) = jax.lax.scan(body, constrain(zeros, param_sharding),
+                                             (micro, jnp.arange(M)))
         parts, stats = jax.tree.map(lambda v: v.sum(axis=0), (parts, stats))
 
     metrics = _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, loss_cfg)
@@ -177,7 +186,7 @@ def _metrics(parts, stats, batch, mask, num_tokens, num_seqs, h0, control, loss_
     return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def train_step(params, opt_state, control: ControlState, batch: Batch, *,
+def train_step(params, opt_state, control: ControlState, batch: Batch, base=None, *,
                optimizer: optax.GradientTransformation, schedule: Callable,
                advance_schedule: bool = True, **grad_kwargs):
     """One optimizer update on `batch` (docs/DESIGN.md, "The train step"); grad_kwargs go to
@@ -195,7 +204,7 @@ def train_step(params, opt_state, control: ControlState, batch: Batch, *,
     reference), logp_gap (sampler vs trainer, with sampler log-probs), grad_norm (before
     clipping), lr, tokens, seqs, and cov_selected for clip_cov / kl_cov.
     """
-    grads, metrics, control = batch_gradients(params, control, batch, **grad_kwargs)
+    grads, metrics, control = batch_gradients(params, control, batch, base, **grad_kwargs)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     lr = schedule(control.step)
     params = optax.apply_updates(params, scale_updates(updates, lr))
@@ -211,6 +220,11 @@ class TrainStep:
     scored are padded to a multiple of this (a few compiled shapes; 0: no padding). pack:
     scoring and training forward passes run on packed rows of tokens_per_row slots
     (`uecjax.packing`; 0: the batch's row length).
+
+    A model with LoRA adapters (`uecjax.models.lora.add_lora`) trains them alone: `params`,
+    the optimizer state and the checkpoints hold the adapters, and the frozen base weights
+    (`self.base`, the model's own arrays, shared with the sampler and never donated) enter
+    every jitted function as one more argument. `trainable(model)` gives the params to `init`.
     """
 
     def __init__(self, model, loss: LossConfig, optim: OptimConfig, mesh: jax.sharding.Mesh, *,
@@ -219,7 +233,17 @@ class TrainStep:
         get_method(loss.method)  # an unknown method fails here, not at the first step
         if micro_batches < 1 or chunk_size < 1:
             raise ValueError(f"micro_batches={micro_batches} and chunk_size={chunk_size} must be >= 1")
-        self.graphdef, params = nnx.split(model)
+        self.lora = lora_spec(model)
+        if self.lora is None:
+            self.graphdef, params = nnx.split(model)
+            self.base = None
+        else:
+            if optim.frozen:
+                raise OptimConfigError(
+                    f"OptimConfig.frozen={optim.frozen!r} with LoRA: every base weight is frozen "
+                    "already and only the adapters train; leave it empty (model.freeze_vision "
+                    "has no effect with model.lora.rank > 0)")
+            self.graphdef, params, self.base = nnx.split(model, nnx.LoRAParam, ...)
         self.loss, self.optim, self.mesh = loss, optim, mesh
         self.micro_batches, self.chunk_size = micro_batches, chunk_size
         self.hosts, self.score_rows = hosts, score_rows
@@ -239,13 +263,20 @@ class TrainStep:
         self.replicated = shd.replicated(mesh)
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES))
         check_frozen(params, optim.frozen)
+        # The frozen base (LoRA): one more, never donated, argument of every jitted function.
+        self.base_shardings = None if self.base is None else shd.param_shardings(
+            mesh, jax.eval_shape(lambda p: p, self.base))
+        self._base = () if self.base is None else (self.base,)
+        base_in = () if self.base is None else (self.base_shardings,)
         self.grad_kwargs = dict(graphdef=self.graphdef, loss_cfg=loss, micro_batches=micro_batches,
                                 chunk_size=chunk_size, param_sharding=self.param_shardings,
-                                micro_sharding=micro_sharding, frozen=tuple(optim.frozen))
+                                micro_sharding=micro_sharding, frozen=tuple(optim.frozen),
+                                lora_dropout=0.0 if self.lora is None else self.lora.dropout)
         self.pure_step = functools.partial(train_step, optimizer=self.optimizer, schedule=self.schedule,
                                            **self.grad_kwargs)
         step_shardings = dict(
-            in_shardings=(self.param_shardings, self.opt_shardings, self.replicated, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.opt_shardings, self.replicated, self.batch_sharding,
+                          *base_in),
             out_shardings=(self.param_shardings, self.opt_shardings, self.replicated, self.replicated),
             donate_argnums=(0, 1))
         self._step = jax.jit(self.pure_step, **step_shardings)
@@ -254,13 +285,17 @@ class TrainStep:
                                     **step_shardings)
         self._grads = jax.jit(
             functools.partial(batch_gradients, **self.grad_kwargs),
-            in_shardings=(self.param_shardings, self.replicated, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.replicated, self.batch_sharding, *base_in),
             out_shardings=(self.param_shardings, self.replicated, self.replicated))
         self._logprobs = jax.jit(
             functools.partial(compute_logprobs, graphdef=self.graphdef, micro_batches=micro_batches,
                               chunk_size=chunk_size, micro_sharding=micro_sharding),
-            in_shardings=(self.param_shardings, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.batch_sharding, *base_in),
             out_shardings=self.batch_sharding)
+
+    def trainable(self, model):
+        """The model's trained parameters, for `init`: its LoRA adapters, else its whole state."""
+        return nnx.state(model) if self.lora is None else nnx.state(model, nnx.LoRAParam)
 
     def init(self, params, seed: int = 0, h0: float | None = None, *, copy: bool = True):
         """(params placed on the mesh, optimizer state, controller state).
@@ -325,11 +360,11 @@ class TrainStep:
         """One update; params and opt_state are donated (do not reuse the arguments).
         advance_schedule=False: a replay update, at the current learning rate (`train_step`)."""
         fn = self._step if advance_schedule else self._replay_step
-        return fn(params, opt_state, control, self.place_batch(batch))
+        return fn(params, opt_state, control, self.place_batch(batch), *self._base)
 
     def gradients(self, params, control: ControlState, batch: Batch):
         """(grads, metrics, control) of `batch_gradients`, jitted; nothing is donated."""
-        return self._grads(params, control, self.place_batch(batch))
+        return self._grads(params, control, self.place_batch(batch), *self._base)
 
     def compute_logprobs(self, params, batch: Batch):
         """(log pi, entropy) [B, R] of the responses under params (old or reference model).
@@ -338,13 +373,15 @@ class TrainStep:
         pass (the model's remat setting does not matter here); micro-batches bound the live
         activations to one micro-batch's forward.
         """
-        return self._logprobs(params, self.place_batch(batch))
+        return self._logprobs(params, self.place_batch(batch), *self._base)
 
-    def lower(self, params, opt_state, control: ControlState, batch: Batch):
+    def lower(self, params, opt_state, control: ControlState, batch: Batch, base=None):
         """(train step, log-prob pass) lowered for these (possibly abstract, sharded) arguments,
-        for `.compile().memory_analysis()` without running anything (uecjax.dry_run)."""
-        return (self._step.lower(params, opt_state, control, batch),
-                self._logprobs.lower(params, batch))
+        for `.compile().memory_analysis()` without running anything (uecjax.dry_run); base:
+        the frozen weights of a LoRA model (default `self.base`)."""
+        extra = self._base if base is None else (base,)
+        return (self._step.lower(params, opt_state, control, batch, *extra),
+                self._logprobs.lower(params, batch, *extra))
 
     def update_control(self, control: ControlState, metrics) -> ControlState:
         """Host-side controller update after a step (AER's coefficient, section 9)."""

@@ -8,6 +8,7 @@ model.safetensors.index.json) atomically: a partial write never replaces a good 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from safetensors.numpy import save_file
 
 from uecjax.parallel.gather import to_host
 from uecjax.models.config import ConfigError, VLConfig, model_config_from_hf, read_hf_config
+from uecjax.models.lora import merge_layer_arrays
 from uecjax.models.qwen2 import LAYER_PARAM_AXES, MODEL_PARAM_AXES, Qwen2
 from uecjax.models.qwen2_5_vl import Qwen2_5_VL
 from uecjax.models.vision import BLOCK_PARAM_AXES, TOWER_PARAM_AXES, VisionTower
@@ -299,7 +301,8 @@ def hf_tensors(model: Qwen2 | Qwen2_5_VL) -> dict[str, np.ndarray]:
     Whole stacked arrays come to the host first (a gather where parameters are sharded over
     other hosts' devices: every process must call this), then split per layer in numpy.
     Qwen2.5-VL is named as transformers 5.23 writes it: the decoder under `model.`, the
-    vision tower under `visual.`, `lm_head.weight`.
+    vision tower under `visual.`, `lm_head.weight`. LoRA adapters are merged into the weights
+    they adapt (`uecjax.models.peft` exports them alone).
     """
     if isinstance(model, Qwen2_5_VL):
         return {**hf_tensors(model.language_model), **_vision_tensors(model.visual)}
@@ -307,6 +310,7 @@ def hf_tensors(model: Qwen2 | Qwen2_5_VL) -> dict[str, np.ndarray]:
     host = to_host({"embed": model.embed[...], "final_norm": model.final_norm[...],
                     "lm_head": None if model.lm_head is None else model.lm_head[...],
                     "layers": model.layers.arrays()})
+    host["layers"] = merge_layer_arrays(host["layers"], model.layers.lora)  # LoRA merged in
     out = {"model.embed_tokens.weight": host["embed"], "model.norm.weight": host["final_norm"]}
     if host["lm_head"] is not None:
         out["lm_head.weight"] = host["lm_head"].T
@@ -347,11 +351,30 @@ def save_pretrained(model: Qwen2, path: str, *, max_shard_bytes: int = 4 << 30) 
     _write_hf(model, tensors, path, max_shard_bytes)
 
 
-def _write_hf(model: Qwen2, tensors: dict[str, np.ndarray], path: str, max_shard_bytes: int) -> None:
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """Yields a temporary sibling directory that replaces `path` once the block completes; an
+    exception removes it and leaves `path` as it was (no half-written checkpoint)."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
     try:
+        yield tmp
+        if os.path.exists(path):
+            old = path.rstrip("/") + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_hf(model: Qwen2, tensors: dict[str, np.ndarray], path: str, max_shard_bytes: int) -> None:
+    with atomic_directory(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2)
         shards, current, size = [], {}, 0
@@ -375,17 +398,6 @@ def _write_hf(model: Qwen2, tensors: dict[str, np.ndarray], path: str, max_shard
             total = sum(t.nbytes for t in tensors.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if os.path.exists(path):
-            old = path.rstrip("/") + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 __all__ = ["CheckpointError", "ConfigError", "from_pretrained", "save_pretrained", "load_params"]

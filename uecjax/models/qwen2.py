@@ -19,6 +19,7 @@ from flax import nnx
 
 from uecjax.models.attention import Mask, attention, causal_mask
 from uecjax.models.config import TextConfig
+from uecjax.models.lora import LoraSpec, adapter_axes, adapter_names, project
 from uecjax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 
@@ -51,6 +52,9 @@ LAYER_PARAM_AXES = {
     **linear_axes("up", "embed", "mlp", bias=False),
     **linear_axes("down", "mlp", "embed", bias=False),
 }
+# LoRA adapters (uecjax.models.lora), where a model has them: A [layers, in, r], B [layers, r, out].
+for _name in ("q", "k", "v", "o", "gate", "up", "down"):
+    LAYER_PARAM_AXES.update(zip(adapter_names(_name), adapter_axes(*LAYER_PARAM_AXES[f"{_name}_w"][1:])))
 
 class KVCache(NamedTuple):
     """Keys and values of every layer: [layers, batch, kv_heads, slots, head_dim]."""
@@ -83,9 +87,11 @@ class DecoderLayers(nnx.Module):
         }
         for name, shape in shapes.items():
             setattr(self, name, nnx.Param(_init(name, shape, cfg.weight_dtype, rngs)))
+        self.lora: LoraSpec | None = None  # set by uecjax.models.lora.add_lora
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in LAYER_PARAM_AXES}
+        """Every layer array, the LoRA adapters included where the model has them."""
+        return {name: getattr(self, name)[...] for name in LAYER_PARAM_AXES if hasattr(self, name)}
 
 
 def _init(name, shape, dtype, rngs):
@@ -96,20 +102,26 @@ def _init(name, shape, dtype, rngs):
     return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask: Mask, cache, layer, cache_index):
+def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask: Mask, cache, layer, cache_index,
+                   lora: LoraSpec | None = None, dropout_key=None):
     """One pre-norm decoder layer; returns (x, cache).
 
     cache: None, (k, v) of all layers stacked (then `layer` indexes them), or (k, v) of this
     layer alone (layer=None). The T new keys/values are written at slot `cache_index`.
+    lora: the adapters' spec (their arrays are in p); dropout_key: this layer's LoRA dropout.
     """
     B, T, _ = x.shape
     dt = cfg.compute_dtype
     nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    keys = dict.fromkeys(("q", "k", "v", "o", "gate", "up", "down"))
+    if dropout_key is not None:
+        keys = {name: jax.random.fold_in(dropout_key, i) for i, name in enumerate(keys)}
+    proj = lambda h, name: project(h, p, name, dt, lora, keys[name])  # noqa: E731
 
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    q = (h @ p["q_w"].astype(dt) + p["q_b"].astype(dt)).reshape(B, T, nh, hd)
-    k = (h @ p["k_w"].astype(dt) + p["k_b"].astype(dt)).reshape(B, T, kvh, hd)
-    v = (h @ p["v_w"].astype(dt) + p["v_b"].astype(dt)).reshape(B, T, kvh, hd)
+    q = (proj(h, "q") + p["q_b"].astype(dt)).reshape(B, T, nh, hd)
+    k = (proj(h, "k") + p["k_b"].astype(dt)).reshape(B, T, kvh, hd)
+    v = (proj(h, "v") + p["v_b"].astype(dt)).reshape(B, T, kvh, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # Attention runs KV-head-major ([B, kv_heads, ...]) so both matmuls batch over leading
@@ -131,11 +143,11 @@ def _decoder_layer(cfg: TextConfig, p, x, cos, sin, mask: Mask, cache, layer, ca
         cache = (cache_k, cache_v)
 
     attn = attention(q, k, v, mask, cfg.attention).reshape(B, T, nh * hd)
-    x = x + attn @ p["o_w"].astype(dt)
+    x = x + proj(attn, "o")
 
     h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-    gate = jax.nn.silu(h @ p["gate_w"].astype(dt))
-    x = x + (gate * (h @ p["up_w"].astype(dt))) @ p["down_w"].astype(dt)
+    gate = jax.nn.silu(proj(h, "gate"))
+    x = x + proj(gate * proj(h, "up"), "down")
     return x, cache
 
 
@@ -217,7 +229,7 @@ class Qwen2(nnx.Module):
         return [{k: w[i] for k, w in stacked.items()} for i in range(self.config.num_hidden_layers)]
 
     def hidden_states(self, x, positions, key_mask, *, cache: KVCache | None = None,
-                      cache_index=0, rope=None, layers=None, segment_ids=None):
+                      cache_index=0, rope=None, layers=None, segment_ids=None, dropout_key=None):
         """Runs the decoder stack on embeddings x [B, T, H]; returns (final-normed hidden, cache).
 
         key_mask [B, S] is True on keys that may be attended (S = T without a cache, else the
@@ -230,17 +242,21 @@ class Qwen2(nnx.Module):
         tuples of per-layer arrays. The decode loop uses it: under `lax.scan` every step
         would slice (copy) each layer's weights and cache out of the stacked arrays, which
         cost about a third of a CPU decode step; unrolled, they are read in place.
+        dropout_key: LoRA dropout on (the differentiated pass of training); None: none.
         """
         cfg = self.config
         B, T, _ = x.shape
         cos, sin = rope if rope is not None else self.rope(positions)
         mask = causal_mask(key_mask, cache_index, T, segment_ids)
+        lora = self.layers.lora
+        layer_key = lambda i: None if dropout_key is None else jax.random.fold_in(dropout_key, i)  # noqa: E731
 
         if layers is not None:
             ks, vs = [], []
             for i, p in enumerate(layers):
                 kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, kv = _decoder_layer(cfg, p, x, cos, sin, mask, kv, None, cache_index)
+                x, kv = _decoder_layer(cfg, p, x, cos, sin, mask, kv, None, cache_index, lora,
+                                       layer_key(i))
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
@@ -250,7 +266,8 @@ class Qwen2(nnx.Module):
         def body(carry, layer_in):
             x, kv = carry
             p, layer = layer_in
-            x, kv = _decoder_layer(cfg, p, x, cos, sin, mask, kv, layer, cache_index)
+            x, kv = _decoder_layer(cfg, p, x, cos, sin, mask, kv, layer, cache_index, lora,
+                                   layer_key(layer))
             return (x, kv), None
 
         use_remat, policy = remat_policy(cfg.remat)

@@ -149,12 +149,12 @@ class Qwen2_5_VL(nnx.Module):
                             self.config.mrope_section, lm.rope_attention_factor)
 
     def hidden_states(self, x, positions, key_mask, *, cache: KVCache | None = None, cache_index=0,
-                      rope=None, layers=None, segment_ids=None):
+                      rope=None, layers=None, segment_ids=None, dropout_key=None):
         """Qwen2.hidden_states with M-RoPE positions [3, B, T] (or [B, T])."""
         return self.language_model.hidden_states(
             x, positions, key_mask, cache=cache, cache_index=cache_index,
             rope=self.rope(positions) if rope is None else rope, layers=layers,
-            segment_ids=segment_ids)
+            segment_ids=segment_ids, dropout_key=dropout_key)
 
     # -- images -------------------------------------------------------------------------------
     def image_features(self, pixel_values, image_grid_thw):

@@ -38,6 +38,7 @@ BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "layers": None,  # the scan axis over layers stays whole on every device
+    "lora": None,  # a LoRA adapter's rank axis (small): whole on every device
     "embed": "fsdp",
     "vocab": "tensor",
     "q_heads": "tensor",
