@@ -26,9 +26,10 @@ import numpy as np
 from flax import nnx
 
 from uecjax.batch import Batch
-from uecjax.config import ConfigValueError, derive, validate
+from uecjax.config import ConfigValueError, derive, lora_from_config, validate
 from uecjax.control import init_control_state
 from uecjax.models import Qwen2, Qwen2_5_VL, VLConfig
+from uecjax.models.lora import add_lora
 from uecjax.models.presets import parameter_count
 from uecjax.models.vision import VisionLayout, padded_vision_layout
 from uecjax.offload import host_memory_supported
@@ -147,7 +148,8 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     text = config.text if is_vl else config
     mesh = run_mesh(cfg, devices)
     warnings = check_model_mesh(config, mesh)
-    frozen = ("visual",) if is_vl and cfg.model.freeze_vision else ()
+    lora = lora_from_config(cfg)
+    frozen = ("visual",) if is_vl and cfg.model.freeze_vision and lora is None else ()
     derived = derive(cfg, frozen)  # as the training loop builds them
     loss_cfg, rollout_cfg, optim = derived.loss_cfg, derived.rollout_cfg, derived.optim_cfg
     rows = rollout_cfg.batch_rows // cfg.train.updates_per_rollout  # one update's mini-batch (uecjax.updates)
@@ -155,11 +157,17 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
     image = dry_run_image(config, cfg, rollout_cfg.max_prompt_len) if is_vl else None
 
     cls = Qwen2_5_VL if is_vl else Qwen2
-    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))  # shapes only, no weights
+    def build():
+        model = cls(config, rngs=nnx.Rngs(0))
+        return model if lora is None else add_lora(model, lora, seed=cfg.seed)
+
+    model = nnx.eval_shape(build)  # shapes only, no weights
     trainer = TrainStep(model, loss_cfg, optim, mesh, micro_batches=cfg.train.micro_batches,
                         chunk_size=cfg.train.chunk_size, pack=cfg.train.pack,
                         tokens_per_row=cfg.train.tokens_per_row)
-    params = _abstract(nnx.state(model), trainer.param_shardings)
+    params = _abstract(trainer.trainable(model), trainer.param_shardings)  # LoRA: the adapters
+    base = None if lora is None else _abstract(trainer.base, trainer.base_shardings)
+    weights = params if lora is None else base  # the model's own weights (vision tower included)
     opt_state = _abstract(jax.eval_shape(trainer.optimizer.init, params), trainer.opt_shardings)
     control = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
                            jax.eval_shape(lambda: init_control_state(loss_cfg, cfg.seed)))
@@ -171,17 +179,21 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
                            trainer.batch_sharding, vision, token_weight=loss_cfg.explore_is_cap > 0,
                            packing=packing)
 
-    step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch)
+    step_lowered, logprobs_lowered = trainer.lower(params, opt_state, control, batch, base)
     step = step_lowered.compile().memory_analysis()
     logprobs = logprobs_lowered.compile().memory_analysis()
 
+    if lora is not None:  # the reference is the base with zeroed adapters: adapter-sized
+        reference = device_bytes(params) if loss_cfg.beta > 0 else 0
+    else:  # a second copy of the parameters, stored in the compute dtype (uecjax.loop.
+        # build_run: it is only ever read in it), unless parked in host memory
+        reference = (device_bytes(params, cfg.model.dtype)
+                     if loss_cfg.beta > 0 and not _offloads(cfg, mesh) else 0)
     per_device = {
-        "params": device_bytes(params),
+        "params": device_bytes(params),  # the trained parameters (LoRA: the adapters)
+        "frozen_params": 0 if base is None else device_bytes(base),  # LoRA: the base weights
         "optimizer_state": device_bytes(opt_state),
-        # The KL reference: a second copy of the parameters, stored in the compute dtype
-        # (uecjax.loop.build_run: it is only ever read in it), unless parked in host memory.
-        "reference_params": (device_bytes(params, cfg.model.dtype)
-                             if loss_cfg.beta > 0 and not _offloads(cfg, mesh) else 0),
+        "reference_params": reference,
         "batch": device_bytes(batch),
         "temp": int(step.temp_size_in_bytes),
         "generated_code": int(step.generated_code_size_in_bytes),
@@ -191,7 +203,9 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         "dry_run": True,
         "model": cfg.model.preset or cfg.model.path or cfg.data.kind,  # an embedded task's model
         "parameters": parameter_count(config),
-        "vision_params": _count(params["visual"]) if is_vl else 0,
+        "vision_params": _count(weights["visual"]) if is_vl else 0,
+        "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha,
+                                           "targets": list(lora.targets), "params": _count(params)},
         "platform": mesh.devices.flat[0].platform,
         "devices": int(mesh.size),
         "mesh": dict(mesh.shape),
@@ -212,11 +226,11 @@ def dry_run(cfg: ml_collections.ConfigDict, devices=None, *, out=sys.stdout) -> 
         "logprob_pass_temp_bytes": int(logprobs.temp_size_in_bytes),
         # The tower's share of the per-device figures above, and the dry run's images.
         "vision": None if not is_vl else {
-            "params": _count(params["visual"]), "frozen": bool(frozen),
-            "param_bytes": group_bytes(params, "visual"),
+            "params": _count(weights["visual"]), "frozen": bool(frozen) or lora is not None,
+            "param_bytes": group_bytes(weights, "visual"),
             "optimizer_state_bytes": group_bytes(opt_state, "visual"),
-            "reference_bytes": (device_bytes(params["visual"], cfg.model.dtype)
-                                if per_device["reference_params"] else 0),
+            "reference_bytes": (device_bytes(weights["visual"], cfg.model.dtype)
+                                if per_device["reference_params"] and lora is None else 0),
             "images_per_row": 1, **image},
         "compiler": {"argument_bytes": int(step.argument_size_in_bytes),
                      "output_bytes": int(step.output_size_in_bytes),
@@ -259,8 +273,14 @@ def _print(report: dict, out) -> None:
         print(f"  packed: {pk['packed_rows_per_block']} rows of {pk['tokens_per_row']} slots per "
               f"{pk['rows_per_block']} rows of a (shard, micro-batch) block, for sequences filling "
               f"{pk['fill']:.0%} of the padded slots (train.dry_run_fill)", file=out)
+    lo = report["lora"]
+    if lo:
+        print(f"  LoRA rank {lo['rank']} on {','.join(lo['targets'])}: {lo['params']:,} trained "
+              "parameters; the base weights are frozen", file=out)
     print("  per device:", file=out)
-    for key, label in (("params", "parameters"), ("optimizer_state", "optimizer state"),
+    rows = (("params", "parameters (LoRA adapters)" if lo else "parameters"),)
+    rows += (("frozen_params", "frozen base weights"),) if lo else ()
+    for key, label in (*rows, ("optimizer_state", "optimizer state"),
                        ("reference_params", "reference parameters"), ("batch", "batch"),
                        ("temp", "activations / temporaries"), ("generated_code", "generated code"),
                        ("total", "total")):
