@@ -13,7 +13,8 @@ import torch
 from flax import nnx
 
 from tiny_hf import write_tiny_qwen2, write_tiny_vl
-from train_helpers import SGD_LIKE, host, perturbed, random_batch, single_mesh, tiny_model, with_logprobs
+from train_helpers import (SGD_LIKE, host, perturbed, random_batch, random_lora_b, single_mesh, tiny_model,
+                           with_logprobs)
 from uecjax.models import from_pretrained, save_pretrained
 from uecjax.models.lora import LoraError, LoraSpec, add_lora, adapter_names, zero_adapters
 from uecjax.models.peft_export import save_adapter
@@ -24,15 +25,6 @@ from uecjax.train_step import TrainStep
 
 SPEC = LoraSpec(rank=4, alpha=8.0)
 HP = loss_config("uec", beta=0.05, alpha=0.05, lam=2.0)
-
-
-def randomize_b(model, seed: int = 5, std: float = 0.05):
-    """Nonzero B (trained-looking adapters), in place."""
-    layers = model.layers if hasattr(model, "layers") else model.language_model.layers
-    for i, target in enumerate(layers.lora.targets):
-        b = getattr(layers, adapter_names(target)[1])
-        b[...] = std * jax.random.normal(jax.random.key(seed + i), b.shape, b.dtype)
-    return model
 
 
 def test_fresh_adapters_leave_the_model_as_it_was():
@@ -57,7 +49,7 @@ def test_fresh_adapters_leave_the_model_as_it_was():
 @pytest.fixture(scope="module")
 def lora_setup():
     """A LoRA model with nonzero adapters, its trainer and a scored batch."""
-    model = randomize_b(add_lora(tiny_model(seed=1), SPEC))
+    model = random_lora_b(add_lora(tiny_model(seed=1), SPEC))
     trainer = TrainStep(model, HP, SGD_LIKE, single_mesh(), micro_batches=2, chunk_size=16)
     params, _, _ = trainer.init(trainer.trainable(model))
     batch = with_logprobs(trainer, params, random_batch(B=16, seed=11),
@@ -121,7 +113,7 @@ def test_step_trains_adapters_only_and_reference_is_the_base(lora_setup):
 
 def test_lora_dropout_drops_in_the_step_only(lora_setup):
     model, trainer, batch, h0 = lora_setup
-    dropped = randomize_b(add_lora(tiny_model(seed=1), LoraSpec(rank=4, alpha=8.0, dropout=0.5)))
+    dropped = random_lora_b(add_lora(tiny_model(seed=1), LoraSpec(rank=4, alpha=8.0, dropout=0.5)))
     t2 = TrainStep(dropped, HP, SGD_LIKE, single_mesh(), micro_batches=2, chunk_size=16)
     params, _, control = trainer.init(trainer.trainable(model), h0=h0)
     # scoring never drops: the same log-probs as without dropout
@@ -141,7 +133,7 @@ def test_sampler_reads_adapters_live_without_recompiling():
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
     first = sampler(prompts, greedy)
     compiles = sampler.compile_count
-    nnx.update(model, jax.tree.map(lambda x: x * 40.0, nnx.state(randomize_b(model), nnx.LoRAParam)))
+    nnx.update(model, jax.tree.map(lambda x: x * 40.0, nnx.state(random_lora_b(model), nnx.LoRAParam)))
     second = sampler(prompts, greedy)
     assert sampler.compile_count == compiles
     assert not np.array_equal(first.response_tokens, second.response_tokens)
@@ -157,7 +149,7 @@ def test_peft_loads_the_adapter_with_the_same_logits(tmp_path, kind):
     hf = write(tmp_path / "base")
     if kind == "vl":
         hf = hf[0] if isinstance(hf, tuple) else hf
-    model = randomize_b(add_lora(from_pretrained(str(tmp_path / "base")), SPEC), std=0.2)
+    model = random_lora_b(add_lora(from_pretrained(str(tmp_path / "base")), SPEC), std=0.2)
     save_adapter(model, str(tmp_path / "adapter"), base_model=str(tmp_path / "base"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0

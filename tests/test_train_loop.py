@@ -141,3 +141,33 @@ def test_resume_skips_a_damaged_latest_checkpoint(policy_dir, tmp_path):
     assert sum(line.startswith("checkpoint 2 does not restore") for line in lines) == 1, lines[:5]
     assert any(line.startswith("resumed from") and line.rstrip().endswith("at step 1") for line in lines)
     assert summary["step"] == 3
+
+
+def test_lora_resume_equals_uninterrupted_and_exports(policy_dir, tmp_path):
+    """A LoRA run (uec, KL to the base with the adapters off) resumed from its checkpoint
+    equals the uninterrupted run; checkpoints hold the adapters alone; the adapter (PEFT
+    layout) and the merged policy (HF layout) are exported."""
+    def cfg(steps):
+        c = tiny_config(policy_dir, "uec", steps=steps)
+        c.model.lora.update(rank=4, alpha=8.0)
+        c.train.export_hf = True
+        return c
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    summary = train(cfg(3), str(full), log_console=None)
+    train(cfg(2), str(part), log_console=None)
+    train(cfg(3), str(part), log_console=None)
+    a, b = ({r["step"]: r for r in map(json.loads, open(p / "metrics.jsonl")) if "loss" in r}
+            for p in (full, part))
+    for key in ("loss", "entropy", "reward", "grad_norm", "kl_ref", "h0"):
+        assert a[3][key] == pytest.approx(b[3][key], rel=1e-5, abs=1e-7), key
+    assert a[2]["kl_ref"] > 0  # the adapters moved away from the base
+    for file in ("adapter/adapter_model.safetensors", "export/model.safetensors"):
+        wa, wb = load_file(str(full / file)), load_file(str(part / file))
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            np.testing.assert_allclose(wa[name], wb[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert summary["adapter"] == str(full / "adapter")
+    step = ckpt.Checkpointer(str(full / "checkpoints"), read_only=True).latest_step()
+    saved = (full / "checkpoints" / str(step) / "params" / "_METADATA").read_text()
+    assert "q_lora_a" in saved and "q_w" not in saved and "embed" not in saved  # the adapters alone

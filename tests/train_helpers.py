@@ -83,3 +83,14 @@ def perturbed(params, noise: float, seed: int):
 
 def host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def random_lora_b(model, seed: int = 5, std: float = 0.05):
+    """Nonzero LoRA B matrices (trained-looking adapters), in place; returns the model."""
+    from uecjax.models.lora import adapter_names, decoder_layers
+
+    layers = decoder_layers(model)
+    for i, target in enumerate(layers.lora.targets):
+        b = getattr(layers, adapter_names(target)[1])
+        b[...] = (std * jax.random.normal(jax.random.key(seed + i), b.shape, jnp.float32)).astype(b.dtype)
+    return model
