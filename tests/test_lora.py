@@ -168,3 +168,23 @@ def test_peft_loads_the_adapter_with_the_same_logits(tmp_path, kind):
     save_pretrained(model, str(tmp_path / "merged"))
     merged = np.asarray(from_pretrained(str(tmp_path / "merged"))(jnp.asarray(ids)))
     np.testing.assert_allclose(merged, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank", -1, "config.model.lora.rank=-1: must be an integer >= 0 (0: no LoRA)"),
+    ("alpha", 0.0, "config.model.lora.alpha=0.0: must be > 0"),
+    ("targets", "q,qkv", "config.model.lora.targets='q,qkv': give distinct names from"),
+    ("dropout", 1.5, "config.model.lora.dropout=1.5: must be in [0, 1)"),
+])
+def test_config_names_the_bad_lora_field(field, value, message):
+    from uecjax.config import ConfigValueError, base_config, lora_from_config, validate
+
+    c = base_config()
+    c.data.kind = "demo"
+    assert lora_from_config(c) is None  # rank 0: full fine-tuning
+    c.model.lora.rank = 8
+    assert lora_from_config(c) == LoraSpec(rank=8, alpha=64.0)
+    c.model.lora[field] = value
+    with pytest.raises(ConfigValueError) as info:
+        validate(c)
+    assert str(info.value).startswith(message), str(info.value)
