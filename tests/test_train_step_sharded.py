@@ -77,7 +77,10 @@ def test_lora_step_on_a_mesh_equals_single_device():
     _, want = run(single_mesh())
     sharded, got = run(make_mesh((2, 2, 2)))
     assert sharded["layers"]["q_lora_a"][...].sharding.spec == PartitionSpec(None, "fsdp", None)
-    assert sharded["layers"]["q_lora_b"][...].sharding.spec == PartitionSpec(None, None, "tensor")
+    # Every adapter is split over fsdp: along the hidden axis, or else along its rank axis.
+    assert sharded["layers"]["q_lora_b"][...].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert sharded["layers"]["down_lora_a"][...].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
+    assert sharded["layers"]["down_lora_b"][...].sharding.spec == PartitionSpec(None, None, "fsdp")
     for name, x, y in zip(("params", "opt_state", "control", "metrics"), got, want):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(y)):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6, err_msg=name + jax.tree_util.keystr(path))

@@ -66,8 +66,14 @@ def adapter_names(target: str) -> tuple[str, str]:
 
 
 def adapter_axes(in_axis: str, out_axis: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Logical axes of a target's (A, B): the rank axis is never split."""
-    return ("layers", in_axis, "lora"), ("layers", "lora", out_axis)
+    """Logical axes of a target's (A, B). A factor whose other axis is the hidden one ("embed",
+    split over fsdp) keeps its rank axis whole ("lora"); the other factor (its other axis is
+    heads or MLP, split over tensor only) splits the rank axis over fsdp instead ("lora_fsdp"),
+    so that every adapter is split over fsdp as its base weight is, and not replicated."""
+    def rank_axis(other):
+        return "lora" if other == "embed" else "lora_fsdp"
+
+    return ("layers", in_axis, rank_axis(in_axis)), ("layers", rank_axis(out_axis), out_axis)
 
 
 def decoder_layers(model):

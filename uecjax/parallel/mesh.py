@@ -38,7 +38,10 @@ BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "layers": None,  # the scan axis over layers stays whole on every device
-    "lora": None,  # a LoRA adapter's rank axis (small): whole on every device
+    # A LoRA adapter's rank axis: whole where the factor's other axis is split over fsdp,
+    # split over fsdp where it is not (uecjax.models.lora.adapter_axes).
+    "lora": None,
+    "lora_fsdp": "fsdp",
     "embed": "fsdp",
     "vocab": "tensor",
     "q_heads": "tensor",
