@@ -146,9 +146,9 @@ def test_other_methods_learn(toy, method):
 
 @pytest.mark.parametrize("method", ["grpo", "uec"])
 def test_lora_learns_as_full_fine_tuning_does(toy, toy_lora, method):
-    """Adapters alone (4096 parameters on a 23,840-parameter base), at 3x the full run's learning rate:
-    the easy prompts are learnt as in full fine-tuning (the sampler reads the adapters each
-    step), and GRPO's entropy collapses as it does there."""
+    """Adapters alone (4096 parameters on a 23,840-parameter base), at 3x the full run's
+    learning rate: the easy prompts are learnt as in full fine-tuning (the sampler reads the
+    adapters each step), and GRPO's entropy collapses as it does there."""
     optim = OptimConfig(learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1.0)
     h = run(toy_lora, method, 100, optim=optim, **({"alpha": 0.05} if method == "uec" else {}))
     assert h["reward"][-10:].mean() > 0.95 * MAX_REWARD
