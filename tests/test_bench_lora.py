@@ -33,7 +33,7 @@ def test_quick_run(tmp_path):
     by_figure = {}
     for line in lines:
         by_figure.setdefault(line["figure"], []).append(line)
-    assert set(by_figure) == {"setup", "train_step", "sampler", "dry_run"}
+    assert set(by_figure) == {"setup", "train_step", "sampler", "dry_run", "cpu_bf16_temp"}
 
     full, lora = by_figure["train_step"]
     assert (full["mode"], lora["mode"]) == ("full", "lora")
@@ -61,3 +61,5 @@ def test_quick_run(tmp_path):
             assert 0 < l[key] < f[key], key
         assert dry[devices, "lora"]["lora"]["params"] == lora["trained_parameters"]
         assert positive(dry[devices, "lora"]["lora_over_full_total"])
+    probe, = by_figure["cpu_bf16_temp"]
+    assert positive(probe["float32_temp_bytes"]) and positive(probe["bfloat16_temp_bytes"])

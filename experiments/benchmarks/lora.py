@@ -49,6 +49,9 @@ sampler     `uecjax.sampler.Sampler` on a LoRA model (adapters applied unmerged,
             W + s A B of the stacked arrays, best of --repeats after a compile), at the
             benchmark's depth and at the shape's real depth (random arrays), with the bytes of
             the merged copy that a merged sampler would hold next to the training base.
+cpu_bf16_temp  the compiled temporaries of a scan over frozen float32 and bfloat16 stacked
+            weights (bf16 compute) on the CPU: why a bfloat16 base (configs/geo3k_lora.py)
+            shows more temporaries in CPU dry runs than a float32 one.
 
 Choice (the issue's "merged once per step, or applied unmerged: measure both and pick"): the
 library applies the adapters unmerged everywhere (uecjax.models.lora); the sampler line's
@@ -146,6 +149,37 @@ def dry_run_cfg(name: str, config: str, devices: int, lora: bool, args):
                    micro_batches=micro, notes=notes)
 
 
+def cpu_bf16_temp():
+    """Why a bfloat16 base shows more temporaries than a float32 one in CPU dry runs: the
+    compiled temporaries of the gradient of an 8-layer scan of 2048 x 2048 weights (frozen,
+    cast to bf16 compute) with respect to a float32 adapter-like matrix, for float32 and
+    bfloat16 stored weights."""
+    import jax
+    import jax.numpy as jnp
+
+    layers, width, rows = 8, 2048, 512
+
+    def f(w, x, a):
+        def body(h, wl):
+            y = h @ wl.astype(jnp.bfloat16) + h @ a.astype(jnp.bfloat16)
+            return jnp.tanh(y), None
+
+        h, _ = jax.lax.scan(jax.checkpoint(body), x, w)
+        return h.astype(jnp.float32).sum()
+
+    grad = jax.jit(jax.grad(f, argnums=2))
+    line = dict(figure="cpu_bf16_temp", layers=layers, width=width, rows=rows)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        w = jax.ShapeDtypeStruct((layers, width, width), dtype)
+        x = jax.ShapeDtypeStruct((rows, width), jnp.bfloat16)
+        a = jax.ShapeDtypeStruct((width, width), jnp.float32)
+        memory = grad.lower(w, x, a).compile().memory_analysis()
+        name = jnp.dtype(dtype).name
+        line[f"{name}_weight_bytes"] = layers * width * width * jnp.dtype(dtype).itemsize
+        line[f"{name}_temp_bytes"] = int(memory.temp_size_in_bytes)
+    emit(**line)
+
+
 def dry_runs_child(args):
     """Runs in a child process: 8 simulated CPU devices, one `dry_run` per case."""
     from uecjax.dry_run import simulate_cpu_devices
@@ -154,6 +188,8 @@ def dry_runs_child(args):
     import jax
 
     from uecjax.dry_run import dry_run
+
+    cpu_bf16_temp()
 
     cases = QUICK_DRY_RUN_CASES if args.quick else DRY_RUN_CASES
     for name, config in cases:
