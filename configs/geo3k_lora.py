@@ -21,18 +21,27 @@ Everything is configs/geo3k.py (EasyR1's recipe: G = 5 at T = 1.0, four updates 
 * AdamW lr 1e-5: 10x the full fine-tuning lr, the usual LoRA rule of thumb; a choice, not
   tuned here.
 
-Memory on one device, from the dry run (no weights allocated; temporaries are the CPU
+Memory per device, from the dry run (no weights allocated; temporaries are the CPU
 compiler's estimate, an approximation of the GPU's; GiB per device):
 
     python -m uecjax.train --config=configs/geo3k_lora.py --dry_run \
         --config.model.preset=qwen2.5-vl-7b
 
-    geo3k.py, 7B full fine-tuning (f32 weights)  30.9 + 30.9 + 15.4 + 81.1 = 158.8
-    this config (LoRA r=64, bf16 base)           see BUILD.md's LoRA table
+                                  trained + frozen + moments + reference + temporaries = total
+    configs/geo3k.py with the 7B (full)   30.9 +    0   +  30.9   +  15.4   +  77.0  = 154.3
+    this config, 1 device                 0.60 +  15.4  +  0.60   +  0.60   +  36.6  =  54.0
+    this config, 8 devices (fsdp=8, 32 prompts, micro_batches=5)
+                                         0.075 +  1.93  + 0.075   + 0.075   +  23.0  =  25.2
 
-(parameters + moments + reference + temporaries; for LoRA the parameters are the adapters
-plus the frozen base.) After training, WORKDIR/adapter holds the adapter in the PEFT format
-(`peft.PeftModel.from_pretrained(base, WORKDIR/adapter)`) and WORKDIR/export the merged model (train.export_hf).
+(totals include the batch arrays, 0.04-0.14 GiB; the reference is the zeroed adapters.) The
+CPU compiler computes bfloat16 matmuls in float32 and keeps a float32 copy of a bfloat16 base
+for the step; with a float32 base the temporaries are 8.9 GiB (total 41.8), so expect the GPU's
+own figure (`--dry_run` on the GPU) below 54. BUILD.md, "LoRA", has the full-against-LoRA
+table. The sampler's KV cache is not included; the frozen base stays resident beside it.
+
+After training, WORKDIR/adapter holds the adapter in the PEFT layout
+(`peft.PeftModel.from_pretrained(base, WORKDIR/adapter)`, vLLM's LoRA loader) and
+WORKDIR/export the merged model in the Hugging Face layout (train.export_hf).
 """
 
 import importlib.util
