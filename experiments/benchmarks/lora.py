@@ -253,7 +253,6 @@ def finish_dry_runs(child, args):
 
 def bench_train(scale, name, args):
     import jax
-    from flax import nnx
 
     from uecjax.batch import Batch, positions_from_mask
     from uecjax.models.lora import add_lora
@@ -317,7 +316,7 @@ def bench_train(scale, name, args):
         else:
             line["lora_over_full"] = scale.rounded(tps / full_tps)
         emit(**line)
-        del model, ts, params, opt_state, batch
+        model = ts = params = opt_state = batch = None  # free before the next mode
         gc.collect()
 
 
