@@ -46,10 +46,11 @@ VARIANTS = {
     "uec-no_gated_explore": dict(method="uec", loss=dict(explore=False)),
     "uec-no_rollout_explore": dict(method="uec", rollout=dict(explore=False)),
     # LoRA (config.model.lora) against full fine-tuning: rank 16 on every projection of the
-    # demo's 4 x 128-wide decoder, at 10x the full run's learning rate (the usual LoRA rule
-    # of thumb, a choice, not tuned here); everything else as the full run.
+    # demo's 4 x 128-wide decoder, everything else as the full run; at the full run's learning
+    # rate (-same_lr) or at 10x it (the usual LoRA rule of thumb). Neither rate is tuned.
     "grpo-lora": dict(method="grpo", lora=dict(rank=16, alpha=32.0), optim=dict(learning_rate=3e-3)),
     "uec-lora": dict(method="uec", lora=dict(rank=16, alpha=32.0), optim=dict(learning_rate=3e-3)),
+    "uec-lora-same_lr": dict(method="uec", lora=dict(rank=16, alpha=32.0)),
 }
 
 FLAGS = flags.FLAGS
