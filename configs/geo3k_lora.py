@@ -19,7 +19,8 @@ Everything is configs/geo3k.py (EasyR1's recipe: G = 5 at T = 1.0, four updates 
   vanishing updates to keep float32 master weights for; the adapters are float32 whatever the
   base's dtype.
 * AdamW lr 1e-5: 10x the full fine-tuning lr, the usual LoRA rule of thumb; a choice, not
-  tuned here.
+  tuned here. On the demo task 10x overshot where the full run's rate learnt
+  (experiments/results/lora/results.md): compare against `--config.optim.learning_rate=1e-6`.
 
 Memory per device, from the dry run (no weights allocated; temporaries are the CPU
 compiler's estimate, an approximation of the GPU's; GiB per device):
