@@ -16,7 +16,8 @@ from tiny_hf import write_tiny_qwen2, write_tiny_vl
 from train_helpers import (SGD_LIKE, host, perturbed, random_batch, random_lora_b, single_mesh, tiny_model,
                            with_logprobs)
 from uecjax.models import from_pretrained, save_pretrained
-from uecjax.models.lora import LoraError, LoraSpec, add_lora, adapter_names, zero_adapters
+from uecjax.models.lora import LoraError, LoraSpec, adapter_names, zero_adapters
+from uecjax.models.lora_init import add_lora
 from uecjax.models.peft_export import save_adapter
 from uecjax.objectives.methods import loss_config
 from uecjax.optim import OptimConfigError

@@ -63,7 +63,8 @@ def test_lora_step_on_a_mesh_equals_single_device():
     """LoRA on a 2x2x2 mesh: the adapters (split like the weights they adapt, the rank axis
     whole), their optimizer state and the metrics equal the single-device step's."""
     from train_helpers import random_lora_b
-    from uecjax.models.lora import LoraSpec, add_lora
+    from uecjax.models.lora import LoraSpec
+    from uecjax.models.lora_init import add_lora
 
     def run(mesh):
         model = random_lora_b(add_lora(tiny_model(seed=1), LoraSpec(rank=4, alpha=8.0), mesh=mesh))

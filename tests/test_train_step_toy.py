@@ -50,7 +50,8 @@ def toy():
 @pytest.fixture(scope="module")
 def toy_lora(toy):
     """The toy policy with rank-4 adapters on every projection (B = 0: the same first policy)."""
-    from uecjax.models.lora import LoraSpec, add_lora
+    from uecjax.models.lora import LoraSpec
+    from uecjax.models.lora_init import add_lora
 
     model, initial, _ = toy
     nnx.update(model, initial)

@@ -29,7 +29,7 @@ from uecjax.batch import Batch
 from uecjax.config import ConfigValueError, derive, lora_from_config, validate
 from uecjax.control import init_control_state
 from uecjax.models import Qwen2, Qwen2_5_VL, VLConfig
-from uecjax.models.lora import add_lora
+from uecjax.models.lora_init import add_lora
 from uecjax.models.presets import parameter_count
 from uecjax.models.vision import VisionLayout, padded_vision_layout
 from uecjax.offload import host_memory_supported

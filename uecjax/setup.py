@@ -22,7 +22,7 @@ from uecjax.data.sources import GEOMETRY3K_HINT, MATH_HINT
 from uecjax.demo_model import DEMO_MODEL, prepare_demo_policy
 from uecjax.models import CheckpointError, TextConfig, VLConfig, from_pretrained
 from uecjax.models.config import model_config_from_hf, read_hf_config
-from uecjax.models.lora import add_lora
+from uecjax.models.lora_init import add_lora
 from uecjax.models.presets import preset
 from uecjax.parallel.mesh import ShardingError, check_model_mesh, make_mesh, model_sharding_fn
 from uecjax.rollout import Prompt

@@ -76,10 +76,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCALE = os.path.join(REPO, "experiments", "benchmarks", "scale.py")
 
 DRY_RUN_CASES = (("qwen2.5-vl-7b", "configs/geo3k.py"), ("qwen2.5-7b", "configs/math.py"))
-# --quick: the toy presets, short rollouts, LoRA rank 4 (rank 64 would exceed tiny's width 64).
+# --quick: the toy presets, short rollouts, LoRA rank 4 (rank 64 would exceed tiny's width 64),
+# dry runs on 8 devices only (the sharded case; half the compile time of 1 and 8).
 QUICK = dict(train_shapes="tiny", train_rows=2, train_prompt=16, train_response=16,
              train_repeats=1, sampler_shape="tiny", sampler_batch=2, sampler_prompt=16,
-             new_tokens=8, repeats=1, rank=4, alpha=8.0)
+             new_tokens=8, repeats=1, rank=4, alpha=8.0, dry_run_devices="8")
 QUICK_DRY_RUN_CASES = (("tiny", "configs/math.py"),)
 GIB = 2**30
 
@@ -255,7 +256,7 @@ def bench_train(scale, name, args):
     import jax
 
     from uecjax.batch import Batch, positions_from_mask
-    from uecjax.models.lora import add_lora
+    from uecjax.models.lora_init import add_lora
     from uecjax.models.presets import parameter_count
     from uecjax.objectives.methods import loss_config
     from uecjax.optim import OptimConfig
@@ -375,7 +376,8 @@ def bench_sampler(scale, args):
     import jax
     import jax.numpy as jnp
 
-    from uecjax.models.lora import add_lora, adapter_names, merge_layer_arrays
+    from uecjax.models.lora import adapter_names, merge_layer_arrays
+    from uecjax.models.lora_init import add_lora
     from uecjax.sampler import Sampler, SamplingParams
 
     sargs = argparse.Namespace(dtype="float32", param_dtype="float32", remat="full",

@@ -1,6 +1,6 @@
 """LoRA adapters on the decoder's projections: y = x W + (alpha / r) (x A) B.
 
-    add_lora(model, LoraSpec(rank=64, alpha=128), mesh=mesh)   # A random, B = 0: y = x W
+    add_lora(model, LoraSpec(rank=64, alpha=128), mesh=mesh)   # uecjax.models.lora_init
     graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
 
 The adapters are stacked like the weights they adapt (A [layers, in, r], B [layers, r, out],
@@ -8,7 +8,7 @@ next to `q_w` as `q_lora_a` / `q_lora_b`) and typed `nnx.LoRAParam`, so flax's f
 them from the frozen base. They are applied unmerged in every pass (training, scoring,
 sampling): the sampler reads the current adapters as arguments, so updating them recompiles
 nothing and no merged copy of the weights exists. `merge_layer_arrays` merges them for the
-Hugging Face export; `uecjax.models.peft` writes them in the PEFT layout.
+Hugging Face export; `uecjax.models.peft_export` writes them in the PEFT layout.
 
 Why not a library: qwix (tunix's LoRA) finds the weight of an intercepted dot as an
 `nnx.Param` attribute of the calling module, and flax's `nnx.LoRA` wraps one linear module.
@@ -25,7 +25,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 # Projection name -> its Hugging Face module under "layers.{i}." (PEFT's target_modules).
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -83,43 +82,6 @@ def decoder_layers(model):
 
 def lora_spec(model) -> LoraSpec | None:
     return decoder_layers(model).lora
-
-
-def add_lora(model, spec: LoraSpec, *, seed: int = 0, mesh=None):
-    """Adds rank-r adapters to `spec.targets` in place and returns the model.
-
-    A is drawn as PEFT draws it (kaiming-uniform, bound 1 / sqrt(fan_in)) and B is zero, so
-    the first forward equals the base model's exactly. Adapters are float32 whatever the base
-    weights' dtype (they are the trained parameters). With `mesh` they are placed by the
-    models' partition rules; the model may be abstract (`nnx.eval_shape`) without one.
-    """
-    from uecjax.models.qwen2 import LAYER_PARAM_AXES  # noqa: PLC0415 (qwen2 imports this module)
-    from uecjax.parallel.mesh import partition_spec  # noqa: PLC0415
-
-    layers = decoder_layers(model)
-    if layers.lora is not None:
-        raise LoraError(f"the model has LoRA adapters already ({layers.lora})")
-    key = jax.random.key(seed)
-    for i, target in enumerate(spec.targets):
-        L, fan_in, fan_out = getattr(layers, f"{target}_w").shape
-        name_a, name_b = adapter_names(target)
-        bound = 1.0 / np.sqrt(fan_in)
-
-        def make_a(k=jax.random.fold_in(key, i), shape=(L, fan_in, spec.rank), bound=bound):
-            return jax.random.uniform(k, shape, jnp.float32, -bound, bound)
-
-        def make_b(shape=(L, spec.rank, fan_out)):
-            return jnp.zeros(shape, jnp.float32)
-
-        for name, make in ((name_a, make_a), (name_b, make_b)):
-            if mesh is not None:
-                shape = jax.eval_shape(make).shape
-                sharding = jax.sharding.NamedSharding(
-                    mesh, partition_spec(LAYER_PARAM_AXES[name], shape, mesh)[0])
-                make = jax.jit(make, out_shardings=sharding)
-            setattr(layers, name, nnx.LoRAParam(make()))
-    layers.lora = spec
-    return model
 
 
 def project(h, p: dict, name: str, dt, spec: LoraSpec | None, dropout_key=None):
