@@ -99,12 +99,17 @@ def emit(**fields):
     write_line(json.dumps({"bench": "lora", **fields}))
 
 
-def load_scale():
-    """experiments/benchmarks/scale.py as a module (its shapes, builders, timers, FLOPs)."""
-    spec = importlib.util.spec_from_file_location("bench_scale", SCALE)
+def load_file(path: str, name: str):
+    """A Python file as a module (config files and the other benchmarks are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_scale():
+    """experiments/benchmarks/scale.py (its shapes, builders, timers, train batch)."""
+    return load_file(SCALE, "bench_scale")
 
 
 def lora_spec(args):
@@ -118,10 +123,7 @@ def lora_spec(args):
 def load_config(path: str):
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    spec = importlib.util.spec_from_file_location("_lora_bench_config", os.path.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_file(os.path.join(REPO, path), "_lora_bench_config").get_config()
 
 
 def dry_run_cfg(name: str, config: str, devices: int, lora: bool, args):
@@ -255,7 +257,6 @@ def finish_dry_runs(child, args):
 def bench_train(scale, name, args):
     import jax
 
-    from uecjax.batch import Batch, positions_from_mask
     from uecjax.models.lora_init import add_lora
     from uecjax.models.presets import parameter_count
     from uecjax.objectives.methods import loss_config
@@ -267,14 +268,7 @@ def bench_train(scale, name, args):
                                layers=args.layers)
     config, real = scale.shape_config(name, sargs)
     B, P, R = args.train_rows, args.train_prompt, args.train_response
-    rng = np.random.default_rng(0)
-    mask = np.ones((B, P + R), np.int32)
-    host_batch = Batch(tokens=rng.integers(1, config.vocab_size, (B, P + R)).astype(np.int32),
-                       attention_mask=mask, positions=positions_from_mask(mask),
-                       response_mask=np.ones((B, R), np.float32),
-                       advantages=rng.normal(size=B).astype(np.float32),
-                       success_rate=rng.choice([0.0, 0.25, 1.0], B).astype(np.float32),
-                       is_hard=(rng.random(B) < 0.5).astype(np.float32))
+    host_batch = scale.random_train_batch(config, B, P, R)
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     spec = lora_spec(args)
     full_tps = None

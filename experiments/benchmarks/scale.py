@@ -393,25 +393,32 @@ def bench_sampler(model, config, tag, args, refs):
 
 # ---- train step --------------------------------------------------------------------------------
 
+def random_train_batch(config, rows: int, prompt: int, response: int):
+    """A host train batch of random tokens, unpadded, with random advantages, success rates
+    and hardness (the train step's cost does not depend on their values)."""
+    from uecjax.batch import Batch, positions_from_mask
+
+    rng = np.random.default_rng(0)
+    mask = np.ones((rows, prompt + response), np.int32)
+    return Batch(tokens=rng.integers(1, config.vocab_size, mask.shape).astype(np.int32),
+                 attention_mask=mask, positions=positions_from_mask(mask),
+                 response_mask=np.ones((rows, response), np.float32),
+                 advantages=rng.normal(size=rows).astype(np.float32),
+                 success_rate=rng.choice([0.0, 0.25, 1.0], rows).astype(np.float32),
+                 is_hard=(rng.random(rows) < 0.5).astype(np.float32))
+
+
 def bench_train(model, config, tag, args, refs):
     import jax
     from flax import nnx
 
-    from uecjax.batch import Batch, positions_from_mask
     from uecjax.objectives.methods import loss_config
     from uecjax.optim import OptimConfig
     from uecjax.parallel.mesh import make_mesh
     from uecjax.train_step import TrainStep
 
     B, P, R = args.train_rows, args.train_prompt, args.train_response
-    rng = np.random.default_rng(0)
-    mask = np.ones((B, P + R), np.int32)
-    batch = Batch(tokens=rng.integers(1, config.vocab_size, (B, P + R)).astype(np.int32),
-                  attention_mask=mask, positions=positions_from_mask(mask),
-                  response_mask=np.ones((B, R), np.float32),
-                  advantages=rng.normal(size=B).astype(np.float32),
-                  success_rate=rng.choice([0.0, 0.25, 1.0], B).astype(np.float32),
-                  is_hard=(rng.random(B) < 0.5).astype(np.float32))
+    batch = random_train_batch(config, B, P, R)
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     ts = TrainStep(model, loss_config(args.method, beta=0.0), OptimConfig(learning_rate=1e-6), mesh,
                    micro_batches=args.micro_batches, chunk_size=args.chunk_size)
